@@ -1,0 +1,180 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log"
+	"log/slog"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/onebox-project/onebox/fabric/api"
+	"github.com/onebox-project/onebox/fabric/membership"
+	"github.com/onebox-project/onebox/fabric/pki"
+)
+
+// handler serves the control API. side is "local" (unix socket) or
+// "fabric" (mutual TLS; the handshake already proved membership).
+func (a *Agent) handler(side string) http.Handler {
+	mux := http.NewServeMux()
+	route := func(pattern, name string, h func(*http.Request) (any, error)) {
+		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			start := time.Now()
+			code := http.StatusOK
+			v, err := h(r)
+			if err != nil {
+				code = http.StatusInternalServerError
+				v = api.ErrorBody{Error: err.Error()}
+			}
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(code)
+			enc := json.NewEncoder(w)
+			enc.SetIndent("", "  ")
+			_ = enc.Encode(v)
+			a.metrics.observeRequest(side, name, code, time.Since(start))
+		})
+	}
+	route("GET "+api.PathSelf, "self", func(*http.Request) (any, error) { return a.Self(), nil })
+	route("GET "+api.PathNodes, "nodes", func(r *http.Request) (any, error) { return a.Nodes(r.Context()), nil })
+	route("GET "+api.PathStatus, "status", func(r *http.Request) (any, error) { return api.StatusOf(a.Nodes(r.Context())), nil })
+	route("GET "+api.PathHealth, "health", func(*http.Request) (any, error) {
+		return map[string]string{"status": "ok", "node": a.id.Node}, nil
+	})
+	mux.Handle("GET "+api.PathMetrics, a.metrics.handler())
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusNotFound)
+		_ = json.NewEncoder(w).Encode(api.ErrorBody{Error: fmt.Sprintf("no such endpoint %s %s", r.Method, r.URL.Path)})
+		a.metrics.observeRequest(side, "unknown", http.StatusNotFound, 0)
+	})
+	return mux
+}
+
+// Nodes builds the cluster view: the membership list from gossip, with each
+// live node's details asked of it over mutual TLS in parallel (bounded by
+// PeerTimeout), falling back to the last details known.
+func (a *Agent) Nodes(ctx context.Context) api.NodesResponse {
+	members := a.members.Members()
+	nodes := make([]api.Node, len(members))
+	var wg sync.WaitGroup
+	for i, m := range members {
+		nodes[i] = api.Node{Member: m}
+		if m.Name == a.id.Node {
+			self := a.Self()
+			nodes[i].Info = &self
+			continue
+		}
+		live := m.Status == membership.StatusAlive || m.Status == membership.StatusSuspect
+		if !live || m.FabricAddr == "" {
+			a.peers.fillCached(&nodes[i])
+			continue
+		}
+		wg.Add(1)
+		go func(n *api.Node) {
+			defer wg.Done()
+			a.peers.fill(ctx, n)
+		}(&nodes[i])
+	}
+	wg.Wait()
+	sort.Slice(nodes, func(i, j int) bool { return nodes[i].Name < nodes[j].Name })
+	return api.NodesResponse{ClusterID: a.id.ClusterID, Observer: a.id.Node, Nodes: nodes, Totals: api.Sum(nodes)}
+}
+
+// peerCache asks members for their details and remembers the last answer.
+type peerCache struct {
+	a  *Agent
+	hc *http.Client
+
+	mu   sync.Mutex
+	last map[string]cachedInfo // by node name; guarded by mu
+}
+
+type cachedInfo struct {
+	info api.NodeInfo
+	at   time.Time
+}
+
+func newPeerCache(a *Agent) *peerCache {
+	tr := &http.Transport{TLSClientConfig: a.id.ClientTLS(), MaxIdleConnsPerHost: 2, IdleConnTimeout: 30 * time.Second}
+	return &peerCache{a: a, hc: &http.Client{Transport: tr, Timeout: a.cfg.PeerTimeout}, last: map[string]cachedInfo{}}
+}
+
+func (p *peerCache) fetch(ctx context.Context, fabricAddr string) (api.NodeInfo, error) {
+	start := time.Now()
+	var info api.NodeInfo
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+fabricAddr+api.PathSelf, nil)
+	if err != nil {
+		return info, err
+	}
+	resp, err := p.hc.Do(req)
+	if err != nil {
+		p.a.metrics.peerFetch.WithLabelValues("error").Observe(time.Since(start).Seconds())
+		return info, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return info, fmt.Errorf("HTTP %d", resp.StatusCode)
+	}
+	if resp.TLS == nil || pki.PeerName(*resp.TLS) == "" {
+		return info, fmt.Errorf("peer presented no certificate")
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 4<<20))
+	if err := dec.Decode(&info); err != nil {
+		return info, fmt.Errorf("decode peer details: %w", err)
+	}
+	if got := pki.PeerName(*resp.TLS); got != info.Name {
+		return info, fmt.Errorf("peer certificate is for %q but it reports being %q", got, info.Name)
+	}
+	p.a.metrics.peerFetch.WithLabelValues("ok").Observe(time.Since(start).Seconds())
+	return info, nil
+}
+
+func (p *peerCache) fill(ctx context.Context, n *api.Node) {
+	info, err := p.fetch(ctx, n.FabricAddr)
+	if err == nil && info.Name != n.Name {
+		err = fmt.Errorf("node at %s is %q, gossip says %q", n.FabricAddr, info.Name, n.Name)
+	}
+	if err != nil {
+		n.Error = err.Error()
+		p.fillCached(n)
+		return
+	}
+	p.mu.Lock()
+	p.last[n.Name] = cachedInfo{info: info, at: time.Now()}
+	p.mu.Unlock()
+	n.Info = &info
+}
+
+func (p *peerCache) fillCached(n *api.Node) {
+	p.mu.Lock()
+	c, ok := p.last[n.Name]
+	p.mu.Unlock()
+	if ok {
+		info := c.info
+		n.Info = &info
+		n.Stale = true
+		n.InfoAge = time.Since(c.at).Round(time.Second).String()
+	}
+}
+
+// slogErrorLog routes net/http's internal errors (bad requests, TLS
+// failures) to the structured log at debug level: garbage on a port is
+// counted in metrics, not shouted in the log.
+func slogErrorLog(l *slog.Logger) *log.Logger {
+	return log.New(writerFunc(func(p []byte) (int, error) {
+		l.Debug("http: " + strings.TrimSpace(string(p)))
+		return len(p), nil
+	}), "", 0)
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+func umask(m int) int { return unix.Umask(m) }

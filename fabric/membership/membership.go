@@ -1,0 +1,329 @@
+// Package membership tells every agent which nodes are in the cluster and
+// which of them are alive. It wraps HashiCorp serf (SWIM gossip over
+// memberlist): failure detection, suspicion, join and graceful leave, and
+// reconnection after a partition heals all come from there. Gossip is
+// encrypted with the cluster's gossip key (AES-256-GCM), which only nodes
+// that joined with the token ever receive.
+package membership
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/hashicorp/serf/serf"
+)
+
+// Status of a member as seen by this node.
+type Status string
+
+// Member statuses. Suspect comes from memberlist's SWIM suspicion: the node
+// missed probes and will be declared failed unless it refutes in time.
+const (
+	StatusAlive   Status = "alive"
+	StatusSuspect Status = "suspect"
+	StatusFailed  Status = "failed"
+	StatusLeaving Status = "leaving"
+	StatusLeft    Status = "left"
+)
+
+// Tag keys gossiped with every member. Serf limits all tags of a node to
+// 512 bytes, so only what is needed to reach the node travels by gossip;
+// everything else is asked of the node over mTLS.
+const (
+	TagFabric  = "fabric"
+	TagCluster = "cid"
+	TagVersion = "v"
+)
+
+// Member is one node of the cluster.
+type Member struct {
+	Name       string `json:"name"`
+	GossipAddr string `json:"gossip_addr"`
+	FabricAddr string `json:"fabric_addr"`
+	ClusterID  string `json:"cluster_id"`
+	Version    string `json:"version"`
+	Status     Status `json:"status"`
+}
+
+// Config of the membership layer.
+type Config struct {
+	NodeName      string
+	BindAddr      string // IP to bind gossip to
+	BindPort      int    // 0: pick a free port
+	AdvertiseAddr string // IP others reach us at; empty: derived from BindAddr
+	AdvertisePort int    // 0: same as the bound port
+	GossipKey     []byte // 32 bytes
+	FabricAddr    string // host:port of our fabric port, gossiped as a tag
+	ClusterID     string
+	Version       string
+	SnapshotPath  string        // remembers peers across restarts; empty: none
+	Reconnect     time.Duration // how often to retry failed members; default 5s
+	Logger        *slog.Logger
+	// OnEvent is called, from one goroutine, for every membership change.
+	OnEvent func(kind string, m Member)
+}
+
+// Membership is a running gossip member.
+type Membership struct {
+	cfg    Config
+	serf   *serf.Serf
+	events chan serf.Event
+	done   chan struct{}
+	wg     sync.WaitGroup
+}
+
+// New starts gossiping. The node is alone until Join is called (or the
+// snapshot brings it back to its previous peers).
+func New(cfg Config) (*Membership, error) {
+	if len(cfg.GossipKey) != 32 {
+		return nil, errors.New("membership: gossip key must be 32 bytes")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Reconnect == 0 {
+		cfg.Reconnect = 5 * time.Second
+	}
+	sc := serf.DefaultConfig()
+	sc.NodeName = cfg.NodeName
+	sc.Tags = map[string]string{TagFabric: cfg.FabricAddr, TagCluster: cfg.ClusterID, TagVersion: cfg.Version}
+	sc.SnapshotPath = cfg.SnapshotPath
+	sc.RejoinAfterLeave = true
+	sc.ReconnectInterval = cfg.Reconnect
+	sc.ValidateNodeNames = true
+	sc.EnableNameConflictResolution = true
+	sc.Logger = newStdLogger(cfg.Logger.With("component", "serf"))
+	events := make(chan serf.Event, 256)
+	sc.EventCh = events
+
+	mc := memberlist.DefaultLANConfig()
+	mc.BindAddr = cfg.BindAddr
+	mc.BindPort = cfg.BindPort
+	if cfg.AdvertiseAddr != "" {
+		mc.AdvertiseAddr = cfg.AdvertiseAddr
+		// With BindPort 0 memberlist replaces this with the port it picked.
+		mc.AdvertisePort = cfg.AdvertisePort
+		if mc.AdvertisePort == 0 {
+			mc.AdvertisePort = cfg.BindPort
+		}
+	}
+	// A crashed node restarted with other ports (or a new DHCP address)
+	// may take its name back once it has been dead this long. Only members
+	// hold the gossip key, so only members can claim a name.
+	mc.DeadNodeReclaimTime = 2 * time.Second
+	mc.SecretKey = cfg.GossipKey
+	mc.GossipVerifyIncoming = true
+	mc.GossipVerifyOutgoing = true
+	mc.Logger = newStdLogger(cfg.Logger.With("component", "memberlist"))
+	sc.MemberlistConfig = mc
+
+	s, err := serf.Create(sc)
+	if err != nil {
+		return nil, fmt.Errorf("membership: start gossip on %s:%d: %w", cfg.BindAddr, cfg.BindPort, err)
+	}
+	m := &Membership{cfg: cfg, serf: s, events: events, done: make(chan struct{})}
+	m.wg.Add(1)
+	go m.loop()
+	return m, nil
+}
+
+func (m *Membership) loop() {
+	defer m.wg.Done()
+	for {
+		select {
+		case <-m.done:
+			return
+		case e := <-m.events:
+			me, ok := e.(serf.MemberEvent)
+			if !ok {
+				continue
+			}
+			kind := strings.TrimPrefix(me.Type.String(), "member-")
+			for _, sm := range me.Members {
+				mem := fromSerf(sm, "")
+				m.cfg.Logger.Info("member "+kind, "member", mem.Name, "addr", mem.GossipAddr)
+				if m.cfg.OnEvent != nil {
+					m.cfg.OnEvent(kind, mem)
+				}
+			}
+		}
+	}
+}
+
+// Join contacts the given gossip addresses (host:port) and returns how many
+// answered.
+func (m *Membership) Join(addrs []string) (int, error) {
+	if len(addrs) == 0 {
+		return 0, nil
+	}
+	n, err := m.serf.Join(addrs, true)
+	if n > 0 {
+		return n, nil
+	}
+	return 0, fmt.Errorf("membership: no gossip peer answered (%s): %w", strings.Join(addrs, ", "), err)
+}
+
+// LocalAddr is the gossip address this node advertises.
+func (m *Membership) LocalAddr() string {
+	lm := m.serf.LocalMember()
+	return net.JoinHostPort(lm.Addr.String(), strconv.Itoa(int(lm.Port)))
+}
+
+// Members returns every node this member knows of, sorted by name, with
+// suspect nodes marked from memberlist's view.
+func (m *Membership) Members() []Member {
+	suspect := map[string]bool{}
+	for _, n := range m.serf.Memberlist().Members() {
+		if n.State == memberlist.StateSuspect {
+			suspect[n.Name] = true
+		}
+	}
+	var out []Member
+	for _, sm := range m.serf.Members() {
+		st := ""
+		if suspect[sm.Name] && sm.Status == serf.StatusAlive {
+			st = string(StatusSuspect)
+		}
+		out = append(out, fromSerf(sm, st))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// LiveGossipAddrs lists the gossip addresses of alive members, for handing
+// to a node that joins.
+func (m *Membership) LiveGossipAddrs() []string {
+	var out []string
+	for _, mem := range m.Members() {
+		if mem.Status == StatusAlive || mem.Status == StatusSuspect {
+			out = append(out, mem.GossipAddr)
+		}
+	}
+	return out
+}
+
+func fromSerf(sm serf.Member, override string) Member {
+	st := Status(override)
+	if st == "" {
+		switch sm.Status {
+		case serf.StatusAlive:
+			st = StatusAlive
+		case serf.StatusLeaving:
+			st = StatusLeaving
+		case serf.StatusLeft:
+			st = StatusLeft
+		case serf.StatusFailed:
+			st = StatusFailed
+		default:
+			st = Status(sm.Status.String())
+		}
+	}
+	t := ParseTags(sm.Tags)
+	return Member{
+		Name:       sm.Name,
+		GossipAddr: net.JoinHostPort(sm.Addr.String(), strconv.Itoa(int(sm.Port))),
+		FabricAddr: t.FabricAddr, ClusterID: t.ClusterID, Version: t.Version,
+		Status: st,
+	}
+}
+
+// Tags are the decoded gossip tags of a member.
+type Tags struct{ FabricAddr, ClusterID, Version string }
+
+// ParseTags decodes the tags a member gossiped. Tags come from the network
+// (from members, but a buggy or older member must not confuse us), so bad
+// values are dropped rather than trusted: a member whose fabric address
+// does not parse is shown without one and is simply not asked for details.
+func ParseTags(tags map[string]string) Tags {
+	var t Tags
+	if a := tags[TagFabric]; a != "" {
+		if host, port, err := net.SplitHostPort(a); err == nil && net.ParseIP(host) != nil {
+			if p, err := strconv.Atoi(port); err == nil && p > 0 && p < 65536 {
+				t.FabricAddr = a
+			}
+		}
+	}
+	if c := tags[TagCluster]; len(c) <= 64 && isHex(c) {
+		t.ClusterID = c
+	}
+	if v := tags[TagVersion]; len(v) <= 64 && printable(v) {
+		t.Version = v
+	}
+	return t
+}
+
+func isHex(s string) bool {
+	for _, r := range s {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+func printable(s string) bool {
+	for _, r := range s {
+		if r < 0x21 || r > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// Leave announces a graceful departure and waits (bounded by serf's
+// broadcast timeout) for it to propagate.
+func (m *Membership) Leave() error { return m.serf.Leave() }
+
+// Shutdown stops gossiping without leaving: peers will detect this node as
+// failed. Call Leave first for a graceful exit.
+func (m *Membership) Shutdown() error {
+	err := m.serf.Shutdown()
+	select {
+	case <-m.done:
+	default:
+		close(m.done)
+	}
+	m.wg.Wait()
+	return err
+}
+
+// stdLogger adapts serf's and memberlist's log.Logger output ("[LEVEL]
+// component: message") to slog, keeping levels.
+func newStdLogger(l *slog.Logger) *log.Logger {
+	return log.New(slogWriter{l}, "", 0)
+}
+
+type slogWriter struct{ l *slog.Logger }
+
+var _ io.Writer = slogWriter{}
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	s := strings.TrimSpace(string(p))
+	lvl := slog.LevelInfo
+	for prefix, l := range map[string]slog.Level{"[DEBUG]": slog.LevelDebug, "[INFO]": slog.LevelInfo, "[WARN]": slog.LevelWarn, "[ERR]": slog.LevelError, "[ERROR]": slog.LevelError, "[TRACE]": slog.LevelDebug - 4} {
+		if strings.HasPrefix(s, prefix) {
+			lvl = l
+			s = strings.TrimSpace(strings.TrimPrefix(s, prefix))
+			break
+		}
+	}
+	// memberlist logs every probe of a failed node; that is debug noise.
+	if lvl == slog.LevelInfo && strings.Contains(s, "EventMember") {
+		lvl = slog.LevelDebug
+	}
+	w.l.Log(nil, lvl, s) //nolint:staticcheck // nil context is what slog's own adapters use
+	return len(p), nil
+}
+
+var _ = os.Stderr

@@ -1,0 +1,168 @@
+// Package transport serves the agent's fabric port: one TCP port, TLS 1.3
+// only, on which each connection is routed by the protocol it negotiated
+// with ALPN. The join protocol is served to clients without a certificate;
+// every other protocol (the control API today, the page and process data
+// paths later) is reached only after the client proved cluster membership
+// with a CA-signed certificate during the handshake.
+package transport
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+// HandshakeTimeout bounds how long a connection may take to finish the TLS
+// handshake; a peer that sends nothing, or garbage, is dropped after it.
+const HandshakeTimeout = 5 * time.Second
+
+// MaxPending bounds connections in the handshake phase, so a flood of
+// half-open connections cannot exhaust the agent.
+const MaxPending = 256
+
+// Mux routes TLS connections by negotiated protocol.
+type Mux struct {
+	ln     net.Listener
+	cfg    *tls.Config
+	log    *slog.Logger
+	onFail func(reason string)
+
+	mu       sync.Mutex
+	handlers map[string]func(net.Conn) // guarded by mu
+	closed   bool                      // guarded by mu
+	wg       sync.WaitGroup
+}
+
+// NewMux wraps ln. onFail, if not nil, is called for every connection
+// dropped before reaching a handler, with a short reason ("handshake",
+// "no_protocol", "busy").
+func NewMux(ln net.Listener, cfg *tls.Config, log *slog.Logger, onFail func(reason string)) *Mux {
+	if onFail == nil {
+		onFail = func(string) {}
+	}
+	return &Mux{ln: ln, cfg: cfg, log: log, onFail: onFail, handlers: map[string]func(net.Conn){}}
+}
+
+// Addr is the listening address.
+func (m *Mux) Addr() net.Addr { return m.ln.Addr() }
+
+// Handle routes connections that negotiated proto to fn, which owns the
+// connection (and must close it).
+func (m *Mux) Handle(proto string, fn func(net.Conn)) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.handlers[proto] = fn
+}
+
+// Listener returns a net.Listener that yields the connections negotiated
+// for proto, for servers that want one (net/http).
+func (m *Mux) Listener(proto string) net.Listener {
+	l := &chanListener{addr: m.ln.Addr(), c: make(chan net.Conn), done: make(chan struct{})}
+	m.Handle(proto, func(c net.Conn) {
+		select {
+		case l.c <- c:
+		case <-l.done:
+			c.Close()
+		}
+	})
+	return l
+}
+
+// Serve accepts until the listener is closed or ctx is done.
+func (m *Mux) Serve(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() { m.ln.Close() })
+	defer stop()
+	sem := make(chan struct{}, MaxPending)
+	for {
+		c, err := m.ln.Accept()
+		if err != nil {
+			m.mu.Lock()
+			closed := m.closed
+			m.mu.Unlock()
+			if closed || ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return err
+		}
+		select {
+		case sem <- struct{}{}:
+		default:
+			m.onFail("busy")
+			c.Close()
+			continue
+		}
+		m.wg.Add(1)
+		go func() {
+			defer m.wg.Done()
+			m.route(c, sem)
+		}()
+	}
+}
+
+func (m *Mux) route(raw net.Conn, sem chan struct{}) {
+	tc := tls.Server(raw, m.cfg)
+	_ = tc.SetDeadline(time.Now().Add(HandshakeTimeout))
+	err := tc.Handshake()
+	<-sem
+	if err != nil {
+		m.log.Debug("fabric handshake failed", "remote", raw.RemoteAddr().String(), "err", err)
+		m.onFail("handshake")
+		tc.Close()
+		return
+	}
+	_ = tc.SetDeadline(time.Time{})
+	proto := tc.ConnectionState().NegotiatedProtocol
+	m.mu.Lock()
+	fn := m.handlers[proto]
+	m.mu.Unlock()
+	if fn == nil {
+		m.log.Debug("fabric connection without a known protocol", "remote", raw.RemoteAddr().String(), "proto", proto)
+		m.onFail("no_protocol")
+		tc.Close()
+		return
+	}
+	fn(tc)
+}
+
+// Close stops accepting and waits for in-flight handshakes and routing
+// (handlers that run longer than that own their connections).
+func (m *Mux) Close() error {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
+	err := m.ln.Close()
+	m.wg.Wait()
+	return err
+}
+
+type chanListener struct {
+	addr net.Addr
+	c    chan net.Conn
+	once sync.Once
+	done chan struct{}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.c:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *chanListener) Addr() net.Addr { return l.addr }
