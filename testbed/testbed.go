@@ -175,8 +175,10 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	if err := c.WaitAlive(ctx, first, opts.Nodes); err != nil {
-		return nil, err
+	for _, n := range c.Nodes {
+		if err := c.WaitAlive(ctx, n, opts.Nodes); err != nil {
+			return nil, err
+		}
 	}
 	return c, nil
 }

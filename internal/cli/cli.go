@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -44,7 +45,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "onebox: %v\n", err)
 	var ue usageError
-	if errors.As(err, &ue) {
+	// cobra reports an unknown verb before any of our code runs.
+	if errors.As(err, &ue) || strings.HasPrefix(err.Error(), "unknown command") {
 		if cmd != nil {
 			fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
 		}
