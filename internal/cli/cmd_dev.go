@@ -157,4 +157,3 @@ func runDemo(ctx context.Context, out io.Writer, nodes int, netnsMode bool) erro
 	say("    next: 'onebox dev --nodes 3' for a cluster that stays up")
 	return nil
 }
-

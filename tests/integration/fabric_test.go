@@ -1,9 +1,9 @@
 package integration
 
 import (
+	"context"
 	"crypto/tls"
 	"encoding/json"
-	"context"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -393,5 +393,3 @@ func randomBytes(n int) []byte {
 	}
 	return b
 }
-
-
