@@ -20,6 +20,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -267,7 +268,9 @@ func (a *Agent) startGossip(ctx context.Context) error {
 	a.peers = newPeerCache(a)
 	seeds := a.gossipSeeds
 	if len(seeds) == 0 && len(cfg.Join) > 0 {
-		seeds = a.gossipAddrsOf(ctx, cfg.Join)
+		if seeds, err = a.gossipAddrsOf(ctx, cfg.Join); err != nil {
+			return err
+		}
 	}
 	if len(seeds) > 0 {
 		if n, err := m.Join(seeds); err != nil {
@@ -283,18 +286,31 @@ func (a *Agent) startGossip(ctx context.Context) error {
 
 // gossipAddrsOf asks members, by their fabric address and over mutual TLS,
 // for their gossip address. This is how a restarted node with an identity
-// uses --join, and it checks those members are of our cluster.
-func (a *Agent) gossipAddrsOf(ctx context.Context, fabricAddrs []string) []string {
+// uses --join, and it checks those members are of our cluster: if every
+// address answered with another cluster's certificate, starting is an
+// error (the data directory or the address is wrong), while unreachable
+// addresses are only warned about (the snapshot and reconnects may still
+// bring the node in).
+func (a *Agent) gossipAddrsOf(ctx context.Context, fabricAddrs []string) ([]string, error) {
 	var out []string
+	wrong := 0
 	for _, fa := range fabricAddrs {
 		info, err := a.peers.fetch(ctx, fa)
+		if errors.Is(err, pki.ErrWrongCluster) {
+			wrong++
+			a.log.Error("--join peer is not of this node's cluster", "addr", fa, "cluster", a.id.ClusterID)
+			continue
+		}
 		if err != nil {
 			a.log.Warn("--join peer not reachable", "addr", fa, "err", err)
 			continue
 		}
 		out = append(out, info.GossipAddr)
 	}
-	return out
+	if wrong == len(fabricAddrs) {
+		return nil, fmt.Errorf("agent: the --join peers (%s) are not members of cluster %s, which data dir %s belongs to: use that cluster's addresses, or a fresh --data-dir with this cluster's --token", strings.Join(fabricAddrs, ", "), a.id.ClusterID, a.cfg.DataDir)
+	}
+	return out, nil
 }
 
 func (a *Agent) nameTaken(node string) (string, bool) {

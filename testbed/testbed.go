@@ -56,6 +56,10 @@ type Node struct {
 	Host    *netns.Host // nil on loopback
 	Ready   agent.Ready // as written by the agent when it last became ready
 
+	// byDiscovery: the node is given the token but no --join address, and
+	// must find the cluster by LAN discovery.
+	byDiscovery bool
+
 	mu   sync.Mutex
 	cmd  *exec.Cmd     // guarded by mu
 	done chan struct{} // closed when cmd exits; guarded by mu
@@ -209,6 +213,20 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, error) {
 	return n, c.StartNode(ctx, n)
 }
 
+// AddNodeByDiscovery starts one more node with the token but no --join
+// address: it must find the cluster by mDNS (netns clusters with Discover).
+func (c *Cluster) AddNodeByDiscovery(ctx context.Context) (*Node, error) {
+	if !c.opts.Discover {
+		return nil, errors.New("testbed: AddNodeByDiscovery needs Options.Discover")
+	}
+	n, err := c.newNode(ctx, fmt.Sprintf("n%d", len(c.Nodes)+1))
+	if err != nil {
+		return nil, err
+	}
+	n.byDiscovery = true
+	return n, c.StartNode(ctx, n)
+}
+
 // Node returns the node named name, or nil.
 func (c *Cluster) Node(name string) *Node {
 	for _, n := range c.Nodes {
@@ -249,7 +267,9 @@ func (c *Cluster) AgentArgs(n *Node) []string {
 	if !c.opts.Discover {
 		args = append(args, "--no-discover")
 	}
-	if n != c.Nodes[0] {
+	if n != c.Nodes[0] && n.byDiscovery {
+		args = append(args, "--token", c.Token)
+	} else if n != c.Nodes[0] {
 		for _, o := range c.Nodes {
 			if o != n && o.Ready.FabricAddr != "" {
 				args = append(args, "--join", o.Ready.FabricAddr)

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"time"
 )
@@ -34,6 +35,7 @@ type Mux struct {
 	mu       sync.Mutex
 	handlers map[string]func(net.Conn) // guarded by mu
 	closed   bool                      // guarded by mu
+	lastWarn time.Time                 // guarded by mu
 	wg       sync.WaitGroup
 }
 
@@ -114,8 +116,15 @@ func (m *Mux) route(raw net.Conn, sem chan struct{}) {
 	err := tc.Handshake()
 	<-sem
 	if err != nil {
-		m.log.Debug("fabric handshake failed", "remote", raw.RemoteAddr().String(), "err", err)
-		m.onFail("handshake")
+		reason := classify(err)
+		if reason == "handshake" {
+			// Garbage and port scans: counted, not shouted.
+			m.log.Debug("fabric handshake failed", "remote", raw.RemoteAddr().String(), "err", err)
+		} else if m.warnAllowed() {
+			m.log.Warn("refused fabric connection: the peer did not prove cluster membership",
+				"remote", raw.RemoteAddr().String(), "reason", reason, "err", err)
+		}
+		m.onFail(reason)
 		tc.Close()
 		return
 	}
@@ -131,6 +140,43 @@ func (m *Mux) route(raw net.Conn, sem chan struct{}) {
 		return
 	}
 	fn(tc)
+}
+
+// classify names why a handshake failed: "no_certificate" (a client that
+// did not offer the join protocol and had no certificate), "bad_certificate"
+// (a certificate not signed by the cluster CA, or a dialer that refused
+// ours for the same reason), or "handshake" (anything
+// else: garbage, truncation, timeouts).
+func classify(err error) string {
+	var cv *tls.CertificateVerificationError
+	msg := err.Error()
+	switch {
+	case errors.As(err, &cv):
+		return "bad_certificate"
+	// The dialer checked our certificate first and aborted: it holds
+	// another cluster's CA (TLS 1.3 clients verify the server before they
+	// send their own certificate).
+	case strings.Contains(msg, "remote error: tls: bad certificate"),
+		strings.Contains(msg, "remote error: tls: unknown certificate authority"):
+		return "bad_certificate"
+	case strings.Contains(msg, "didn't provide a certificate"):
+		return "no_certificate"
+	}
+	return "handshake"
+}
+
+// warnAllowed rate-limits membership-refusal warnings to one per 10 s, so a
+// misconfigured peer retrying in a loop cannot flood the log (the metric
+// still counts every one).
+func (m *Mux) warnAllowed() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := time.Now()
+	if now.Sub(m.lastWarn) < 10*time.Second {
+		return false
+	}
+	m.lastWarn = now
+	return true
 }
 
 // Close stops accepting and waits for in-flight handshakes and routing

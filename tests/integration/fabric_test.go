@@ -393,3 +393,31 @@ func randomBytes(n int) []byte {
 	}
 	return b
 }
+
+// A node whose data directory belongs to another cluster cannot slip in
+// with --join: it fails to start with a clear error, and the member it
+// dialed logs a refused connection.
+func TestNodeOfAnotherClusterRefused(t *testing.T) {
+	t.Parallel()
+	c := startCluster(t, testbed.Options{Nodes: 2})
+	n1 := c.Nodes[0]
+	dir := filepath.Join(t.TempDir(), "o")
+	if _, err := identity.Init(dir, "intruder", nil); err != nil {
+		t.Fatal(err)
+	}
+	r := cli(t, nil, "agent", "--data-dir", dir, "--bind", "127.0.0.1", "--gossip-port", "-1", "--fabric-port", "-1",
+		"--no-discover", "--join", n1.Ready.FabricAddr)
+	if r.code != 1 || !strings.Contains(r.stderr, "are not members of cluster") {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+	}
+	err := testbed.WaitFor(ctxT(t, 10*time.Second), 10*time.Second, "n1 to log the refusal", func(context.Context) (bool, error) {
+		b, _ := os.ReadFile(filepath.Join(n1.DataDir, "agent.log"))
+		return strings.Contains(string(b), "refused fabric connection"), nil
+	})
+	if err != nil {
+		t.Error(err)
+	}
+	if m := scrape(t, n1); !strings.Contains(m, `onebox_fabric_rejected_connections_total{reason="bad_certificate"}`) {
+		t.Errorf("bad certificate not counted")
+	}
+}

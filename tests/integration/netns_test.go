@@ -1,6 +1,9 @@
 package integration
 
 import (
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -80,5 +83,27 @@ func TestKilledHost(t *testing.T) {
 	}
 	if after.Nodes != before.Nodes-1 || after.CPUs >= before.CPUs || after.PoolDonated >= before.PoolDonated {
 		t.Errorf("after losing n2 the machine should shrink: before %+v after %+v", before.Totals, after.Totals)
+	}
+}
+
+// A node started with only the token finds the cluster on the LAN by mDNS
+// and joins by itself (openMosix's omdiscd, secured by the CA pin).
+func TestAutoDiscoveryJoin(t *testing.T) {
+	needNetns(t)
+	t.Parallel()
+	c := startCluster(t, testbed.Options{Nodes: 2, NetNS: true, Discover: true})
+	ctx := ctxT(t, 2*time.Minute)
+	n3, err := c.AddNodeByDiscovery(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, obs := range c.Nodes {
+		if err := c.WaitAlive(ctx, obs, 3); err != nil {
+			t.Fatal(err)
+		}
+	}
+	log, _ := os.ReadFile(filepath.Join(n3.DataDir, "agent.log"))
+	if !strings.Contains(string(log), "found cluster members on the LAN") {
+		t.Errorf("n3 should have joined through discovery; its log:\n%s", log)
 	}
 }
