@@ -43,9 +43,10 @@ type Config struct {
 	Exports       []api.Export `json:"exports"`
 	// ReconnectInterval is how often failed members are retried, so a
 	// healed partition merges back. Default 5s.
-	ReconnectInterval time.Duration `json:"reconnect_interval"`
+	// (Flags only, like PeerTimeout: JSON has no duration type.)
+	ReconnectInterval time.Duration `json:"-"`
 	// PeerTimeout bounds each request to another member. Default 2s.
-	PeerTimeout time.Duration `json:"peer_timeout"`
+	PeerTimeout time.Duration `json:"-"`
 
 	Logger  *slog.Logger `json:"-"`
 	Version string       `json:"-"`

@@ -112,6 +112,7 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 			set("no-discover", func() { final.NoDiscover = cfg.NoDiscover })
 			set("donate-memory", func() { final.DonateMemory = cfg.DonateMemory })
 			set("reconnect-interval", func() { final.ReconnectInterval = cfg.ReconnectInterval })
+			set("peer-timeout", func() { final.PeerTimeout = cfg.PeerTimeout })
 			if final.Token == "" && tokenFile != "" {
 				b, err := os.ReadFile(tokenFile)
 				if err != nil {
@@ -165,6 +166,7 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 	f.Var(&cfg.DonateMemory, "donate-memory", "memory this node donates to the cluster pool, e.g. 2GiB")
 	f.StringArrayVar(&exports, "export", nil, "export a directory to the cluster: NAME=PATH[:ro] (repeatable)")
 	f.DurationVar(&cfg.ReconnectInterval, "reconnect-interval", 5*time.Second, "how often to retry failed members")
+	f.DurationVar(&cfg.PeerTimeout, "peer-timeout", 2*time.Second, "bound on each request to another member")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	return c
