@@ -1,0 +1,3 @@
+// Package lint checks project-wide conventions that the compiler does not:
+// every package says what it is, in exactly one package doc comment.
+package lint
