@@ -73,7 +73,7 @@ Start here:  onebox demo            (a local demo cluster, no set-up)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.PersistentFlags().String("agent", "", "agent address: unix:///path/agent.sock or https://host:port (default $ONEBOX_AGENT, else "+api.DefaultAgent+")")
 	root.PersistentFlags().String("data-dir", "", "the agent's data directory (default /var/lib/onebox; for https agents, where the member certificate is)")
-	root.AddCommand(newInitCmd(), newAgentCmd(), newNodesCmd(), newStatusCmd(), newDevCmd(), newDemoCmd(), newVersionCmd())
+	root.AddCommand(newInitCmd(), newAgentCmd(), newNodesCmd(), newStatusCmd(), newDevCmd(), newDemoCmd(), newBenchCmd(), newVersionCmd())
 	for _, c := range root.Commands() {
 		wrapArgs(c)
 	}
