@@ -159,8 +159,17 @@ func (c *Config) Validate() error {
 }
 
 func withDefaultPort(addr string, port int) (string, error) {
-	if _, _, err := net.SplitHostPort(addr); err == nil {
+	if host, p, err := net.SplitHostPort(addr); err == nil {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return "", fmt.Errorf("bad port %q", p)
+		}
+		if host == "" {
+			return "", errors.New("empty host")
+		}
 		return addr, nil
+	}
+	if strings.HasPrefix(addr, "[") && strings.HasSuffix(addr, "]") {
+		return net.JoinHostPort(addr[1:len(addr)-1], strconv.Itoa(port)), nil
 	}
 	if strings.Count(addr, ":") > 1 && !strings.HasPrefix(addr, "[") {
 		return net.JoinHostPort(addr, strconv.Itoa(port)), nil // bare IPv6

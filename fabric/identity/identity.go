@@ -213,6 +213,9 @@ func (id *Identity) check() error {
 	if err := id.NodeCert.CheckSignatureFrom(id.CACert); err != nil {
 		return fmt.Errorf("node certificate is not signed by the cluster CA: %w", err)
 	}
+	if pub, ok := id.NodeCert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(id.NodeKey.Public()) {
+		return errors.New("node.key does not match node.crt")
+	}
 	if id.NodeCert.Subject.CommonName != id.Node {
 		return fmt.Errorf("node certificate is for %q, cluster.json says %q", id.NodeCert.Subject.CommonName, id.Node)
 	}

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -186,8 +187,8 @@ func TestJoinAdmitsNode(t *testing.T) {
 
 func TestJoinWrongSecret(t *testing.T) {
 	id := newIdentity(t, "n1")
-	nameAsked := false
-	m := startMember(t, id, &join.Server{NameTaken: func(string) (string, bool) { nameAsked = true; return "", false }})
+	var nameAsked atomic.Bool
+	m := startMember(t, id, &join.Server{NameTaken: func(string) (string, bool) { nameAsked.Store(true); return "", false }})
 	tok := id.Token
 	tok.Secret = strings.Repeat("0", 32)
 	if tok.Secret == id.Token.Secret {
@@ -207,7 +208,7 @@ func TestJoinWrongSecret(t *testing.T) {
 	if out := m.waitOutcomes(t, 1); !slices.Equal(out, []string{join.CodeBadToken}) {
 		t.Errorf("server outcomes %v", out)
 	}
-	if nameAsked {
+	if nameAsked.Load() {
 		t.Error("NameTaken was asked before the secret was checked")
 	}
 }
@@ -368,10 +369,11 @@ func fakeMember(t *testing.T, id *identity.Identity, answer func(req join.Reques
 			if b, err := join.ReadFrame(c); err == nil {
 				var req join.Request
 				_ = json.Unmarshal(b, &req)
-				if a, ok := answer(req).([]byte); ok {
+				switch a := answer(req).(type) {
+				case []byte: // raw bytes on the wire
 					_, _ = c.Write(a)
-				} else {
-					_ = join.WriteFrame(c, answer(req))
+				default:
+					_ = join.WriteFrame(c, a)
 				}
 			}
 			c.Close()

@@ -41,7 +41,7 @@ type Mux struct {
 
 // NewMux wraps ln. onFail, if not nil, is called for every connection
 // dropped before reaching a handler, with a short reason ("handshake",
-// "no_protocol", "busy").
+// "no_certificate", "bad_certificate", "no_protocol", "busy").
 func NewMux(ln net.Listener, cfg *tls.Config, log *slog.Logger, onFail func(reason string)) *Mux {
 	if onFail == nil {
 		onFail = func(string) {}
@@ -102,15 +102,30 @@ func (m *Mux) Serve(ctx context.Context) error {
 			c.Close()
 			continue
 		}
+		// Add under mu, after checking closed: Close's Wait must not race
+		// with an Add for a connection accepted as the listener closed.
+		m.mu.Lock()
+		if m.closed {
+			m.mu.Unlock()
+			<-sem
+			c.Close()
+			return nil
+		}
 		m.wg.Add(1)
+		m.mu.Unlock()
 		go func() {
-			defer m.wg.Done()
-			m.route(c, sem)
+			fn, tc := m.handshake(c, sem)
+			m.wg.Done()
+			if fn != nil {
+				fn(tc) // outside wg: a handler owns its connection and its time
+			}
 		}()
 	}
 }
 
-func (m *Mux) route(raw net.Conn, sem chan struct{}) {
+// handshake runs the TLS handshake and returns the handler for the
+// negotiated protocol, or nil after closing the connection.
+func (m *Mux) handshake(raw net.Conn, sem chan struct{}) (func(net.Conn), net.Conn) {
 	tc := tls.Server(raw, m.cfg)
 	_ = tc.SetDeadline(time.Now().Add(HandshakeTimeout))
 	err := tc.Handshake()
@@ -126,7 +141,7 @@ func (m *Mux) route(raw net.Conn, sem chan struct{}) {
 		}
 		m.onFail(reason)
 		tc.Close()
-		return
+		return nil, nil
 	}
 	_ = tc.SetDeadline(time.Time{})
 	proto := tc.ConnectionState().NegotiatedProtocol
@@ -137,9 +152,9 @@ func (m *Mux) route(raw net.Conn, sem chan struct{}) {
 		m.log.Debug("fabric connection without a known protocol", "remote", raw.RemoteAddr().String(), "proto", proto)
 		m.onFail("no_protocol")
 		tc.Close()
-		return
+		return nil, nil
 	}
-	fn(tc)
+	return fn, tc
 }
 
 // classify names why a handshake failed: "no_certificate" (a client that
@@ -179,8 +194,9 @@ func (m *Mux) warnAllowed() bool {
 	return true
 }
 
-// Close stops accepting and waits for in-flight handshakes and routing
-// (handlers that run longer than that own their connections).
+// Close stops accepting and waits for in-flight handshakes (at most
+// HandshakeTimeout). Handlers already running own their connections and are
+// not waited for: each protocol bounds its own exchanges.
 func (m *Mux) Close() error {
 	m.mu.Lock()
 	m.closed = true
