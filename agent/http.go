@@ -141,6 +141,11 @@ func (p *peerCache) fill(ctx context.Context, n *api.Node) {
 		err = fmt.Errorf("node at %s is %q, gossip says %q", n.FabricAddr, info.Name, n.Name)
 	}
 	if err != nil {
+		// Gossip says alive but it does not answer us: suspect, as SWIM
+		// would say, until gossip decides (failed) or it answers again.
+		if n.Status == membership.StatusAlive {
+			n.Status = membership.StatusSuspect
+		}
 		n.Error = err.Error()
 		p.fillCached(n)
 		return

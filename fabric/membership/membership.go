@@ -27,8 +27,11 @@ import (
 // Status of a member as seen by this node.
 type Status string
 
-// Member statuses. Suspect comes from memberlist's SWIM suspicion: the node
-// missed probes and will be declared failed unless it refutes in time.
+// Member statuses. Gossip yields alive, failed, leaving and left. Suspect
+// is set by the agent for a node that gossip still lists as alive but that
+// did not answer the observer directly: memberlist keeps its own SWIM
+// suspicion in an unexported field (the exported Node.State is never
+// filled in, memberlist v0.7.0), so it cannot be read from here.
 const (
 	StatusAlive   Status = "alive"
 	StatusSuspect Status = "suspect"
@@ -151,7 +154,7 @@ func (m *Membership) loop() {
 			}
 			kind := strings.TrimPrefix(me.Type.String(), "member-")
 			for _, sm := range me.Members {
-				mem := fromSerf(sm, "")
+				mem := fromSerf(sm)
 				m.cfg.Logger.Info("member "+kind, "member", mem.Name, "addr", mem.GossipAddr)
 				if m.cfg.OnEvent != nil {
 					m.cfg.OnEvent(kind, mem)
@@ -180,22 +183,11 @@ func (m *Membership) LocalAddr() string {
 	return net.JoinHostPort(lm.Addr.String(), strconv.Itoa(int(lm.Port)))
 }
 
-// Members returns every node this member knows of, sorted by name, with
-// suspect nodes marked from memberlist's view.
+// Members returns every node this member knows of, sorted by name.
 func (m *Membership) Members() []Member {
-	suspect := map[string]bool{}
-	for _, n := range m.serf.Memberlist().Members() {
-		if n.State == memberlist.StateSuspect {
-			suspect[n.Name] = true
-		}
-	}
 	var out []Member
 	for _, sm := range m.serf.Members() {
-		st := ""
-		if suspect[sm.Name] && sm.Status == serf.StatusAlive {
-			st = string(StatusSuspect)
-		}
-		out = append(out, fromSerf(sm, st))
+		out = append(out, fromSerf(sm))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
@@ -213,21 +205,19 @@ func (m *Membership) LiveGossipAddrs() []string {
 	return out
 }
 
-func fromSerf(sm serf.Member, override string) Member {
-	st := Status(override)
-	if st == "" {
-		switch sm.Status {
-		case serf.StatusAlive:
-			st = StatusAlive
-		case serf.StatusLeaving:
-			st = StatusLeaving
-		case serf.StatusLeft:
-			st = StatusLeft
-		case serf.StatusFailed:
-			st = StatusFailed
-		default:
-			st = Status(sm.Status.String())
-		}
+func fromSerf(sm serf.Member) Member {
+	var st Status
+	switch sm.Status {
+	case serf.StatusAlive:
+		st = StatusAlive
+	case serf.StatusLeaving:
+		st = StatusLeaving
+	case serf.StatusLeft:
+		st = StatusLeft
+	case serf.StatusFailed:
+		st = StatusFailed
+	default:
+		st = Status(sm.Status.String())
 	}
 	t := ParseTags(sm.Tags)
 	return Member{

@@ -35,6 +35,10 @@ func TestPartitionAndHeal(t *testing.T) {
 	if err := c.Cut(ctx, n3); err != nil {
 		t.Fatal(err)
 	}
+	// First unreachable while gossip still lists it (suspect), then failed.
+	if err := c.WaitStatus(ctx, 45*time.Second, n1, "n3", membership.StatusSuspect, membership.StatusFailed); err != nil {
+		t.Fatal(err)
+	}
 	for _, obs := range []*testbed.Node{n1, n2} {
 		if err := c.WaitStatus(ctx, 45*time.Second, obs, "n3", membership.StatusFailed); err != nil {
 			t.Fatal(err)
