@@ -201,9 +201,10 @@ func newLogger(w interface{ Write([]byte) (int, error) }, level, format string) 
 
 func newNodesCmd() *cobra.Command {
 	c := &cobra.Command{
-		Use:   "nodes",
-		Short: "List the machines of the cluster",
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		Use:   "nodes [NAME...]",
+		Short: "List the machines of the cluster (or the named ones)",
+		Args:  cobra.ArbitraryArgs,
+		RunE: func(cmd *cobra.Command, names []string) error {
 			format, err := outputFormat(cmd)
 			if err != nil {
 				return err
@@ -216,6 +217,9 @@ func newNodesCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if nr, err = selectNodes(nr, names); err != nil {
+				return err
+			}
 			if format == "json" {
 				return writeJSON(cmd.OutOrStdout(), nr)
 			}
@@ -225,6 +229,31 @@ func newNodesCmd() *cobra.Command {
 	}
 	addOutputFlag(c)
 	return c
+}
+
+// selectNodes keeps the named nodes (all when names is empty) and
+// recomputes the totals over them; an unknown name is an error that lists
+// the known ones.
+func selectNodes(nr api.NodesResponse, names []string) (api.NodesResponse, error) {
+	if len(names) == 0 {
+		return nr, nil
+	}
+	byName := map[string]api.Node{}
+	var known []string
+	for _, n := range nr.Nodes {
+		byName[n.Name] = n
+		known = append(known, n.Name)
+	}
+	var out []api.Node
+	for _, name := range names {
+		n, ok := byName[name]
+		if !ok {
+			return nr, fmt.Errorf("no node named %q in cluster %s (known: %s)", name, nr.ClusterID, strings.Join(known, ", "))
+		}
+		out = append(out, n)
+	}
+	nr.Nodes, nr.Totals = out, api.Sum(out)
+	return nr, nil
 }
 
 func printNodes(out interface{ Write([]byte) (int, error) }, nr api.NodesResponse) {
