@@ -20,3 +20,17 @@ if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
 fi
 command -v go >/dev/null 2>&1 || { echo "deps: Go is required (https://go.dev/dl), 1.26 or newer" >&2; exit 1; }
 go mod download
+
+# A working CRIU (>= 4.1) for process checkpoint/restore. As root it is
+# installed privately under /opt/onebox/criu when the system's does not work;
+# in CI a failure here fails the run (the CRIU tests must not skip there).
+if [ "$(id -u)" -eq 0 ]; then
+  if ! out=$(./scripts/install-criu.sh 2>&1); then
+    echo "$out" >&2
+    if [ "${CI:-}" = "true" ]; then
+      echo "deps: could not install a working criu" >&2
+      exit 1
+    fi
+    echo "deps: no working criu; CRIU tests will skip" >&2
+  fi
+fi
