@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -22,6 +23,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/onebox-project/onebox/fabric/api"
@@ -32,6 +34,10 @@ import (
 	"github.com/onebox-project/onebox/fabric/resources"
 	"github.com/onebox-project/onebox/fabric/transport"
 )
+
+// maxDiscoveredJoins bounds the join attempts made to addresses found by
+// LAN discovery (each attempt is bounded by join.Timeout).
+const maxDiscoveredJoins = 4
 
 // ReadyFile is written in the data directory once the agent serves, with
 // the addresses it actually bound (useful with port -1), and removed on
@@ -57,7 +63,9 @@ type Agent struct {
 	started time.Time
 	metrics *metrics
 
+	lock       *os.File // flock on DATA_DIR/lock: one agent per data directory
 	mux        *transport.Mux
+	controlLn  net.Listener // the mux's control-protocol connections
 	fabricHTTP *http.Server
 	localLn    net.Listener
 	localHTTP  *http.Server
@@ -68,6 +76,7 @@ type Agent struct {
 	announcer  interface{ Close() error }
 
 	gossipSeeds []string
+	wroteReady  bool // only this instance's files are removed by Close
 
 	resMu   sync.Mutex
 	res     resources.Snapshot // guarded by resMu
@@ -94,6 +103,9 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 			a.Close()
 		}
 	}()
+	if err := a.lockDataDir(); err != nil {
+		return nil, err
+	}
 	if err := a.loadOrJoin(ctx); err != nil {
 		return nil, err
 	}
@@ -147,7 +159,10 @@ func (a *Agent) loadOrJoin(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("agent: no --join address given and LAN discovery failed: %w", err)
 		}
-		addrs = found
+		// Discovery answers are unauthenticated: try a few, in random
+		// order, so spoofed answers cannot stall the start for long.
+		rand.Shuffle(len(found), func(i, j int) { found[i], found[j] = found[j], found[i] })
+		addrs = found[:min(len(found), maxDiscoveredJoins)]
 	}
 	if len(addrs) == 0 {
 		return fmt.Errorf("agent: no member to join: pass --join ADDR (the fabric address of any member; 'onebox init' printed one)")
@@ -184,7 +199,7 @@ func (a *Agent) listen() error {
 	}
 	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.BindAddr, strconv.Itoa(port)))
 	if err != nil {
-		return fmt.Errorf("agent: fabric port: %w", err)
+		return fmt.Errorf("agent: fabric port: %w%s", err, inUseHint(err, "--fabric-port"))
 	}
 	a.mux = transport.NewMux(ln, a.id.ServerTLS(), a.log, func(reason string) {
 		a.metrics.fabricRejected.WithLabelValues(reason).Inc()
@@ -196,6 +211,9 @@ func (a *Agent) listen() error {
 		Result:    func(code string) { a.metrics.joins.WithLabelValues(code).Inc() },
 	}
 	a.mux.Handle(pki.ProtoJoin, js.ServeConn)
+	// Registered before Run writes the ready file: a member that dials as
+	// soon as the node is announced must find the control protocol served.
+	a.controlLn = a.mux.Listener(pki.ProtoControl)
 	a.fabricHTTP = &http.Server{Handler: a.handler("fabric"), ReadHeaderTimeout: 5 * time.Second, ErrorLog: slogErrorLog(a.log)}
 
 	if err := removeStaleSocket(cfg.APISocket); err != nil {
@@ -215,7 +233,7 @@ func (a *Agent) listen() error {
 	if cfg.MetricsAddr != "" {
 		a.metricsLn, err = net.Listen("tcp", cfg.MetricsAddr)
 		if err != nil {
-			return fmt.Errorf("agent: metrics address: %w", err)
+			return fmt.Errorf("agent: metrics address: %w%s", err, inUseHint(err, "--metrics-addr"))
 		}
 		m := http.NewServeMux()
 		m.Handle(api.PathMetrics, a.metrics.handler())
@@ -227,8 +245,12 @@ func (a *Agent) listen() error {
 // removeStaleSocket removes a socket file left by an agent that was killed,
 // and refuses to start when another agent is serving on it.
 func removeStaleSocket(path string) error {
-	if _, err := os.Stat(path); err != nil {
+	fi, err := os.Lstat(path)
+	if err != nil {
 		return nil
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("agent: %s exists and is not a socket: choose another --api-socket", path)
 	}
 	c, err := net.DialTimeout("unix", path, time.Second)
 	if err == nil {
@@ -336,7 +358,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}()
 	}
 	serve("fabric", func() error { return a.mux.Serve(ctx) })
-	serve("fabric API", func() error { return a.fabricHTTP.Serve(a.mux.Listener(pki.ProtoControl)) })
+	serve("fabric API", func() error { return a.fabricHTTP.Serve(a.controlLn) })
 	serve("local API", func() error { return a.localHTTP.Serve(a.localLn) })
 	if a.metricsSrv != nil {
 		serve("metrics", func() error { return a.metricsSrv.Serve(a.metricsLn) })
@@ -383,6 +405,7 @@ func (a *Agent) writeReady() error {
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return fmt.Errorf("agent: ready file: %w", err)
 	}
+	a.wroteReady = true
 	return os.Rename(tmp, p)
 }
 
@@ -392,10 +415,14 @@ func (a *Agent) fabricAddr() string {
 
 // Close releases everything, in this order:
 //  1. stop the discovery announcer, so no new node is pointed here;
-//  2. leave the gossip cluster (if Run has not already) and stop gossip;
-//  3. shut the HTTP servers down, letting in-flight requests finish (5 s);
-//  4. close the fabric port, the API socket and the metrics listener;
-//  5. remove the ready file and the socket file.
+//  2. close the fabric port: no new joins or control connections (peers
+//     may briefly see this node as suspect; it is leaving anyway);
+//  3. leave the gossip cluster (if Run has not already) and stop gossip;
+//  4. shut the HTTP servers down, letting in-flight requests finish (5 s),
+//     then close what is left; drop idle connections to peers;
+//  5. close the API socket and the metrics listener;
+//  6. remove the ready file and the socket file, if this instance made
+//     them, and release the data directory lock.
 //
 // It is safe to call more than once and after a failed New.
 func (a *Agent) Close() error {
@@ -403,6 +430,9 @@ func (a *Agent) Close() error {
 		var errs []error
 		if a.announcer != nil {
 			errs = append(errs, a.announcer.Close())
+		}
+		if a.mux != nil {
+			a.mux.Close()
 		}
 		if a.members != nil {
 			a.Leave()
@@ -413,27 +443,56 @@ func (a *Agent) Close() error {
 		for _, s := range []*http.Server{a.fabricHTTP, a.localHTTP, a.metricsSrv} {
 			if s != nil {
 				if err := s.Shutdown(ctx); err != nil {
-					errs = append(errs, err)
+					s.Close()
 				}
 			}
 		}
-		if a.mux != nil {
-			a.mux.Close()
+		if a.peers != nil {
+			a.peers.hc.CloseIdleConnections()
 		}
-		for _, l := range []net.Listener{a.localLn, a.metricsLn} {
+		for _, l := range []net.Listener{a.controlLn, a.localLn, a.metricsLn} {
 			if l != nil {
 				l.Close()
 			}
 		}
-		if a.id != nil {
+		if a.wroteReady {
 			os.Remove(filepath.Join(a.cfg.DataDir, ReadyFile))
 		}
 		if a.localLn != nil {
 			os.Remove(a.cfg.APISocket)
 		}
+		if a.lock != nil {
+			a.lock.Close() // releases the flock
+		}
 		a.closeErr = errors.Join(errs...)
 	})
 	return a.closeErr
+}
+
+// lockDataDir takes an exclusive lock on the data directory, so two agents
+// never share one identity and one gossip snapshot.
+func (a *Agent) lockDataDir() error {
+	if err := os.MkdirAll(a.cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("agent: data dir: %w", err)
+	}
+	f, err := os.OpenFile(filepath.Join(a.cfg.DataDir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("agent: data dir lock: %w", err)
+	}
+	if err := flock(f); err != nil {
+		f.Close()
+		return fmt.Errorf("agent: another agent is using data dir %s: stop it, or use another --data-dir", a.cfg.DataDir)
+	}
+	a.lock = f
+	return nil
+}
+
+// inUseHint turns "address already in use" into advice.
+func inUseHint(err error, flag string) string {
+	if errors.Is(err, syscall.EADDRINUSE) {
+		return fmt.Sprintf(" (another program, perhaps another onebox agent, has it: stop it or choose another %s)", flag)
+	}
+	return ""
 }
 
 // refreshLoop keeps the resource snapshot and gauges fresh.

@@ -7,6 +7,7 @@ import (
 	"log"
 	"log/slog"
 	"net/http"
+	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -23,15 +24,11 @@ import (
 // "fabric" (mutual TLS; the handshake already proved membership).
 func (a *Agent) handler(side string) http.Handler {
 	mux := http.NewServeMux()
-	route := func(pattern, name string, h func(*http.Request) (any, error)) {
+	route := func(pattern, name string, h func(*http.Request) any) {
 		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 			start := time.Now()
 			code := http.StatusOK
-			v, err := h(r)
-			if err != nil {
-				code = http.StatusInternalServerError
-				v = api.ErrorBody{Error: err.Error()}
-			}
+			v := h(r)
 			w.Header().Set("Content-Type", "application/json")
 			w.WriteHeader(code)
 			enc := json.NewEncoder(w)
@@ -40,11 +37,11 @@ func (a *Agent) handler(side string) http.Handler {
 			a.metrics.observeRequest(side, name, code, time.Since(start))
 		})
 	}
-	route("GET "+api.PathSelf, "self", func(*http.Request) (any, error) { return a.Self(), nil })
-	route("GET "+api.PathNodes, "nodes", func(r *http.Request) (any, error) { return a.Nodes(r.Context()), nil })
-	route("GET "+api.PathStatus, "status", func(r *http.Request) (any, error) { return api.StatusOf(a.Nodes(r.Context())), nil })
-	route("GET "+api.PathHealth, "health", func(*http.Request) (any, error) {
-		return map[string]string{"status": "ok", "node": a.id.Node}, nil
+	route("GET "+api.PathSelf, "self", func(*http.Request) any { return a.Self() })
+	route("GET "+api.PathNodes, "nodes", func(r *http.Request) any { return a.Nodes(r.Context()) })
+	route("GET "+api.PathStatus, "status", func(r *http.Request) any { return api.StatusOf(a.Nodes(r.Context())) })
+	route("GET "+api.PathHealth, "health", func(*http.Request) any {
+		return map[string]string{"status": "ok", "node": a.id.Node}
 	})
 	mux.Handle("GET "+api.PathMetrics, a.metrics.handler())
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -112,9 +109,19 @@ func (p *peerCache) fetch(ctx context.Context, fabricAddr string) (api.NodeInfo,
 	if err != nil {
 		return info, err
 	}
+	info, err = p.do(req)
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	p.a.metrics.peerFetch.WithLabelValues(result).Observe(time.Since(start).Seconds())
+	return info, err
+}
+
+func (p *peerCache) do(req *http.Request) (api.NodeInfo, error) {
+	var info api.NodeInfo
 	resp, err := p.hc.Do(req)
 	if err != nil {
-		p.a.metrics.peerFetch.WithLabelValues("error").Observe(time.Since(start).Seconds())
 		return info, err
 	}
 	defer resp.Body.Close()
@@ -131,7 +138,6 @@ func (p *peerCache) fetch(ctx context.Context, fabricAddr string) (api.NodeInfo,
 	if got := pki.PeerName(*resp.TLS); got != info.Name {
 		return info, fmt.Errorf("peer certificate is for %q but it reports being %q", got, info.Name)
 	}
-	p.a.metrics.peerFetch.WithLabelValues("ok").Observe(time.Since(start).Seconds())
 	return info, nil
 }
 
@@ -156,9 +162,17 @@ func (p *peerCache) fill(ctx context.Context, n *api.Node) {
 	n.Info = &info
 }
 
+// maxInfoAge is how long a node's last details stand in for it; older
+// ones are dropped, so a long-gone node's resources stop being shown.
+const maxInfoAge = 5 * time.Minute
+
 func (p *peerCache) fillCached(n *api.Node) {
 	p.mu.Lock()
 	c, ok := p.last[n.Name]
+	if ok && time.Since(c.at) > maxInfoAge {
+		delete(p.last, n.Name)
+		ok = false
+	}
 	p.mu.Unlock()
 	if ok {
 		info := c.info
@@ -183,3 +197,7 @@ type writerFunc func([]byte) (int, error)
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 func umask(m int) int { return unix.Umask(m) }
+
+// flock takes an exclusive, non-blocking lock on f (released when f closes
+// or the process dies, so a killed agent never leaves a stale lock).
+func flock(f *os.File) error { return unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) }

@@ -68,13 +68,15 @@ func (m *metrics) observeRequest(side, endpoint string, code int, d time.Duratio
 type stateCollector struct{ a *Agent }
 
 var (
-	descMembers   = prometheus.NewDesc("onebox_members", "Cluster members by status, as seen by this node.", []string{"status"}, nil)
-	descCPUs      = prometheus.NewDesc("onebox_node_cpus", "CPUs this node contributes.", nil, nil)
-	descMem       = prometheus.NewDesc("onebox_node_memory_bytes", "This node's memory (total, free = MemAvailable).", []string{"kind"}, nil)
-	descLoad      = prometheus.NewDesc("onebox_node_load1", "One-minute load average.", nil, nil)
-	descPool      = prometheus.NewDesc("onebox_pool_bytes", "This node's share of the cluster memory pool (donated, used).", []string{"kind"}, nil)
-	descUp        = prometheus.NewDesc("onebox_agent_start_time_seconds", "When the agent started (Unix time).", nil, nil)
-	statusesShown = []membership.Status{membership.StatusAlive, membership.StatusSuspect, membership.StatusFailed, membership.StatusLeaving, membership.StatusLeft}
+	descMembers = prometheus.NewDesc("onebox_members", "Cluster members by status, as seen by this node.", []string{"status"}, nil)
+	descCPUs    = prometheus.NewDesc("onebox_node_cpus", "CPUs this node contributes.", nil, nil)
+	descMem     = prometheus.NewDesc("onebox_node_memory_bytes", "This node's memory (total, free = MemAvailable).", []string{"kind"}, nil)
+	descLoad    = prometheus.NewDesc("onebox_node_load1", "One-minute load average.", nil, nil)
+	descPool    = prometheus.NewDesc("onebox_pool_bytes", "This node's share of the cluster memory pool (donated, used).", []string{"kind"}, nil)
+	descUp      = prometheus.NewDesc("onebox_agent_start_time_seconds", "When the agent started (Unix time).", nil, nil)
+	// Gossip statuses only: suspect is the observer's own view at query
+	// time (see membership.StatusSuspect), not a state to count here.
+	statusesShown = []membership.Status{membership.StatusAlive, membership.StatusFailed, membership.StatusLeaving, membership.StatusLeft}
 )
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {

@@ -267,16 +267,14 @@ func (c *Cluster) AgentArgs(n *Node) []string {
 	if !c.opts.Discover {
 		args = append(args, "--no-discover")
 	}
-	if n != c.Nodes[0] && n.byDiscovery {
-		args = append(args, "--token", c.Token)
-	} else if n != c.Nodes[0] {
+	// The token travels in the environment (StartNode), not in argv.
+	if n != c.Nodes[0] && !n.byDiscovery {
 		for _, o := range c.Nodes {
 			if o != n && o.Ready.FabricAddr != "" {
 				args = append(args, "--join", o.Ready.FabricAddr)
 				break
 			}
 		}
-		args = append(args, "--token", c.Token)
 	}
 	return append(args, c.opts.AgentArgs...)
 }
@@ -296,6 +294,7 @@ func (c *Cluster) StartNode(ctx context.Context, n *Node) error {
 	// Not CommandContext: the agent must outlive the start-up context.
 	cmd := c.command(context.Background(), n, c.AgentArgs(n)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(), "ONEBOX_TOKEN="+c.Token)
 	// Own process group: a Ctrl-C on 'onebox dev' reaches dev, which stops
 	// the agents in order; Pdeathsig: agents never outlive their parent.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

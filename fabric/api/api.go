@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/onebox-project/onebox/fabric/membership"
@@ -222,6 +223,9 @@ func (c *Client) Get(ctx context.Context, path string, v any) error {
 		return err
 	}
 	resp, err := c.hc.Do(req)
+	if errors.Is(err, syscall.EACCES) {
+		return fmt.Errorf("cannot reach the onebox agent: %w (the agent's socket is for root only: run as root, e.g. with sudo)", err)
+	}
 	if err != nil {
 		return fmt.Errorf("cannot reach the onebox agent: %w (is 'onebox agent' running? set --agent or ONEBOX_AGENT)", err)
 	}

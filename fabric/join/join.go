@@ -22,6 +22,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/onebox-project/onebox/fabric/identity"
@@ -135,20 +136,46 @@ type Server struct {
 	// Peers returns gossip addresses of live members to hand to the new node.
 	Peers  func() []string
 	Logger *slog.Logger
-	// Result, if set, is called with the outcome code ("ok" or a Code*).
+	// Result, if set, is called with the outcome code ("ok", a Code*, or
+	// "busy" when MaxConcurrent exchanges are already running).
 	Result func(code string)
+
+	once     sync.Once
+	slots    chan struct{}
+	mu       sync.Mutex
+	lastWarn time.Time // guarded by mu
 }
+
+// MaxConcurrent bounds join exchanges in progress: each holds a connection
+// and a goroutine for up to Timeout, and anyone may open one.
+const MaxConcurrent = 16
 
 // ServeConn runs one join exchange on an established TLS connection whose
 // negotiated protocol is pki.ProtoJoin, and closes it.
 func (s *Server) ServeConn(conn net.Conn) {
 	defer conn.Close()
+	s.once.Do(func() { s.slots = make(chan struct{}, MaxConcurrent) })
+	select {
+	case s.slots <- struct{}{}:
+		defer func() { <-s.slots }()
+	default:
+		if s.Result != nil {
+			s.Result("busy")
+		}
+		return
+	}
 	_ = conn.SetDeadline(time.Now().Add(Timeout))
 	resp, node := s.handle(conn)
 	code := "ok"
 	if resp.Error != "" {
 		code = resp.Code
-		s.Logger.Warn("join refused", "remote", conn.RemoteAddr().String(), "node", node, "code", resp.Code, "reason", resp.Error)
+		// Anyone can send a malformed request: that is debug noise. Wrong
+		// tokens and taken names are worth a warning, at most one a second.
+		if resp.Code == CodeBadRequest || !s.warnAllowed() {
+			s.Logger.Debug("join refused", "remote", conn.RemoteAddr().String(), "node", node, "code", resp.Code, "reason", resp.Error)
+		} else {
+			s.Logger.Warn("join refused", "remote", conn.RemoteAddr().String(), "node", node, "code", resp.Code, "reason", resp.Error)
+		}
 	} else {
 		s.Logger.Info("node admitted", "remote", conn.RemoteAddr().String(), "node", node)
 	}
@@ -158,6 +185,16 @@ func (s *Server) ServeConn(conn net.Conn) {
 	if err := WriteFrame(conn, resp); err != nil {
 		s.Logger.Debug("join: write response", "err", err)
 	}
+}
+
+func (s *Server) warnAllowed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if now := time.Now(); now.Sub(s.lastWarn) >= time.Second {
+		s.lastWarn = now
+		return true
+	}
+	return false
 }
 
 func (s *Server) handle(r io.Reader) (Response, string) {

@@ -12,8 +12,10 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -36,17 +38,18 @@ type Mux struct {
 	handlers map[string]func(net.Conn) // guarded by mu
 	closed   bool                      // guarded by mu
 	lastWarn time.Time                 // guarded by mu
+	pending  map[netip.Addr]int        // handshakes in progress by source; guarded by mu
 	wg       sync.WaitGroup
 }
 
 // NewMux wraps ln. onFail, if not nil, is called for every connection
 // dropped before reaching a handler, with a short reason ("handshake",
-// "no_certificate", "bad_certificate", "no_protocol", "busy").
+// "no_certificate", "bad_certificate", "no_protocol", "busy", "accept").
 func NewMux(ln net.Listener, cfg *tls.Config, log *slog.Logger, onFail func(reason string)) *Mux {
 	if onFail == nil {
 		onFail = func(string) {}
 	}
-	return &Mux{ln: ln, cfg: cfg, log: log, onFail: onFail, handlers: map[string]func(net.Conn){}}
+	return &Mux{ln: ln, cfg: cfg, log: log, onFail: onFail, handlers: map[string]func(net.Conn){}, pending: map[netip.Addr]int{}}
 }
 
 // Addr is the listening address.
@@ -79,6 +82,7 @@ func (m *Mux) Serve(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { m.ln.Close() })
 	defer stop()
 	sem := make(chan struct{}, MaxPending)
+	backoff := 5 * time.Millisecond
 	for {
 		c, err := m.ln.Accept()
 		if err != nil {
@@ -88,16 +92,27 @@ func (m *Mux) Serve(ctx context.Context) error {
 			if closed || ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
+			// Out of file descriptors, aborted connections, timeouts:
+			// wait and go on. A peer must never be able to end the agent
+			// by exhausting a resource.
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(10 * time.Millisecond)
+			if (errors.As(err, &ne) && ne.Timeout()) || errors.Is(err, syscall.EMFILE) ||
+				errors.Is(err, syscall.ENFILE) || errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) {
+				m.log.Warn("fabric accept failed; retrying", "err", err, "backoff", backoff)
+				m.onFail("accept")
+				select {
+				case <-time.After(backoff):
+				case <-ctx.Done():
+					return nil
+				}
+				backoff = min(2*backoff, time.Second)
 				continue
 			}
 			return err
 		}
-		select {
-		case sem <- struct{}{}:
-		default:
+		backoff = 5 * time.Millisecond
+		src := remoteIP(c)
+		if !m.admit(src, sem) {
 			m.onFail("busy")
 			c.Close()
 			continue
@@ -107,14 +122,14 @@ func (m *Mux) Serve(ctx context.Context) error {
 		m.mu.Lock()
 		if m.closed {
 			m.mu.Unlock()
-			<-sem
+			m.release(src, sem)
 			c.Close()
 			return nil
 		}
 		m.wg.Add(1)
 		m.mu.Unlock()
 		go func() {
-			fn, tc := m.handshake(c, sem)
+			fn, tc := m.handshake(c, func() { m.release(src, sem) })
 			m.wg.Done()
 			if fn != nil {
 				fn(tc) // outside wg: a handler owns its connection and its time
@@ -123,13 +138,50 @@ func (m *Mux) Serve(ctx context.Context) error {
 	}
 }
 
+// MaxPendingPerSource bounds handshakes in progress from one IP address, so
+// one host holding idle connections cannot lock members out.
+const MaxPendingPerSource = 16
+
+// admit takes a handshake slot for a connection from src, or reports that
+// the global or per-source limit is reached.
+func (m *Mux) admit(src netip.Addr, sem chan struct{}) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.pending[src] >= MaxPendingPerSource {
+		return false
+	}
+	select {
+	case sem <- struct{}{}:
+	default:
+		return false
+	}
+	m.pending[src]++
+	return true
+}
+
+func (m *Mux) release(src netip.Addr, sem chan struct{}) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	<-sem
+	if m.pending[src]--; m.pending[src] <= 0 {
+		delete(m.pending, src)
+	}
+}
+
+func remoteIP(c net.Conn) netip.Addr {
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
 // handshake runs the TLS handshake and returns the handler for the
 // negotiated protocol, or nil after closing the connection.
-func (m *Mux) handshake(raw net.Conn, sem chan struct{}) (func(net.Conn), net.Conn) {
+func (m *Mux) handshake(raw net.Conn, done func()) (func(net.Conn), net.Conn) {
 	tc := tls.Server(raw, m.cfg)
 	_ = tc.SetDeadline(time.Now().Add(HandshakeTimeout))
 	err := tc.Handshake()
-	<-sem
+	done()
 	if err != nil {
 		reason := classify(err)
 		if reason == "handshake" {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -315,6 +316,20 @@ func TestListenerServesHTTP(t *testing.T) {
 	}
 }
 
+// dialFrom opens a TCP connection to addr from a chosen loopback source.
+func dialFrom(t *testing.T, src, addr string) net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// One source holding idle connections is cut off at MaxPendingPerSource
+// and cannot lock out members from elsewhere; all sources together are cut
+// off at MaxPending.
 func TestBusy(t *testing.T) {
 	id, _ := identities(t)
 	f := startMux(t, id)
@@ -324,36 +339,53 @@ func TestBusy(t *testing.T) {
 			c.Close()
 		}
 	}()
-	for range transport.MaxPending {
-		c, err := net.Dial("tcp", f.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		silent = append(silent, c)
+	for range transport.MaxPendingPerSource {
+		silent = append(silent, dialFrom(t, "127.0.0.1", f.addr))
 	}
-	c, err := net.Dial("tcp", f.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_, err = readAll(c, 3*time.Second)
+	c := dialFrom(t, "127.0.0.1", f.addr)
+	_, err := readAll(c, 3*time.Second)
+	c.Close()
 	if isTimeout(err) {
-		t.Fatal("connection beyond MaxPending was not closed at once")
+		t.Fatal("connection beyond MaxPendingPerSource was not closed at once")
 	}
 	if fails := f.waitFailures(t, 1, time.Second); !slices.Equal(fails, []string{"busy"}) {
 		t.Errorf("onFail reasons %v, want [busy]", fails)
 	}
-	// Once the half-open connections are gone, members get through again.
+	// A member from another address still gets through.
+	d := tls.Dialer{NetDialer: &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}}, Config: id.ClientTLS()}
+	mc, err := d.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatalf("member locked out by another source's idle connections: %v", err)
+	}
+	got, _ := readAll(mc, 5*time.Second)
+	mc.Close()
+	if string(got) != "ok" {
+		t.Errorf("member read %q", got)
+	}
+
+	// Fill the global limit from many sources.
+	for i := 0; len(silent) < transport.MaxPending; i++ {
+		src := fmt.Sprintf("127.0.1.%d", 1+i/transport.MaxPendingPerSource)
+		silent = append(silent, dialFrom(t, src, f.addr))
+	}
+	time.Sleep(100 * time.Millisecond) // let the accept loop take them all
+	c = dialFrom(t, "127.0.2.1", f.addr)
+	_, err = readAll(c, 3*time.Second)
+	c.Close()
+	if isTimeout(err) {
+		t.Fatal("connection beyond MaxPending was not closed at once")
+	}
 	for _, c := range silent {
 		c.Close()
 	}
 	silent = nil
-	f.waitFailures(t, 1+transport.MaxPending, 5*time.Second)
-	mc, err := tls.Dial("tcp", f.addr, id.ClientTLS())
+	// Once the half-open connections are gone, members get through again.
+	f.waitFailures(t, 2+transport.MaxPending, 5*time.Second)
+	mc, err = tls.Dial("tcp", f.addr, id.ClientTLS())
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := readAll(mc, 5*time.Second)
+	got, err = readAll(mc, 5*time.Second)
 	mc.Close()
 	if string(got) != "ok" {
 		t.Errorf("member after the flood read %q, %v", got, err)

@@ -38,6 +38,9 @@ other machines.`,
 			name, _ := cmd.Flags().GetString("name")
 			adv, _ := cmd.Flags().GetString("advertise")
 			port, _ := cmd.Flags().GetInt("fabric-port")
+			if port < 1 || port > 65535 {
+				return usagef("--fabric-port %d: init needs the real port the agent will listen on (1-65535)", port)
+			}
 			cfg := agent.Config{NodeName: name, DataDir: dataDir, AdvertiseAddr: adv, FabricPort: port}
 			if err := cfg.Validate(); err != nil {
 				return usageError{err}
@@ -48,7 +51,9 @@ other machines.`,
 			}
 			joinAddr := net.JoinHostPort(cfg.AdvertiseAddr, strconv.Itoa(cfg.FabricPort))
 			startCmd := fmt.Sprintf("onebox agent --data-dir %s", cfg.DataDir)
-			joinCmd := fmt.Sprintf("onebox agent --name NODE --join %s --token %s", joinAddr, id.Token)
+			// The token goes in the environment, not argv: a command line is
+			// readable by every local user in /proc/PID/cmdline.
+			joinCmd := fmt.Sprintf("ONEBOX_TOKEN=%s onebox agent --name NODE --join %s", id.Token, joinAddr)
 			if format == "json" {
 				return writeJSON(cmd.OutOrStdout(), map[string]string{
 					"cluster_id": id.ClusterID, "node": id.Node, "data_dir": cfg.DataDir,
@@ -122,6 +127,9 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 			}
 			if final.Token == "" {
 				final.Token = os.Getenv("ONEBOX_TOKEN")
+			}
+			if f.Changed("token") {
+				fmt.Fprintln(cmd.ErrOrStderr(), "onebox: warning: --token is visible to every local user in the process list; prefer $ONEBOX_TOKEN or --token-file")
 			}
 			for _, e := range exports {
 				ex, err := parseExport(e)
@@ -245,12 +253,16 @@ func selectNodes(nr api.NodesResponse, names []string) (api.NodesResponse, error
 		known = append(known, n.Name)
 	}
 	var out []api.Node
+	seen := map[string]bool{}
 	for _, name := range names {
 		n, ok := byName[name]
 		if !ok {
 			return nr, fmt.Errorf("no node named %q in cluster %s (known: %s)", name, nr.ClusterID, strings.Join(known, ", "))
 		}
-		out = append(out, n)
+		if !seen[name] {
+			seen[name] = true
+			out = append(out, n)
+		}
 	}
 	nr.Nodes, nr.Totals = out, api.Sum(out)
 	return nr, nil

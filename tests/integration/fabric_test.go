@@ -206,12 +206,10 @@ func TestJoinRefusals(t *testing.T) {
 			}
 		})
 	}
-	// The admitting side logged and counted the refusals.
+	// The admitting side logged (rate-limited) and counted the refusals.
 	log, _ := os.ReadFile(filepath.Join(n1.DataDir, "agent.log"))
-	for _, want := range []string{"join refused", "code=bad_token", "code=name_taken"} {
-		if !strings.Contains(string(log), want) {
-			t.Errorf("n1's log lacks %q", want)
-		}
+	if !strings.Contains(string(log), "join refused") || !strings.Contains(string(log), "code=bad_token") {
+		t.Errorf("n1's log lacks the first refusal")
 	}
 	metrics := scrape(t, n1)
 	for _, want := range []string{`onebox_join_requests_total{result="bad_token"} 1`, `onebox_join_requests_total{result="name_taken"} 1`, `onebox_join_requests_total{result="ok"} 1`} {
@@ -364,7 +362,7 @@ func TestInitPrintsWorkingJoinCommand(t *testing.T) {
 	if r.code != 0 {
 		t.Fatalf("init: %d %s", r.code, r.stderr)
 	}
-	if !strings.Contains(r.stdout, "onebox agent --name NODE --join 127.0.0.1:7947 --token obx1.") {
+	if !strings.Contains(r.stdout, "ONEBOX_TOKEN=obx1.") || !strings.Contains(r.stdout, "onebox agent --name NODE --join 127.0.0.1:7947") {
 		t.Errorf("init output lacks the join command:\n%s", r.stdout)
 	}
 	entries, _ := os.ReadDir(dir)
