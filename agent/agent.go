@@ -116,6 +116,13 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	if err := a.startGossip(ctx); err != nil {
 		return nil, err
 	}
+	// Capabilities built on the fabric (each in its own file).
+	if err := a.startProc(ctx); err != nil {
+		return nil, err
+	}
+	if err := a.startCFS(ctx); err != nil {
+		return nil, err
+	}
 	a.startDiscovery()
 	ok = true
 	return a, nil
@@ -415,6 +422,8 @@ func (a *Agent) fabricAddr() string {
 
 // Close releases everything, in this order:
 //  1. stop the discovery announcer, so no new node is pointed here;
+//     1b. stop the capabilities (filesystem, processes) while the fabric
+//     still works, so they can hand off cleanly;
 //  2. close the fabric port: no new joins or control connections (peers
 //     may briefly see this node as suspect; it is leaving anyway);
 //  3. leave the gossip cluster (if Run has not already) and stop gossip;
@@ -431,6 +440,7 @@ func (a *Agent) Close() error {
 		if a.announcer != nil {
 			errs = append(errs, a.announcer.Close())
 		}
+		errs = append(errs, a.closeCFS(), a.closeProc())
 		if a.mux != nil {
 			a.mux.Close()
 		}

@@ -44,6 +44,8 @@ func (a *Agent) handler(side string) http.Handler {
 		return map[string]string{"status": "ok", "node": a.id.Node}
 	})
 	mux.Handle("GET "+api.PathMetrics, a.metrics.handler())
+	a.procRoutes(mux, side)
+	a.cfsRoutes(mux, side)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusNotFound)

@@ -74,6 +74,8 @@ Start here:  onebox demo            (a local demo cluster, no set-up)
 	root.PersistentFlags().String("agent", "", "agent address: unix:///path/agent.sock or https://host:port (default $ONEBOX_AGENT, else "+api.DefaultAgent+")")
 	root.PersistentFlags().String("data-dir", "", "the agent's data directory (default /var/lib/onebox; for https agents, where the member certificate is)")
 	root.AddCommand(newInitCmd(), newAgentCmd(), newNodesCmd(), newStatusCmd(), newDevCmd(), newDemoCmd(), newBenchCmd(), newVersionCmd())
+	root.AddCommand(procCommands()...)
+	root.AddCommand(cfsCommands()...)
 	for _, c := range root.Commands() {
 		wrapArgs(c)
 	}
