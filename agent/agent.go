@@ -63,6 +63,7 @@ type Agent struct {
 	started time.Time
 	metrics *metrics
 
+	proc       *procState
 	lock       *os.File // flock on DATA_DIR/lock: one agent per data directory
 	mux        *transport.Mux
 	controlLn  net.Listener // the mux's control-protocol connections

@@ -1,13 +1,805 @@
 package agent
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
 	"net/http"
+	"net/url"
+	"path/filepath"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/onebox-project/onebox/fabric/api"
+	"github.com/onebox-project/onebox/fabric/membership"
+	"github.com/onebox-project/onebox/fabric/pki"
+	"github.com/onebox-project/onebox/proc/manager"
+	"github.com/onebox-project/onebox/proc/stream"
 )
 
-// One process space (issue 4): the agent's process manager. Owned by the
-// process work; these are its hook points.
+// One process space (issue 4), first slice: run, ps, kill.
+//
+// Transport choice. A program's stdio between agents runs on its own ALPN
+// protocol on the fabric port (stream.ALPN, "onebox-proc/1"), not as an
+// HTTP upgrade of the control API: after the mutual-TLS handshake the
+// bytes are frames and nothing else, so no HTTP server sits between the
+// program and its caller (the control server's read-header timeouts,
+// graceful Shutdown that ignores hijacked connections, and keep-alive
+// handling do not apply to a stream that lives as long as the program),
+// and it is the data-plane shape docs/ARCHITECTURE.md plans for pages.
+// The CLI reaches its local agent by an HTTP upgrade on the unix socket
+// (the same frames after a 101 answer), because the socket is an HTTP
+// server and the CLI must never dial remote nodes itself: the local agent
+// relays, frame by frame, to the agent that runs the program.
+//
+// Listing and signalling are plain JSON requests on the control API: the
+// local agent asks every live member over mutual TLS (a.peers.hc, bounded
+// by PeerTimeout) and reports those that do not answer.
 
-func (a *Agent) startProc(ctx context.Context) error        { return nil }
-func (a *Agent) closeProc() error                           { return nil }
-func (a *Agent) procRoutes(mux *http.ServeMux, side string) {}
+// API paths of the process space.
+const (
+	pathProcs  = "/v1/procs"
+	pathRun    = "/v1/procs/run"
+	pathSignal = "/v1/procs/{gid}/signal"
+)
+
+// Bounds of a stream's set-up.
+const (
+	startFrameTimeout = 10 * time.Second // caller → first frame
+	startedTimeout    = 15 * time.Second // relay ← runner's Started
+	drainTimeout      = 5 * time.Second  // output still open after the program ended (a background child holds it)
+	closeGrace        = 3 * time.Second  // SIGTERM → SIGKILL when the agent stops
+)
+
+// procState is the agent's process manager and its live streams.
+type procState struct {
+	a   *Agent
+	mgr *manager.Manager
+
+	ctx    context.Context // cancelled by closeProc
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // stream goroutines
+
+	mu     sync.Mutex
+	conns  map[io.Closer]bool // live stream connections (true: dialed by us); guarded by mu
+	closed bool               // guarded by mu
+	where  map[string]seen    // GID → node it was last seen on; guarded by mu
+}
+
+type seen struct {
+	node string
+	at   time.Time
+}
+
+// maxWhere bounds the GID → node memory used to explain a kill of a
+// process whose node is down.
+const maxWhere = 10000
+
+func (a *Agent) startProc(_ context.Context) error {
+	pctx, cancel := context.WithCancel(context.Background())
+	a.proc = &procState{
+		a: a,
+		mgr: manager.New(manager.Config{Node: a.id.Node, LogDir: filepath.Join(a.cfg.DataDir, "proc", "logs"),
+			Logger: a.log.With("component", "proc")}),
+		ctx: pctx, cancel: cancel,
+		conns: map[io.Closer]bool{}, where: map[string]seen{},
+	}
+	a.mux.Handle(stream.ALPN, a.proc.serveFabric)
+	return nil
+}
+
+// closeProc ends the streams and the processes: this slice does not keep
+// programs across agent restarts (an agent that dies takes them with it,
+// by Pdeathsig). Each program's group gets SIGTERM, then SIGKILL.
+func (a *Agent) closeProc() error {
+	p := a.proc
+	if p == nil {
+		return nil
+	}
+	p.mu.Lock()
+	p.closed = true // no new streams
+	// Relays to programs on other nodes: they hang up (those programs get
+	// SIGHUP; their callers an error).
+	for c, outgoing := range p.conns {
+		if outgoing {
+			c.Close()
+		}
+	}
+	p.mu.Unlock()
+	// The programs here end, so attached callers get their exit status
+	// (killed SIGTERM) rather than a broken connection.
+	p.mgr.Close(closeGrace)
+	p.cancel() // streams stop lingering
+	done := make(chan struct{})
+	go func() { p.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-time.After(drainTimeout):
+	}
+	p.mu.Lock()
+	for c := range p.conns {
+		c.Close()
+	}
+	p.mu.Unlock()
+	select {
+	case <-done:
+	case <-time.After(time.Second):
+		a.log.Warn("process streams still running at shutdown")
+	}
+	return nil
+}
+
+// track registers a live stream connection, so closeProc can end it.
+// It returns false (and closes c) when the agent is closing.
+// outgoing marks connections this agent dialed (relays).
+func (p *procState) track(c io.Closer, outgoing bool) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		c.Close()
+		return false
+	}
+	p.conns[c] = outgoing
+	p.wg.Add(1)
+	return true
+}
+
+func (p *procState) closing() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.closed
+}
+
+func (p *procState) untrack(c io.Closer) {
+	c.Close()
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+	p.wg.Done()
+}
+
+func (p *procState) remember(gid, node string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.where) >= maxWhere {
+		for g, s := range p.where {
+			if time.Since(s.at) > time.Hour || len(p.where) >= maxWhere {
+				delete(p.where, g)
+			}
+		}
+	}
+	p.where[gid] = seen{node: node, at: time.Now()}
+}
+
+func (p *procState) lastSeen(gid string) (string, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s, ok := p.where[gid]
+	return s.node, ok
+}
+
+// procRoutes registers the process endpoints. The handlers are built in
+// listen, before startProc: they find the process state at request time.
+func (a *Agent) procRoutes(mux *http.ServeMux, side string) {
+	ready := func(w http.ResponseWriter) *procState {
+		if a.proc == nil {
+			replyJSON(w, http.StatusServiceUnavailable, api.ErrorBody{Error: "the agent is starting: try again"})
+		}
+		return a.proc
+	}
+	mux.HandleFunc("GET "+pathProcs, func(w http.ResponseWriter, r *http.Request) {
+		p := ready(w)
+		if p == nil {
+			return
+		}
+		start := time.Now()
+		var v manager.ClusterList
+		if r.URL.Query().Get("scope") == "node" {
+			v = manager.ClusterList{Observer: a.id.Node, Procs: p.mgr.List()}
+		} else {
+			v = p.list(r.Context())
+		}
+		replyJSON(w, http.StatusOK, v)
+		a.metrics.observeRequest(side, "procs", http.StatusOK, time.Since(start))
+	})
+	mux.HandleFunc("POST "+pathSignal, func(w http.ResponseWriter, r *http.Request) {
+		p := ready(w)
+		if p == nil {
+			return
+		}
+		start := time.Now()
+		code, v := p.signal(r.Context(), r.PathValue("gid"), r.URL.Query().Get("signal"), r.URL.Query().Get("scope") == "node")
+		replyJSON(w, code, v)
+		a.metrics.observeRequest(side, "signal", code, time.Since(start))
+	})
+	mux.HandleFunc("POST "+pathRun, func(w http.ResponseWriter, r *http.Request) {
+		p := ready(w)
+		if p == nil {
+			return
+		}
+		a.metrics.observeRequest(side, "run", http.StatusSwitchingProtocols, 0)
+		p.serveUpgrade(w, r)
+	})
+}
+
+func replyJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+// SignalResult is the answer of a signal request.
+type SignalResult struct {
+	GID    string `json:"gid"`
+	Node   string `json:"node"`
+	Signal string `json:"signal"`
+}
+
+// list asks every member for its processes, in parallel, each bounded by
+// PeerTimeout. Members that do not answer, or are down, are reported.
+func (p *procState) list(ctx context.Context) manager.ClusterList {
+	a := p.a
+	out := manager.ClusterList{Observer: a.id.Node, Procs: p.mgr.List()}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, m := range a.members.Members() {
+		if m.Name == a.id.Node || m.Status == membership.StatusLeft || m.Status == membership.StatusLeaving {
+			continue
+		}
+		if m.Status != membership.StatusAlive || m.FabricAddr == "" {
+			out.Unreachable = append(out.Unreachable, manager.NodeError{Node: m.Name, Error: "node is " + string(m.Status)})
+			continue
+		}
+		wg.Add(1)
+		go func(m membership.Member) {
+			defer wg.Done()
+			procs, err := p.fetchList(ctx, m)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				out.Unreachable = append(out.Unreachable, manager.NodeError{Node: m.Name, Error: err.Error()})
+				return
+			}
+			out.Procs = append(out.Procs, procs...)
+		}(m)
+	}
+	wg.Wait()
+	for _, pi := range out.Procs {
+		p.remember(pi.GID, pi.Node)
+	}
+	sort.Slice(out.Procs, func(i, j int) bool {
+		if !out.Procs[i].Started.Equal(out.Procs[j].Started) {
+			return out.Procs[i].Started.Before(out.Procs[j].Started)
+		}
+		return out.Procs[i].GID < out.Procs[j].GID
+	})
+	sort.Slice(out.Unreachable, func(i, j int) bool { return out.Unreachable[i].Node < out.Unreachable[j].Node })
+	return out
+}
+
+// fetchList asks one member for its own processes.
+func (p *procState) fetchList(ctx context.Context, m membership.Member) ([]manager.Info, error) {
+	var l manager.ClusterList
+	if err := p.peerCall(ctx, m, http.MethodGet, pathProcs+"?scope=node", &l); err != nil {
+		return nil, err
+	}
+	for i := range l.Procs {
+		l.Procs[i].Node = m.Name // the certificate's name, checked by peerCall
+	}
+	return l.Procs, nil
+}
+
+// peerCall makes one control-API request to a member over mutual TLS,
+// bounded by PeerTimeout, and checks the answer comes from that member.
+func (p *procState) peerCall(ctx context.Context, m membership.Member, method, path string, v any) error {
+	ctx, cancel := context.WithTimeout(ctx, p.a.cfg.PeerTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, "https://"+m.FabricAddr+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := p.a.peers.hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.TLS == nil || pki.PeerName(*resp.TLS) != m.Name {
+		return fmt.Errorf("the node at %s is not %s", m.FabricAddr, m.Name)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode/100 != 2 {
+		var eb api.ErrorBody
+		if json.Unmarshal(body, &eb) == nil && eb.Error != "" {
+			return &peerError{code: resp.StatusCode, msg: eb.Error}
+		}
+		return &peerError{code: resp.StatusCode, msg: fmt.Sprintf("HTTP %d", resp.StatusCode)}
+	}
+	return json.Unmarshal(body, v)
+}
+
+type peerError struct {
+	code int
+	msg  string
+}
+
+func (e *peerError) Error() string { return e.msg }
+
+// signal sends a signal to a process: here if it runs here, else on the
+// node that runs it (found by asking the members). local restricts the
+// search to this node (the form members use among themselves).
+func (p *procState) signal(ctx context.Context, gid, sigName string, local bool) (int, any) {
+	fail := func(code int, format string, args ...any) (int, any) {
+		return code, api.ErrorBody{Error: fmt.Sprintf(format, args...)}
+	}
+	if sigName == "" {
+		sigName = "TERM"
+	}
+	sig, err := manager.ParseSignal(sigName)
+	if err != nil {
+		return fail(http.StatusBadRequest, "%v", err)
+	}
+	if !manager.ValidGID(gid) {
+		return fail(http.StatusNotFound, "%q is not a process id (ids look like g0123456789ab: 'onebox ps' lists them)", gid)
+	}
+	self := p.a.id.Node
+	if _, ok := p.mgr.Get(gid); ok || local {
+		if err := p.mgr.Signal(gid, sig); err != nil {
+			if errors.Is(err, manager.ErrNotFound) {
+				return fail(http.StatusNotFound, "no process %s on node %s", gid, self)
+			}
+			return fail(http.StatusConflict, "%v", err)
+		}
+		return http.StatusOK, SignalResult{GID: gid, Node: self, Signal: manager.SignalName(sig)}
+	}
+	l := p.list(ctx)
+	for _, pi := range l.Procs {
+		if pi.GID != gid {
+			continue
+		}
+		m, ok := p.member(pi.Node)
+		if !ok {
+			return fail(http.StatusBadGateway, "process %s is on node %s, which is no longer a member", gid, pi.Node)
+		}
+		var res SignalResult
+		q := url.Values{"signal": {sigName}, "scope": {"node"}}
+		if err := p.peerCall(ctx, m, http.MethodPost, "/v1/procs/"+gid+"/signal?"+q.Encode(), &res); err != nil {
+			var pe *peerError
+			if errors.As(err, &pe) {
+				return fail(pe.code, "%s", pe.msg)
+			}
+			return fail(http.StatusBadGateway, "process %s is on node %s, which did not answer: %v", gid, pi.Node, err)
+		}
+		return http.StatusOK, res
+	}
+	if node, ok := p.lastSeen(gid); ok {
+		for _, u := range l.Unreachable {
+			if u.Node == node {
+				return fail(http.StatusBadGateway, "process %s was last seen on node %s, which cannot be reached (%s)", gid, node, u.Error)
+			}
+		}
+	}
+	if len(l.Unreachable) > 0 {
+		var names []string
+		for _, u := range l.Unreachable {
+			names = append(names, u.Node+" ("+u.Error+")")
+		}
+		return fail(http.StatusNotFound, "no process %s on the nodes that answered; not asked: %v ('onebox ps' lists the ids)", gid, names)
+	}
+	return fail(http.StatusNotFound, "no process %s in the cluster ('onebox ps' lists the ids)", gid)
+}
+
+func (p *procState) member(name string) (membership.Member, bool) {
+	for _, m := range p.a.members.Members() {
+		if m.Name == name {
+			return m, true
+		}
+	}
+	return membership.Member{}, false
+}
+
+// serveUpgrade takes over an HTTP connection from the CLI (Upgrade:
+// onebox-proc/1) and runs the stream on it.
+func (p *procState) serveUpgrade(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Upgrade") != stream.Upgrade {
+		replyJSON(w, http.StatusBadRequest, api.ErrorBody{Error: "this endpoint needs 'Connection: Upgrade' and 'Upgrade: " + stream.Upgrade + "'"})
+		return
+	}
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		replyJSON(w, http.StatusInternalServerError, api.ErrorBody{Error: "cannot take over the connection: " + err.Error()})
+		return
+	}
+	if !p.track(conn, false) {
+		return
+	}
+	defer p.untrack(conn)
+	_ = conn.SetDeadline(time.Time{})
+	_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + stream.Upgrade + "\r\n\r\n")
+	if err := brw.Flush(); err != nil {
+		return
+	}
+	sc := stream.NewConn(conn, brw.Reader)
+	spec, err := readStart(conn, sc)
+	if err != nil {
+		_ = sc.WriteError(err)
+		return
+	}
+	spec.Home = p.a.id.Node
+	target, err := p.pickNode(r.Context(), spec)
+	if err != nil {
+		_ = sc.WriteError(err)
+		return
+	}
+	if target.Name == p.a.id.Node {
+		p.runHere(sc, spec)
+		return
+	}
+	p.relay(sc, spec, target)
+}
+
+// serveFabric serves a stream from another agent (ALPN stream.ALPN; the
+// mux already checked the client's cluster certificate).
+func (p *procState) serveFabric(c net.Conn) {
+	if !p.track(c, false) {
+		return
+	}
+	defer p.untrack(c)
+	sc := stream.NewConn(c, nil)
+	spec, err := readStart(c, sc)
+	if err != nil {
+		_ = sc.WriteError(err)
+		return
+	}
+	if spec.Home == "" {
+		if tc, ok := c.(*tls.Conn); ok {
+			spec.Home = pki.PeerName(tc.ConnectionState())
+		}
+	}
+	p.runHere(sc, spec)
+}
+
+// readStart reads and checks the Start frame, bounded by startFrameTimeout.
+func readStart(c interface{ SetReadDeadline(time.Time) error }, sc *stream.Conn) (stream.Spec, error) {
+	var spec stream.Spec
+	_ = c.SetReadDeadline(time.Now().Add(startFrameTimeout))
+	f, err := sc.Read()
+	_ = c.SetReadDeadline(time.Time{})
+	if err != nil {
+		return spec, fmt.Errorf("read start frame: %w", err)
+	}
+	if f.Type != stream.Start {
+		return spec, fmt.Errorf("expected a start frame, got %s", f.Type)
+	}
+	dec := json.NewDecoder(bytes.NewReader(f.Payload))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&spec); err != nil {
+		return spec, fmt.Errorf("bad start frame: %w", err)
+	}
+	return spec, spec.Validate()
+}
+
+// pickNode chooses where to run: --node, --best, or here.
+func (p *procState) pickNode(ctx context.Context, spec stream.Spec) (membership.Member, error) {
+	self := membership.Member{Name: p.a.id.Node}
+	switch {
+	case spec.Best:
+		ctx, cancel := context.WithTimeout(ctx, 2*p.a.cfg.PeerTimeout)
+		defer cancel()
+		nr := p.a.Nodes(ctx)
+		best, bestScore := "", 0.0
+		for _, n := range nr.Nodes {
+			if n.Status != membership.StatusAlive || n.Info == nil || n.Stale || n.Info.Resources.CPUs <= 0 {
+				continue
+			}
+			score := n.Info.Resources.Load1 / float64(n.Info.Resources.CPUs)
+			if best == "" || score < bestScore {
+				best, bestScore = n.Name, score
+			}
+		}
+		if best == "" {
+			return self, errors.New("no alive node answered: cannot choose the best one")
+		}
+		if best == self.Name {
+			return self, nil
+		}
+		m, _ := p.member(best)
+		return m, nil
+	case spec.Node == "" || spec.Node == self.Name:
+		return self, nil
+	}
+	m, ok := p.member(spec.Node)
+	if !ok {
+		return m, fmt.Errorf("no node %q in the cluster ('onebox nodes' lists them)", spec.Node)
+	}
+	if m.Status != membership.StatusAlive {
+		return m, fmt.Errorf("node %s is %s: cannot run there ('onebox nodes' shows which nodes are alive)", m.Name, m.Status)
+	}
+	return m, nil
+}
+
+// runHere starts the program on this node and streams its stdio on sc
+// until it ends (attached), or answers with its id (detached).
+func (p *procState) runHere(sc *stream.Conn, spec stream.Spec) {
+	pr, stdio, err := p.mgr.Start(manager.StartOptions{Argv: spec.Argv, Env: spec.Env, Dir: spec.Dir, Home: spec.Home, Detach: spec.Detach})
+	if err != nil {
+		_ = sc.WriteError(fmt.Errorf("node %s: %w", p.a.id.Node, err))
+		return
+	}
+	p.remember(pr.GID, p.a.id.Node)
+	if err := sc.WriteJSON(stream.Started, stream.StartedInfo{GID: pr.GID, Node: p.a.id.Node, PID: pr.PID, Log: pr.Log}); err != nil {
+		if !spec.Detach {
+			_ = p.mgr.SignalProc(pr, syscall.SIGHUP)
+			stdio.Stdin.Close()
+			stdio.Stdout.Close()
+			stdio.Stderr.Close()
+		}
+		return
+	}
+	if spec.Detach {
+		return
+	}
+	log := p.a.log.With("gid", pr.GID)
+	quit := make(chan struct{}) // closed when runHere returns
+	defer close(quit)
+	ended := make(chan struct{}) // closed when the program has ended
+
+	// Output: stdout and stderr into frames until EOF.
+	var pumps sync.WaitGroup
+	pump := func(r io.ReadCloser, t stream.Type) {
+		defer pumps.Done()
+		_, _ = io.Copy(stream.ChunkWriter{C: sc, T: t}, r)
+		r.Close()
+	}
+	pumps.Add(2)
+	go pump(stdio.Stdout, stream.Stdout)
+	go pump(stdio.Stderr, stream.Stderr)
+
+	// Input: a writer goroutine, so a program that does not read its
+	// stdin cannot block the reading of signal frames until the queue
+	// (64 frames) is full.
+	stdinq := make(chan []byte, 64)
+	go func() {
+		defer stdio.Stdin.Close()
+		broken := false
+		for {
+			select {
+			case b, ok := <-stdinq:
+				if !ok {
+					return
+				}
+				if broken {
+					continue
+				}
+				if _, err := stdio.Stdin.Write(b); err != nil {
+					// The program closed its stdin: drop the rest, as a
+					// pipe would, but keep taking it so the reader of
+					// signal frames never blocks.
+					broken = true
+					stdio.Stdin.Close()
+				}
+			case <-ended:
+				return
+			case <-quit:
+				return
+			}
+		}
+	}()
+	// The reader runs until the caller closes the connection: after the
+	// program ended it still takes (and drops) what the caller sends, so
+	// the connection is never closed with unread data (a TCP reset could
+	// destroy the Exit frame in flight).
+	readerr := make(chan error, 1)
+	go func() {
+		eof := false
+		for {
+			f, err := sc.Read()
+			if err != nil {
+				readerr <- err
+				return
+			}
+			switch f.Type {
+			case stream.Stdin:
+				if eof {
+					readerr <- errors.New("stdin data after stdin-eof")
+					return
+				}
+				select {
+				case stdinq <- f.Payload:
+				case <-ended:
+				case <-quit:
+				}
+			case stream.StdinEOF:
+				if !eof {
+					eof = true
+					close(stdinq)
+				}
+			case stream.Signal:
+				if err := p.mgr.SignalProc(pr, syscall.Signal(f.Payload[0])); err != nil {
+					log.Debug("forward signal", "err", err)
+				}
+			default:
+				readerr <- fmt.Errorf("unexpected %s frame from the caller", f.Type)
+				return
+			}
+		}
+	}()
+
+	select {
+	case <-pr.Done():
+	case err := <-readerr:
+		// The caller hung up (or spoke nonsense): a terminal hangup.
+		log.Info("caller gone: SIGHUP to the program", "err", err)
+		_ = p.mgr.SignalProc(pr, syscall.SIGHUP)
+		stdio.Stdin.Close()
+		stdio.Stdout.Close()
+		stdio.Stderr.Close()
+		return
+	case <-p.ctx.Done():
+		_ = sc.WriteError(errors.New("the agent is shutting down"))
+		return
+	}
+	close(ended)
+	// The program ended: send what is left of its output, then its status.
+	drained := make(chan struct{})
+	go func() { pumps.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(drainTimeout):
+		log.Info("output still open after the program ended (a background process holds it): closing it")
+		stdio.Stdout.Close()
+		stdio.Stderr.Close()
+		<-drained
+	}
+	stdio.Stdin.Close()
+	st := p.mgr.Status(pr)
+	if sc.Write(stream.Exit, stream.EncodeExit(stream.ExitStatus{Code: st.Code, Signal: st.Signal})) != nil {
+		return
+	}
+	// Linger until the caller, having read Exit, closes (bounded).
+	select {
+	case <-readerr:
+	case <-time.After(drainTimeout):
+	case <-p.ctx.Done():
+	}
+}
+
+// relay runs the program on another node: it dials that node's agent on
+// the fabric port and passes frames both ways until the program ends or
+// either side goes away.
+func (p *procState) relay(sc *stream.Conn, spec stream.Spec, target membership.Member) {
+	rc, err := p.dial(target)
+	if err != nil {
+		_ = sc.WriteError(fmt.Errorf("cannot reach node %s: %w", target.Name, err))
+		return
+	}
+	if !p.track(rc, true) {
+		return
+	}
+	defer p.untrack(rc)
+	remote := stream.NewConn(rc, nil)
+	if err := remote.WriteJSON(stream.Start, spec); err != nil {
+		_ = sc.WriteError(fmt.Errorf("node %s: %w", target.Name, err))
+		return
+	}
+	_ = rc.SetReadDeadline(time.Now().Add(startedTimeout))
+	f, err := remote.Read()
+	_ = rc.SetReadDeadline(time.Time{})
+	switch {
+	case err != nil:
+		_ = sc.WriteError(fmt.Errorf("node %s did not start the program: %w", target.Name, err))
+		return
+	case f.Type == stream.Error:
+		_ = sc.Write(stream.Error, f.Payload)
+		return
+	case f.Type != stream.Started:
+		_ = sc.WriteError(fmt.Errorf("node %s answered %s instead of started", target.Name, f.Type))
+		return
+	}
+	var si stream.StartedInfo
+	if json.Unmarshal(f.Payload, &si) == nil {
+		p.remember(si.GID, target.Name)
+	}
+	if err := sc.Write(stream.Started, f.Payload); err != nil || spec.Detach {
+		return
+	}
+	// Caller → runner. When the caller goes, closing rc tells the runner
+	// (which sends SIGHUP).
+	// After a failed write to the runner it keeps reading (and dropping):
+	// the runner's last frames may still be on their way, and closing rc
+	// now would lose them.
+	upDone := make(chan struct{})
+	go func() {
+		defer close(upDone)
+		defer rc.Close()
+		forward := true
+		for {
+			f, err := sc.Read()
+			if err != nil {
+				return
+			}
+			switch f.Type {
+			case stream.Stdin, stream.StdinEOF, stream.Signal:
+			default:
+				return
+			}
+			if forward && remote.Write(f.Type, f.Payload) != nil {
+				forward = false
+			}
+		}
+	}()
+	// Runner → caller, until Exit or Error.
+	for {
+		f, err := remote.Read()
+		if err != nil {
+			if p.closing() {
+				err = fmt.Errorf("the agent of node %s is shutting down: the program on %s gets SIGHUP", p.a.id.Node, target.Name)
+			} else {
+				err = fmt.Errorf("lost the connection to node %s, where the program runs: %w", target.Name, err)
+			}
+			_ = sc.WriteError(err)
+			break
+		}
+		if f.Type != stream.Stdout && f.Type != stream.Stderr && f.Type != stream.Exit && f.Type != stream.Error {
+			_ = sc.WriteError(fmt.Errorf("node %s sent an unexpected %s frame", target.Name, f.Type))
+			break
+		}
+		if sc.Write(f.Type, f.Payload) != nil || f.Type == stream.Exit || f.Type == stream.Error {
+			break
+		}
+	}
+	rc.Close()
+	// Linger until the caller, having read the last frame, closes
+	// (bounded), then end the reader above.
+	select {
+	case <-upDone:
+	case <-time.After(drainTimeout):
+	case <-p.ctx.Done():
+	}
+	sc.Close()
+	<-upDone
+}
+
+// dial opens a stream connection to a member's agent: mutual TLS, ALPN
+// stream.ALPN, the peer's certificate must name the member. TCP keepalive
+// notices a node that vanished while a program streams.
+func (p *procState) dial(m membership.Member) (net.Conn, error) {
+	if m.FabricAddr == "" {
+		return nil, errors.New("no fabric address known")
+	}
+	cfg := p.a.id.ClientTLS()
+	cfg.NextProtos = []string{stream.ALPN}
+	d := tls.Dialer{
+		NetDialer: &net.Dialer{Timeout: p.a.cfg.PeerTimeout,
+			KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 5 * time.Second, Interval: 5 * time.Second, Count: 3}},
+		Config: cfg,
+	}
+	ctx, cancel := context.WithTimeout(p.ctx, 2*p.a.cfg.PeerTimeout)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", m.FabricAddr)
+	if err != nil {
+		return nil, err
+	}
+	cs := c.(*tls.Conn).ConnectionState()
+	if cs.NegotiatedProtocol != stream.ALPN {
+		c.Close()
+		return nil, errors.New("its agent does not serve processes (an older onebox?)")
+	}
+	if got := pki.PeerName(cs); got != m.Name {
+		c.Close()
+		return nil, fmt.Errorf("the node at %s is %q, not %s", m.FabricAddr, got, m.Name)
+	}
+	return c, nil
+}

@@ -269,6 +269,9 @@ func ParseKeyPEM(b []byte) (crypto.Signer, error) {
 const (
 	ProtoJoin    = "onebox-join/1"
 	ProtoControl = "http/1.1"
+	// ProtoProc carries a process's stdio and signals between agents
+	// (proc/stream); members only, like the control API.
+	ProtoProc = "onebox-proc/1"
 )
 
 // ServerTLS is the fabric port's TLS configuration. A client that offers
@@ -289,7 +292,7 @@ func ServerTLS(node tls.Certificate, ca *x509.Certificate) *tls.Config {
 	join.NextProtos = []string{ProtoJoin}
 	member := base.Clone()
 	member.ClientAuth = tls.RequireAndVerifyClientCert
-	member.NextProtos = []string{ProtoControl}
+	member.NextProtos = []string{ProtoControl, ProtoProc}
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{node},

@@ -43,6 +43,9 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		return ExitOK
 	}
+	if ec := (ExitCodeError{}); errors.As(err, &ec) {
+		return ec.Code // a program's status, passed through by 'onebox run'
+	}
 	fmt.Fprintf(stderr, "onebox: %v\n", err)
 	var ue usageError
 	// cobra reports an unknown verb before any of our code runs.
