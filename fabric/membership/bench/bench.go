@@ -13,8 +13,9 @@
 //     until the first remaining member sees it suspect or failed
 //     (FailFirst) and until every remaining member reports it failed
 //     (FailAll);
-//   - leave: has another member Leave and measures until every remaining
-//     member reports it left;
+//   - leave: has another member Leave and then Shutdown (as an agent
+//     does) and measures from the Leave call until every remaining member
+//     reports it left;
 //
 // then shuts everything down and waits for the goroutines and sockets to go
 // away before the next size. Views are polled every 20 ms, so figures are
@@ -449,9 +450,18 @@ func runSize(ctx context.Context, n int, progress io.Writer) (res Result, err er
 	start = time.Now()
 	// Leave blocks until the intent is broadcast and then sleeps serf's
 	// LeavePropagateDelay (1 s); others see it meanwhile, so poll while it
-	// runs.
+	// runs. Then the leaver stops, as an agent does (Close: Leave, then
+	// Shutdown): a left member that keeps running still answers probes, so
+	// a member that missed the leave broadcast could not fail it and would
+	// list it as leaving until a push/pull, or for ever.
 	left := make(chan error, 1)
-	go func() { left <- leaver.m.Leave() }()
+	go func() {
+		err := leaver.m.Leave()
+		if serr := leaver.m.Shutdown(); err == nil {
+			err = serr
+		}
+		left <- err
+	}()
 	res.Leave, ok, err = c.waitAll(ctx, PhaseLeave, logf, start, rest, func(ms []membership.Member) bool { return statusOf(ms, leaver.name) == membership.StatusLeft })
 	if err != nil {
 		return res, err
@@ -462,13 +472,14 @@ func runSize(ctx context.Context, n int, progress io.Writer) (res Result, err er
 	logf("leave: %v", show(res.Leave, ok))
 	select {
 	case lerr := <-left:
+		leaver.down = true
 		if lerr != nil {
 			logf("leave of %s: %v", leaver.name, lerr)
 		}
 	case <-time.After(shutdownTimeout):
+		// The deferred shutdown stops it with the rest.
 		logf("leave of %s still running after %v", leaver.name, shutdownTimeout)
 	}
-	// The deferred shutdown stops the leaver with the rest.
 	return res, nil
 }
 
