@@ -64,6 +64,7 @@ type Agent struct {
 	metrics *metrics
 
 	proc       *procState
+	cfs        *cfsState
 	lock       *os.File // flock on DATA_DIR/lock: one agent per data directory
 	mux        *transport.Mux
 	controlLn  net.Listener // the mux's control-protocol connections

@@ -41,6 +41,7 @@ type Config struct {
 	NoDiscover    bool         `json:"no_discover"`  // disable LAN auto-discovery (mDNS)
 	DonateMemory  ByteSize     `json:"donate_memory"`
 	Exports       []api.Export `json:"exports"`
+	Mount         string       `json:"mount"` // where to mount the cluster filesystem (PATH/<node>/<export>/...); empty: not mounted
 	// ReconnectInterval is how often failed members are retried, so a
 	// healed partition merges back. Default 5s.
 	// (Flags only, like PeerTimeout: JSON has no duration type.)
@@ -142,6 +143,9 @@ func (c *Config) Validate() error {
 		if st, err := os.Stat(e.Path); err != nil || !st.IsDir() {
 			errs = append(errs, fmt.Errorf("export %s=%s: not a directory", e.Name, e.Path))
 		}
+	}
+	if c.Mount != "" && !filepath.IsAbs(c.Mount) {
+		errs = append(errs, fmt.Errorf("mount point %q must be an absolute path", c.Mount))
 	}
 	if c.ReconnectInterval == 0 {
 		c.ReconnectInterval = 5 * time.Second

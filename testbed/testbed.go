@@ -98,7 +98,7 @@ type Cluster struct {
 // Start creates the cluster: the first node runs 'onebox init', the others
 // join it with the token, and Start returns once every node sees all nodes
 // alive. On error everything created is removed.
-func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
+func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if opts.Nodes == 0 {
 		opts.Nodes = 3
 	}
@@ -119,7 +119,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 			return nil, fmt.Errorf("testbed: %w", err)
 		}
 	}
-	c = &Cluster{opts: opts, Dir: opts.Dir}
+	c := &Cluster{opts: opts, Dir: opts.Dir}
 	if c.Dir == "" {
 		// Short: unix socket paths must stay under 108 bytes.
 		if c.Dir, err = os.MkdirTemp("", "obx"); err != nil {
@@ -263,6 +263,9 @@ func (c *Cluster) AgentArgs(n *Node) []string {
 		// time, and keeps them across restarts as a real agent would. On
 		// a netns host the default ports are the host's own.
 		args = append(args, "--gossip-port", portOf(n.Ready.GossipAddr), "--fabric-port", portOf(n.Ready.FabricAddr))
+	}
+	if _, err := os.Stat("/dev/fuse"); err == nil && os.Geteuid() == 0 {
+		args = append(args, "--mount", filepath.Join(n.DataDir, "mnt")) // the cluster filesystem
 	}
 	if !c.opts.Discover {
 		args = append(args, "--no-discover")

@@ -292,7 +292,7 @@ func ServerTLS(node tls.Certificate, ca *x509.Certificate) *tls.Config {
 	join.NextProtos = []string{ProtoJoin}
 	member := base.Clone()
 	member.ClientAuth = tls.RequireAndVerifyClientCert
-	member.NextProtos = []string{ProtoControl, ProtoProc}
+	member.NextProtos = []string{ProtoControl, ProtoProc, "onebox-fs/1" /* cfs/proto.ALPN */}
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{node},

@@ -118,6 +118,7 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 			set("donate-memory", func() { final.DonateMemory = cfg.DonateMemory })
 			set("reconnect-interval", func() { final.ReconnectInterval = cfg.ReconnectInterval })
 			set("peer-timeout", func() { final.PeerTimeout = cfg.PeerTimeout })
+			set("mount", func() { final.Mount = cfg.Mount })
 			if final.Token == "" && tokenFile != "" {
 				b, err := os.ReadFile(tokenFile)
 				if err != nil {
@@ -173,6 +174,7 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 	f.BoolVar(&cfg.NoDiscover, "no-discover", false, "do not announce or look for the cluster on the LAN (mDNS)")
 	f.Var(&cfg.DonateMemory, "donate-memory", "memory this node donates to the cluster pool, e.g. 2GiB")
 	f.StringArrayVar(&exports, "export", nil, "export a directory to the cluster: NAME=PATH[:ro] (repeatable)")
+	f.StringVar(&cfg.Mount, "mount", "", "mount the cluster filesystem here (PATH/NODE/EXPORT/...; needs root and /dev/fuse); default: not mounted")
 	f.DurationVar(&cfg.ReconnectInterval, "reconnect-interval", 5*time.Second, "how often to retry failed members")
 	f.DurationVar(&cfg.PeerTimeout, "peer-timeout", 2*time.Second, "bound on each request to another member")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

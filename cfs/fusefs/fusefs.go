@@ -1,0 +1,646 @@
+// Package fusefs mounts the cluster filesystem namespace with FUSE
+// (go-fuse): MOUNT/<node>/<export>/... is the exported tree of that node,
+// reached over the fabric with the onebox-fs/1 protocol (cfs/client).
+//
+// Caching: entries and attributes are cached by the kernel for CacheTimeout
+// (1 s), failed lookups not at all, and file data only while a file is open
+// (the page cache is dropped at every open). So a change made on one node
+// is seen by another within 1 s, and always by a program that opens the
+// file after the change was closed (close-to-open consistency, like NFS).
+// Concurrent writers on two nodes to one file are not coordinated: each
+// write reaches the owning node whole, in the order it arrives.
+//
+// Failure: every request is bounded (client.DefaultTimeout); a node that
+// is down or unreachable makes operations on its subtree fail with
+// ENOTCONN (or EIO after a timeout), never hang, and its subtree works
+// again as soon as the node answers. Files open across a broken
+// connection fail with EIO until reopened.
+package fusefs
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"github.com/onebox-project/onebox/cfs/client"
+	"github.com/onebox-project/onebox/cfs/proto"
+)
+
+// CacheTimeout is how long the kernel may cache entries and attributes.
+const CacheTimeout = time.Second
+
+// Options configure a mount.
+type Options struct {
+	Mountpoint string
+	// Nodes lists the names of the nodes to show (every known member that
+	// has not left, this one included).
+	Nodes func() []string
+	// Client returns the protocol client of a node, or nil if the node is
+	// unknown.
+	Client func(node string) *client.Client
+	Logger *slog.Logger
+	// Executable, if set, is the onebox binary, run as the unmount
+	// watchdog (WatchdogCommand) so that a killed agent leaves no dead
+	// mount behind.
+	Executable string
+}
+
+// Mount is a mounted namespace.
+type Mount struct {
+	opts     Options
+	server   *fuse.Server
+	watchdog *watchdog
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New mounts the namespace at opts.Mountpoint (created if missing). A
+// stale mount left there by a killed agent (ENOTCONN) is detached first.
+func New(opts Options) (*Mount, error) {
+	if err := PrepareMountpoint(opts.Mountpoint); err != nil {
+		return nil, err
+	}
+	// The mount table names the real path; the watchdog looks it up there.
+	opts.Mountpoint = realPath(opts.Mountpoint)
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	root := &rootNode{opts: &opts}
+	ttl := CacheTimeout
+	neg := time.Duration(0)
+	fo := &fs.Options{
+		EntryTimeout: &ttl, AttrTimeout: &ttl, NegativeTimeout: &neg,
+		MountOptions: fuse.MountOptions{
+			FsName: "onebox", Name: "onebox",
+			DirectMount: true, DirectMountStrict: true,
+			AllowOther:   true,
+			MaxWrite:     proto.MaxIO,
+			MaxReadAhead: proto.MaxIO,
+			// Readdir returns names and types; attributes come with each
+			// lookup, so plain readdir costs one round trip per batch.
+			DisableReadDirPlus: true,
+			DisableXAttrs:      true,
+			Options:            []string{"default_permissions"},
+		},
+	}
+	srv, err := fs.Mount(opts.Mountpoint, root, fo)
+	if err != nil {
+		return nil, fmt.Errorf("cfs: mount %s: %w", opts.Mountpoint, err)
+	}
+	m := &Mount{opts: opts, server: srv}
+	if err := setReadahead(opts.Mountpoint, ReadaheadKiB); err != nil {
+		opts.Logger.Debug("cfs: readahead not raised", "err", err)
+	}
+	if opts.Executable != "" {
+		if m.watchdog, err = startWatchdog(opts.Executable, opts.Mountpoint); err != nil {
+			opts.Logger.Warn("no unmount watchdog: a killed agent will leave a dead mount (the next start removes it)", "err", err)
+		}
+	}
+	return m, nil
+}
+
+// Close unmounts; if the mount is busy it is detached lazily (it goes away
+// when the last file in it is closed).
+func (m *Mount) Close() error {
+	if m == nil || m.server == nil {
+		return nil
+	}
+	m.closeOnce.Do(func() { m.closeErr = m.unmount() })
+	return m.closeErr
+}
+
+func (m *Mount) unmount() error {
+	if m.watchdog != nil {
+		defer m.watchdog.stop()
+	}
+	done := make(chan error, 1)
+	go func() { done <- m.server.Unmount() }()
+	select {
+	case err := <-done:
+		if err == nil {
+			return nil
+		}
+	case <-time.After(2 * time.Second):
+	}
+	if err := unix.Unmount(m.opts.Mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+		return fmt.Errorf("cfs: unmount %s: %w", m.opts.Mountpoint, err)
+	}
+	return nil
+}
+
+// ReadaheadKiB is the kernel's readahead window for the mount. FUSE's
+// default (128 KiB) lets one request be in flight per sequential reader,
+// so every read waits a full round trip to the owning node; 8 MiB keeps
+// several 1 MiB reads in flight (about twice the throughput on loopback).
+const ReadaheadKiB = 8192
+
+// setReadahead sets the readahead of the mount's backing device info.
+func setReadahead(mountpoint string, kib int) error {
+	var st unix.Stat_t
+	if err := unix.Stat(mountpoint, &st); err != nil {
+		return err
+	}
+	p := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
+	return os.WriteFile(p, []byte(strconv.Itoa(kib)), 0o644)
+}
+
+// PrepareMountpoint creates dir if needed and detaches a dead FUSE mount
+// found there (a killed agent's: every access fails with ENOTCONN). A live
+// onebox mount there is an error: another agent serves it.
+func PrepareMountpoint(dir string) error {
+	real := realPath(dir)
+	for range 8 { // dead mounts may be stacked
+		_, onebox := mountID(real)
+		err := probe(dir)
+		dead := errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECONNABORTED)
+		if !dead && onebox && err == nil {
+			return fmt.Errorf("cfs: %s is already mounted by a running onebox agent: use another --mount", dir)
+		}
+		if !dead {
+			break
+		}
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+			return fmt.Errorf("cfs: detach stale mount %s: %w", dir, err)
+		}
+	}
+	_, err := os.Stat(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		err = os.MkdirAll(dir, 0o755)
+	}
+	if err != nil {
+		return fmt.Errorf("cfs: mount point: %w", err)
+	}
+	return nil
+}
+
+// probe reads the directory: unlike stat, which the kernel may answer from
+// its attribute cache, opening a FUSE directory always reaches its server.
+func probe(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = f.Readdirnames(1)
+	if err == io.EOF {
+		err = nil
+	}
+	return err
+}
+
+// realPath resolves symlinks in dir's parent (not in dir itself, which
+// may be a dead mount), as the mount table names it.
+func realPath(dir string) string {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return dir
+	}
+	parent, err := filepath.EvalSymlinks(filepath.Dir(abs))
+	if err != nil {
+		return abs
+	}
+	return filepath.Join(parent, filepath.Base(abs))
+}
+
+// rootNode lists the nodes.
+type rootNode struct {
+	fs.Inode
+	opts *Options
+}
+
+var (
+	_ fs.NodeReaddirer = (*rootNode)(nil)
+	_ fs.NodeLookuper  = (*rootNode)(nil)
+	_ fs.NodeGetattrer = (*rootNode)(nil)
+	_ fs.NodeStatfser  = (*rootNode)(nil)
+)
+
+func (r *rootNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	dirAttr(&out.Attr)
+	return 0
+}
+
+// started dates the synthetic directories (the root and the node
+// directories).
+var started = time.Now()
+
+func dirAttr(a *fuse.Attr) {
+	a.Mode = syscall.S_IFDIR | 0o755
+	a.Nlink = 2
+	t := started
+	a.SetTimes(&t, &t, &t)
+}
+
+func (r *rootNode) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	out.NameLen = proto.MaxName
+	out.Bsize = 4096
+	return 0
+}
+
+func (r *rootNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	es := dots()
+	for _, n := range r.opts.Nodes() {
+		es = append(es, fuse.DirEntry{Name: n, Mode: syscall.S_IFDIR})
+	}
+	return fs.NewListDirStream(es), 0
+}
+
+func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	c := r.opts.Client(name)
+	if c == nil {
+		return nil, syscall.ENOENT
+	}
+	dirAttr(&out.Attr)
+	return r.NewInode(ctx, &nodeDir{name: name, c: c}, fs.StableAttr{Mode: syscall.S_IFDIR}), 0
+}
+
+// nodeDir lists a node's exports.
+type nodeDir struct {
+	fs.Inode
+	name string
+	c    *client.Client
+}
+
+var (
+	_ fs.NodeReaddirer = (*nodeDir)(nil)
+	_ fs.NodeLookuper  = (*nodeDir)(nil)
+	_ fs.NodeGetattrer = (*nodeDir)(nil)
+)
+
+func (d *nodeDir) exports(ctx context.Context) ([]proto.ExportInfo, syscall.Errno) {
+	var l proto.ExportList
+	if _, errno := d.c.Call(ctx, proto.OpExports, &proto.Empty{}, &l); errno != 0 {
+		return nil, errno
+	}
+	return l.Exports, 0
+}
+
+func (d *nodeDir) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	dirAttr(&out.Attr)
+	return 0
+}
+
+func (d *nodeDir) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	xs, errno := d.exports(ctx)
+	if errno != 0 {
+		return nil, errno
+	}
+	es := dots()
+	for _, x := range xs {
+		es = append(es, fuse.DirEntry{Name: x.Name, Mode: syscall.S_IFDIR})
+	}
+	return fs.NewListDirStream(es), 0
+}
+
+func (d *nodeDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	var a proto.Attr
+	if _, errno := d.c.Call(ctx, proto.OpGetattr, &proto.PathReq{Export: name}, &a); errno != 0 {
+		return nil, errno
+	}
+	fillAttr(&out.Attr, &a)
+	return d.NewInode(ctx, &entry{c: d.c, node: d.name, export: name}, stable(d.name, name, &a)), 0
+}
+
+// entry is a file or directory inside an export. Its path is not stored:
+// it is computed from the inode tree, which go-fuse keeps right across
+// renames.
+type entry struct {
+	fs.Inode
+	c      *client.Client
+	node   string
+	export string
+}
+
+var (
+	_ fs.NodeLookuper  = (*entry)(nil)
+	_ fs.NodeGetattrer = (*entry)(nil)
+	_ fs.NodeSetattrer = (*entry)(nil)
+	_ fs.NodeReaddirer = (*entry)(nil)
+	_ fs.NodeOpener    = (*entry)(nil)
+	_ fs.NodeCreater   = (*entry)(nil)
+	_ fs.NodeMkdirer   = (*entry)(nil)
+	_ fs.NodeUnlinker  = (*entry)(nil)
+	_ fs.NodeRmdirer   = (*entry)(nil)
+	_ fs.NodeRenamer   = (*entry)(nil)
+	_ fs.NodeStatfser  = (*entry)(nil)
+	_ fs.NodeFsyncer   = (*entry)(nil)
+)
+
+// path is the entry's path relative to its export.
+func (e *entry) path() string {
+	p := e.Path(nil) // node/export/rel...
+	parts := strings.SplitN(p, "/", 3)
+	if len(parts) < 3 {
+		return ""
+	}
+	return parts[2]
+}
+
+func join(dir, name string) string {
+	if dir == "" {
+		return name
+	}
+	return dir + "/" + name
+}
+
+func (e *entry) newChild(ctx context.Context, a *proto.Attr, out *fuse.EntryOut) *fs.Inode {
+	fillAttr(&out.Attr, a)
+	return e.NewInode(ctx, &entry{c: e.c, node: e.node, export: e.export}, stable(e.node, e.export, a))
+}
+
+// stable identifies a file by where it lives: node, export, and its
+// st_dev and st_ino there. A file keeps its inode number through the
+// mount (programs such as cp -a and fts compare them across calls), and
+// go-fuse reuses the Inode of a file looked up again, including under a
+// new name after a rename elsewhere (the newest name is its path).
+// Numbers are hashes below 2^63; go-fuse's automatic ones, used for the
+// root and node directories, are above.
+func stable(node, export string, a *proto.Attr) fs.StableAttr {
+	return fs.StableAttr{Mode: a.Mode & syscall.S_IFMT, Ino: inoOf(node, export, a.Dev, a.Ino)}
+}
+
+func inoOf(node, export string, dev, ino uint64) uint64 {
+	h := fnv.New64a()
+	h.Write([]byte(node))
+	h.Write([]byte{0})
+	h.Write([]byte(export))
+	var b [16]byte
+	binary.LittleEndian.PutUint64(b[:], dev)
+	binary.LittleEndian.PutUint64(b[8:], ino)
+	h.Write(b[:])
+	v := h.Sum64() &^ (1 << 63)
+	if v <= 1 { // 0: "pick one", 1: the root
+		v += 2
+	}
+	return v
+}
+
+func (e *entry) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	var a proto.Attr
+	if _, errno := e.c.Call(ctx, proto.OpGetattr, &proto.PathReq{Export: e.export, Path: join(e.path(), name)}, &a); errno != 0 {
+		return nil, errno
+	}
+	return e.newChild(ctx, &a, out), 0
+}
+
+func (e *entry) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	var a proto.Attr
+	var errno syscall.Errno
+	if fh, ok := f.(*fileHandle); ok {
+		errno = e.c.CallOn(ctx, fh.gen, proto.OpFstat, &proto.HandleReq{Handle: fh.h}, &a)
+	} else {
+		_, errno = e.c.Call(ctx, proto.OpGetattr, &proto.PathReq{Export: e.export, Path: e.path()}, &a)
+	}
+	if errno != 0 {
+		return errno
+	}
+	fillAttr(&out.Attr, &a)
+	return 0
+}
+
+func (e *entry) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	r := proto.SetattrReq{Export: e.export, Path: e.path(), UID: ^uint32(0), GID: ^uint32(0)}
+	var gen uint64
+	if fh, ok := f.(*fileHandle); ok {
+		r.Handle, gen = fh.h, fh.gen
+	}
+	if m, ok := in.GetMode(); ok {
+		r.Valid |= proto.SetMode
+		r.Mode = m & 0o7777
+	}
+	if u, ok := in.GetUID(); ok {
+		r.Valid |= proto.SetOwner
+		r.UID = u
+	}
+	if g, ok := in.GetGID(); ok {
+		r.Valid |= proto.SetOwner
+		r.GID = g
+	}
+	if s, ok := in.GetSize(); ok {
+		r.Valid |= proto.SetSize
+		r.Size = s
+	}
+	if in.Valid&fuse.FATTR_ATIME_NOW != 0 {
+		r.Valid |= proto.SetAtimeNow
+	} else if in.Valid&fuse.FATTR_ATIME != 0 {
+		r.Valid |= proto.SetAtime
+		r.Atime = proto.Timespec{Sec: int64(in.Atime), Nsec: in.Atimensec}
+	}
+	if in.Valid&fuse.FATTR_MTIME_NOW != 0 {
+		r.Valid |= proto.SetMtimeNow
+	} else if in.Valid&fuse.FATTR_MTIME != 0 {
+		r.Valid |= proto.SetMtime
+		r.Mtime = proto.Timespec{Sec: int64(in.Mtime), Nsec: in.Mtimensec}
+	}
+	var a proto.Attr
+	var errno syscall.Errno
+	if gen != 0 {
+		errno = e.c.CallOn(ctx, gen, proto.OpSetattr, &r, &a)
+	} else {
+		_, errno = e.c.Call(ctx, proto.OpSetattr, &r, &a)
+	}
+	if errno != 0 {
+		return errno
+	}
+	fillAttr(&out.Attr, &a)
+	return 0
+}
+
+func (e *entry) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	var hr proto.HandleReply
+	gen, errno := e.c.Call(ctx, proto.OpOpendir, &proto.PathReq{Export: e.export, Path: e.path()}, &hr)
+	if errno != 0 {
+		return nil, errno
+	}
+	defer e.c.CallOn(context.Background(), gen, proto.OpClose, &proto.HandleReq{Handle: hr.Handle}, nil)
+	es := dots()
+	for {
+		var l proto.DirList
+		if errno := e.c.CallOn(ctx, gen, proto.OpReaddir, &proto.HandleReq{Handle: hr.Handle}, &l); errno != 0 {
+			return nil, errno
+		}
+		if len(l.Entries) == 0 {
+			break
+		}
+		for _, x := range l.Entries {
+			es = append(es, fuse.DirEntry{Name: x.Name, Mode: x.Mode, Ino: inoOf(e.node, e.export, l.Dev, x.Ino)})
+		}
+	}
+	return fs.NewListDirStream(es), 0
+}
+
+func (e *entry) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	var hr proto.HandleReply
+	gen, errno := e.c.Call(ctx, proto.OpOpen, &proto.OpenReq{Export: e.export, Path: e.path(), Flags: flags}, &hr)
+	if errno != 0 {
+		return nil, 0, errno
+	}
+	return &fileHandle{c: e.c, gen: gen, h: hr.Handle}, 0, 0
+}
+
+func (e *entry) Create(ctx context.Context, name string, flags, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
+	var hr proto.HandleReply
+	r := proto.OpenReq{Export: e.export, Path: join(e.path(), name), Flags: flags, Mode: mode}
+	r.UID, r.GID = caller(ctx)
+	gen, errno := e.c.Call(ctx, proto.OpCreate, &r, &hr)
+	if errno != 0 {
+		return nil, nil, 0, errno
+	}
+	return e.newChild(ctx, &hr.Attr, out), &fileHandle{c: e.c, gen: gen, h: hr.Handle}, 0, 0
+}
+
+func (e *entry) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	var a proto.Attr
+	r := proto.OpenReq{Export: e.export, Path: join(e.path(), name), Mode: mode}
+	r.UID, r.GID = caller(ctx)
+	if _, errno := e.c.Call(ctx, proto.OpMkdir, &r, &a); errno != 0 {
+		return nil, errno
+	}
+	return e.newChild(ctx, &a, out), 0
+}
+
+func (e *entry) Unlink(ctx context.Context, name string) syscall.Errno {
+	_, errno := e.c.Call(ctx, proto.OpUnlink, &proto.PathReq{Export: e.export, Path: join(e.path(), name)}, nil)
+	return errno
+}
+
+func (e *entry) Rmdir(ctx context.Context, name string) syscall.Errno {
+	_, errno := e.c.Call(ctx, proto.OpRmdir, &proto.PathReq{Export: e.export, Path: join(e.path(), name)}, nil)
+	return errno
+}
+
+func (e *entry) Rename(ctx context.Context, name string, newParent fs.InodeEmbedder, newName string, flags uint32) syscall.Errno {
+	np, ok := newParent.(*entry)
+	if !ok || np.c != e.c || np.export != e.export {
+		return syscall.EXDEV // across exports or nodes: mv copies instead
+	}
+	_, errno := e.c.Call(ctx, proto.OpRename, &proto.RenameReq{Export: e.export, From: join(e.path(), name), To: join(np.path(), newName), Flags: flags}, nil)
+	return errno
+}
+
+func (e *entry) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	var s proto.Statfs
+	if _, errno := e.c.Call(ctx, proto.OpStatfs, &proto.PathReq{Export: e.export}, &s); errno != 0 {
+		return errno
+	}
+	out.Blocks, out.Bfree, out.Bavail, out.Files, out.Ffree = s.Blocks, s.Bfree, s.Bavail, s.Files, s.Ffree
+	out.Bsize, out.NameLen, out.Frsize = s.Bsize, s.NameLen, s.Frsize
+	return 0
+}
+
+func (e *entry) Fsync(ctx context.Context, f fs.FileHandle, flags uint32) syscall.Errno {
+	if fh, ok := f.(*fileHandle); ok {
+		return fh.Fsync(ctx, flags)
+	}
+	return 0
+}
+
+// fileHandle is a file open on the owning node.
+type fileHandle struct {
+	c   *client.Client
+	gen uint64
+	h   uint64
+
+	once sync.Once
+}
+
+var (
+	_ fs.FileReader   = (*fileHandle)(nil)
+	_ fs.FileWriter   = (*fileHandle)(nil)
+	_ fs.FileFsyncer  = (*fileHandle)(nil)
+	_ fs.FileReleaser = (*fileHandle)(nil)
+	_ fs.FileFlusher  = (*fileHandle)(nil)
+)
+
+func (f *fileHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	var d proto.Data
+	if errno := f.c.CallOn(ctx, f.gen, proto.OpRead, &proto.IOReq{Handle: f.h, Offset: uint64(off), Size: uint32(min(len(dest), proto.MaxIO))}, &d); errno != 0 {
+		return nil, errno
+	}
+	return fuse.ReadResultData(d.Data), 0
+}
+
+func (f *fileHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	var written uint32
+	for len(data) > 0 {
+		n := min(len(data), proto.MaxIO)
+		var c proto.Count
+		if errno := f.c.CallOn(ctx, f.gen, proto.OpWrite, &proto.IOReq{Handle: f.h, Offset: uint64(off), Data: data[:n]}, &c); errno != 0 {
+			if written > 0 {
+				return written, 0
+			}
+			return 0, errno
+		}
+		written += c.N
+		if int(c.N) < n {
+			break
+		}
+		data, off = data[n:], off+int64(n)
+	}
+	return written, 0
+}
+
+func (f *fileHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
+	var size uint32
+	if flags&1 != 0 { // FUSE_FSYNC_FDATASYNC
+		size = 1
+	}
+	return f.c.CallOn(ctx, f.gen, proto.OpFsync, &proto.IOReq{Handle: f.h, Size: size}, nil)
+}
+
+// Flush is called at every close(2) of a descriptor: writes already went
+// to the owning node, so there is nothing to push.
+func (f *fileHandle) Flush(ctx context.Context) syscall.Errno { return 0 }
+
+func (f *fileHandle) Release(ctx context.Context) syscall.Errno {
+	f.once.Do(func() {
+		// Bounded by the client's timeout; a broken connection already
+		// closed the handle on the owning node.
+		if f.c.Gen() == f.gen {
+			f.c.CallOn(context.Background(), f.gen, proto.OpClose, &proto.HandleReq{Handle: f.h}, nil)
+		}
+	})
+	return 0
+}
+
+// caller is the user and group of the process behind a request.
+func caller(ctx context.Context) (uid, gid uint32) {
+	if c, ok := fuse.FromContext(ctx); ok {
+		return c.Uid, c.Gid
+	}
+	return 0, 0
+}
+
+// dots are the "." and ".." entries every directory lists.
+func dots() []fuse.DirEntry {
+	return []fuse.DirEntry{{Name: ".", Mode: syscall.S_IFDIR}, {Name: "..", Mode: syscall.S_IFDIR}}
+}
+
+func fillAttr(out *fuse.Attr, a *proto.Attr) {
+	out.Size = a.Size
+	out.Blocks = a.Blocks
+	out.Atime, out.Atimensec = uint64(a.Atime.Sec), a.Atime.Nsec
+	out.Mtime, out.Mtimensec = uint64(a.Mtime.Sec), a.Mtime.Nsec
+	out.Ctime, out.Ctimensec = uint64(a.Ctime.Sec), a.Ctime.Nsec
+	out.Mode = a.Mode
+	out.Nlink = a.Nlink
+	out.Owner = fuse.Owner{Uid: a.UID, Gid: a.GID}
+	out.Rdev = a.Rdev
+	out.Blksize = a.Blksize
+}

@@ -1,0 +1,139 @@
+package fusefs
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// A mount made with DirectMount outlives a killed agent as a dead mount
+// (every access fails with ENOTCONN) until someone unmounts it. fusermount
+// has "auto_unmount" for this: a helper process that unmounts when the
+// file system's process is gone. The watchdog is the same idea: a child
+// process (the onebox binary, WatchdogCommand) that holds the read end of
+// a pipe and lazily unmounts when it reads EOF, i.e. when the agent exited
+// however it exited. It unmounts only the mount it was started for (by
+// mount id), so it cannot take down the mount of an agent restarted
+// meanwhile on the same directory.
+
+// WatchdogCommand is the hidden CLI verb that runs RunWatchdog.
+const WatchdogCommand = "cfs-unmount-on-exit"
+
+// watchdog is a running watchdog process.
+type watchdog struct {
+	cmd *exec.Cmd
+	w   *os.File
+}
+
+// startWatchdog starts exe WatchdogCommand MOUNTPOINT MOUNTID.
+func startWatchdog(exe, mountpoint string) (*watchdog, error) {
+	id, ok := mountID(mountpoint)
+	if !ok {
+		return nil, fmt.Errorf("cfs: %s is not in the mount table", mountpoint)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(exe, WatchdogCommand, mountpoint, strconv.Itoa(id))
+	cmd.Args[0] = "onebox" // what ps shows; the binary is exe
+	cmd.Stdin = r
+	// Its own process group: a Ctrl-C meant for the agent's group must not
+	// end the watchdog before the agent.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		r.Close()
+		w.Close()
+		return nil, fmt.Errorf("cfs: start unmount watchdog: %w", err)
+	}
+	r.Close()
+	return &watchdog{cmd: cmd, w: w}, nil
+}
+
+// stop ends the watchdog (after a clean unmount it finds nothing to do).
+func (w *watchdog) stop() {
+	w.w.Close()
+	done := make(chan struct{})
+	go func() { w.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		w.cmd.Process.Kill()
+	}
+}
+
+// RunWatchdog waits for EOF on r, then lazily unmounts mountpoint if the
+// mount with id mntID is still there.
+func RunWatchdog(mountpoint string, mntID int, r io.Reader) error {
+	signal.Ignore(syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	_, _ = io.Copy(io.Discard, r)
+	if id, ok := mountID(mountpoint); !ok || id != mntID {
+		return nil
+	}
+	if err := unix.Unmount(mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+		return fmt.Errorf("cfs: unmount %s: %w", mountpoint, err)
+	}
+	return nil
+}
+
+// mountID finds the id of the topmost onebox FUSE mount at mountpoint in
+// /proc/self/mountinfo.
+func mountID(mountpoint string) (int, bool) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return 0, false
+	}
+	defer f.Close()
+	id, found := 0, false
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		// id parent major:minor root mountpoint options ... - fstype source super
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 || unescapeMountinfo(fields[4]) != mountpoint {
+			continue
+		}
+		sep := -1
+		for i, f := range fields {
+			if f == "-" {
+				sep = i
+				break
+			}
+		}
+		if sep < 0 || sep+1 >= len(fields) || fields[sep+1] != "fuse.onebox" {
+			continue
+		}
+		if n, err := strconv.Atoi(fields[0]); err == nil {
+			id, found = n, true // later lines are mounted on top
+		}
+	}
+	return id, found
+}
+
+// unescapeMountinfo undoes the octal escapes (\040 for a space...).
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}

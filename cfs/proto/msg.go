@@ -1,0 +1,345 @@
+package proto
+
+// Empty is a message without fields.
+type Empty struct{}
+
+func (*Empty) encode(*enc) {}
+func (*Empty) decode(*dec) {}
+
+// ExportInfo names an export.
+type ExportInfo struct {
+	Name     string
+	ReadOnly bool
+}
+
+// ExportList answers OpExports.
+type ExportList struct{ Exports []ExportInfo }
+
+func (m *ExportList) encode(e *enc) {
+	e.u32(uint32(len(m.Exports)))
+	for _, x := range m.Exports {
+		e.str(x.Name)
+		e.u8(b2u(x.ReadOnly))
+	}
+}
+
+func (m *ExportList) decode(d *dec) {
+	n := d.count(5)
+	m.Exports = make([]ExportInfo, 0, n)
+	for i := 0; i < n && d.err == nil; i++ {
+		name := d.str(MaxName)
+		ro := d.bool()
+		m.Exports = append(m.Exports, ExportInfo{Name: name, ReadOnly: ro})
+	}
+}
+
+// PathReq names a path in an export.
+type PathReq struct {
+	Export string
+	Path   string
+}
+
+func (m *PathReq) encode(e *enc) { e.str(m.Export); e.str(m.Path) }
+func (m *PathReq) decode(d *dec) { m.Export = d.str(MaxName); m.Path = d.str(MaxPath) }
+
+// OpenReq opens, creates or makes a directory at a path.
+type OpenReq struct {
+	Export   string
+	Path     string
+	Flags    uint32 // open(2) flags
+	Mode     uint32 // permission bits for create and mkdir
+	UID, GID uint32 // owner of what create and mkdir make: the caller
+}
+
+func (m *OpenReq) encode(e *enc) {
+	e.str(m.Export)
+	e.str(m.Path)
+	e.u32(m.Flags)
+	e.u32(m.Mode)
+	e.u32(m.UID)
+	e.u32(m.GID)
+}
+
+func (m *OpenReq) decode(d *dec) {
+	m.Export = d.str(MaxName)
+	m.Path = d.str(MaxPath)
+	m.Flags = d.u32()
+	m.Mode = d.u32()
+	m.UID = d.u32()
+	m.GID = d.u32()
+}
+
+// HandleReq names an open handle.
+type HandleReq struct{ Handle uint64 }
+
+func (m *HandleReq) encode(e *enc) { e.u64(m.Handle) }
+func (m *HandleReq) decode(d *dec) { m.Handle = d.u64() }
+
+// HandleReply answers an open: the handle and, for create, the new file's
+// attributes.
+type HandleReply struct {
+	Handle uint64
+	Attr   Attr
+}
+
+func (m *HandleReply) encode(e *enc) { e.u64(m.Handle); m.Attr.encode(e) }
+func (m *HandleReply) decode(d *dec) { m.Handle = d.u64(); m.Attr.decode(d) }
+
+// IOReq reads (Size bytes) or writes (Data) at Offset of a handle.
+type IOReq struct {
+	Handle uint64
+	Offset uint64
+	Size   uint32
+	Data   []byte
+}
+
+func (m *IOReq) encode(e *enc) { e.u64(m.Handle); e.u64(m.Offset); e.u32(m.Size); e.bytes(m.Data) }
+func (m *IOReq) decode(d *dec) {
+	m.Handle = d.u64()
+	m.Offset = d.u64()
+	m.Size = d.u32()
+	m.Data = d.bytes(MaxIO)
+	if d.err == nil && (m.Size > MaxIO || m.Offset > 1<<63-1) {
+		d.fail("io request out of range")
+	}
+}
+
+// Data answers a read.
+type Data struct{ Data []byte }
+
+func (m *Data) encode(e *enc) { e.bytes(m.Data) }
+func (m *Data) decode(d *dec) { m.Data = d.bytes(MaxIO) }
+
+// Count answers a write.
+type Count struct{ N uint32 }
+
+func (m *Count) encode(e *enc) { e.u32(m.N) }
+func (m *Count) decode(d *dec) { m.N = d.u32() }
+
+// Timespec is a time as seconds and nanoseconds.
+type Timespec struct {
+	Sec  int64
+	Nsec uint32
+}
+
+func (t *Timespec) encode(e *enc) { e.u64(uint64(t.Sec)); e.u32(t.Nsec) }
+func (t *Timespec) decode(d *dec) {
+	t.Sec = int64(d.u64())
+	t.Nsec = d.u32()
+	if d.err == nil && t.Nsec >= 1e9 {
+		d.fail("nanoseconds out of range")
+	}
+}
+
+// Attr is a file's attributes, as stat(2) reports them.
+type Attr struct {
+	Dev, Ino            uint64 // identity on the node: st_dev, st_ino
+	Size, Blocks        uint64
+	Atime, Mtime, Ctime Timespec
+	Mode, Nlink         uint32
+	UID, GID, Rdev      uint32
+	Blksize             uint32
+}
+
+func (a *Attr) encode(e *enc) {
+	e.u64(a.Dev)
+	e.u64(a.Ino)
+	e.u64(a.Size)
+	e.u64(a.Blocks)
+	a.Atime.encode(e)
+	a.Mtime.encode(e)
+	a.Ctime.encode(e)
+	for _, v := range []uint32{a.Mode, a.Nlink, a.UID, a.GID, a.Rdev, a.Blksize} {
+		e.u32(v)
+	}
+}
+
+func (a *Attr) decode(d *dec) {
+	a.Dev = d.u64()
+	a.Ino = d.u64()
+	a.Size = d.u64()
+	a.Blocks = d.u64()
+	a.Atime.decode(d)
+	a.Mtime.decode(d)
+	a.Ctime.decode(d)
+	for _, p := range []*uint32{&a.Mode, &a.Nlink, &a.UID, &a.GID, &a.Rdev, &a.Blksize} {
+		*p = d.u32()
+	}
+}
+
+// DirEntry is one directory entry.
+type DirEntry struct {
+	Name string
+	Mode uint32 // the type bits (S_IFMT) only
+	Ino  uint64
+}
+
+// DirList answers a readdir: the next batch of entries, empty at the end,
+// and the directory's st_dev (the entries' inode numbers are on it).
+type DirList struct {
+	Dev     uint64
+	Entries []DirEntry
+}
+
+func (m *DirList) encode(e *enc) {
+	e.u64(m.Dev)
+	e.u32(uint32(len(m.Entries)))
+	for _, x := range m.Entries {
+		e.str(x.Name)
+		e.u32(x.Mode)
+		e.u64(x.Ino)
+	}
+}
+
+func (m *DirList) decode(d *dec) {
+	m.Dev = d.u64()
+	n := d.count(16)
+	m.Entries = make([]DirEntry, 0, n)
+	for i := 0; i < n && d.err == nil; i++ {
+		var x DirEntry
+		x.Name = d.str(MaxName)
+		x.Mode = d.u32()
+		x.Ino = d.u64()
+		if d.err == nil && !ValidName(x.Name) {
+			d.fail("bad entry name")
+		}
+		m.Entries = append(m.Entries, x)
+	}
+}
+
+// Setattr fields (SetattrReq.Valid).
+const (
+	SetMode uint32 = 1 << iota
+	SetOwner
+	SetSize
+	SetAtime
+	SetAtimeNow
+	SetMtime
+	SetMtimeNow
+	setAll = SetMtimeNow<<1 - 1
+)
+
+// SetattrReq changes attributes of a path, or of an open handle (Handle
+// non-zero) for truncation.
+type SetattrReq struct {
+	Export       string
+	Path         string
+	Handle       uint64
+	Valid        uint32
+	Mode         uint32
+	UID, GID     uint32
+	Size         uint64
+	Atime, Mtime Timespec
+}
+
+func (m *SetattrReq) encode(e *enc) {
+	e.str(m.Export)
+	e.str(m.Path)
+	e.u64(m.Handle)
+	e.u32(m.Valid)
+	e.u32(m.Mode)
+	e.u32(m.UID)
+	e.u32(m.GID)
+	e.u64(m.Size)
+	m.Atime.encode(e)
+	m.Mtime.encode(e)
+}
+
+func (m *SetattrReq) decode(d *dec) {
+	m.Export = d.str(MaxName)
+	m.Path = d.str(MaxPath)
+	m.Handle = d.u64()
+	m.Valid = d.u32()
+	m.Mode = d.u32()
+	m.UID = d.u32()
+	m.GID = d.u32()
+	m.Size = d.u64()
+	m.Atime.decode(d)
+	m.Mtime.decode(d)
+	if d.err == nil && (m.Valid&^setAll != 0 || m.Size > 1<<63-1) {
+		d.fail("setattr out of range")
+	}
+}
+
+// RenameReq renames within one export.
+type RenameReq struct {
+	Export   string
+	From, To string
+	Flags    uint32 // renameat2(2) flags
+}
+
+func (m *RenameReq) encode(e *enc) { e.str(m.Export); e.str(m.From); e.str(m.To); e.u32(m.Flags) }
+func (m *RenameReq) decode(d *dec) {
+	m.Export = d.str(MaxName)
+	m.From = d.str(MaxPath)
+	m.To = d.str(MaxPath)
+	m.Flags = d.u32()
+}
+
+// Statfs answers OpStatfs.
+type Statfs struct {
+	Blocks, Bfree, Bavail, Files, Ffree uint64
+	Bsize, NameLen, Frsize              uint32
+}
+
+func (m *Statfs) encode(e *enc) {
+	for _, v := range []uint64{m.Blocks, m.Bfree, m.Bavail, m.Files, m.Ffree} {
+		e.u64(v)
+	}
+	e.u32(m.Bsize)
+	e.u32(m.NameLen)
+	e.u32(m.Frsize)
+}
+
+func (m *Statfs) decode(d *dec) {
+	for _, p := range []*uint64{&m.Blocks, &m.Bfree, &m.Bavail, &m.Files, &m.Ffree} {
+		*p = d.u64()
+	}
+	m.Bsize = d.u32()
+	m.NameLen = d.u32()
+	m.Frsize = d.u32()
+}
+
+// ValidName reports whether s can be one path component: non-empty, at
+// most MaxName bytes, not "." or "..", without '/' or NUL.
+func ValidName(s string) bool {
+	if s == "" || s == "." || s == ".." || len(s) > MaxName {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] == '/' || s[i] == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// ValidPath reports whether p is a relative path of valid names joined by
+// single slashes ("" is the export root). It never contains "..", so the
+// only way out of an export would be a symlink, which the server's
+// RESOLVE_BENEATH refuses.
+func ValidPath(p string) bool {
+	if p == "" {
+		return true
+	}
+	if len(p) > MaxPath {
+		return false
+	}
+	start := 0
+	for i := 0; i <= len(p); i++ {
+		if i == len(p) || p[i] == '/' {
+			if !ValidName(p[start:i]) {
+				return false
+			}
+			start = i + 1
+		}
+	}
+	return true
+}
+
+func b2u(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}

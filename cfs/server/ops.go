@@ -1,0 +1,534 @@
+package server
+
+import (
+	"encoding/binary"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/onebox-project/onebox/cfs/proto"
+)
+
+// resolveHow is how every path is resolved: beneath the export's root, no
+// /proc magic links.
+const resolveHow = unix.RESOLVE_BENEATH | unix.RESOLVE_NO_MAGICLINKS
+
+// openFlags are the open(2) flags a client may ask for; anything else
+// (O_PATH, O_TMPFILE, O_DIRECT, ...) is dropped.
+const openFlags = unix.O_ACCMODE | unix.O_APPEND | unix.O_TRUNC | unix.O_SYNC | unix.O_DSYNC | unix.O_NOATIME | unix.O_EXCL
+
+func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
+	s := cn.s
+	switch op {
+	case proto.OpExports:
+		if proto.Unmarshal(b, &proto.Empty{}) != nil {
+			return unix.EINVAL, nil
+		}
+		var l proto.ExportList
+		for _, n := range s.names {
+			l.Exports = append(l.Exports, proto.ExportInfo{Name: n, ReadOnly: s.exports[n].ReadOnly})
+		}
+		return 0, &l
+	case proto.OpGetattr:
+		var r proto.PathReq
+		e, errno := cn.pathReq(b, &r, false)
+		if errno != 0 {
+			return errno, nil
+		}
+		fd, errno := e.open(r.Path, unix.O_PATH, 0)
+		if errno != 0 {
+			return errno, nil
+		}
+		defer unix.Close(fd)
+		return fstat(fd)
+	case proto.OpStatfs:
+		var r proto.PathReq
+		e, errno := cn.pathReq(b, &r, false)
+		if errno != 0 {
+			return errno, nil
+		}
+		var st unix.Statfs_t
+		if err := unix.Fstatfs(e.root, &st); err != nil {
+			return errnoOf(err), nil
+		}
+		return 0, &proto.Statfs{Blocks: st.Blocks, Bfree: st.Bfree, Bavail: st.Bavail, Files: st.Files, Ffree: st.Ffree,
+			Bsize: uint32(st.Bsize), NameLen: uint32(st.Namelen), Frsize: uint32(st.Frsize)}
+	case proto.OpOpendir:
+		var r proto.PathReq
+		e, errno := cn.pathReq(b, &r, false)
+		if errno != 0 {
+			return errno, nil
+		}
+		fd, errno := e.open(r.Path, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+		if errno != 0 {
+			return errno, nil
+		}
+		id, errno := cn.addHandle(&handle{fd: fd, exp: e, dir: true})
+		if errno != 0 {
+			unix.Close(fd)
+			return errno, nil
+		}
+		return 0, &proto.HandleReply{Handle: id}
+	case proto.OpReaddir:
+		var r proto.HandleReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		h, errno := cn.handle(r.Handle)
+		if errno != 0 {
+			return errno, nil
+		}
+		if !h.dir {
+			return unix.ENOTDIR, nil
+		}
+		return readdir(h)
+	case proto.OpOpen, proto.OpCreate:
+		var r proto.OpenReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		e, errno := cn.export(r.Export, r.Path, false)
+		if errno != 0 {
+			return errno, nil
+		}
+		return cn.open(e, &r, op == proto.OpCreate)
+	case proto.OpRead, proto.OpWrite, proto.OpFsync:
+		var r proto.IOReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		h, errno := cn.handle(r.Handle)
+		if errno != 0 {
+			return errno, nil
+		}
+		if h.dir {
+			return unix.EISDIR, nil
+		}
+		return fileIO(op, h, &r)
+	case proto.OpClose:
+		var r proto.HandleReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		return cn.removeHandle(r.Handle), nil
+	case proto.OpFstat:
+		var r proto.HandleReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		h, errno := cn.handle(r.Handle)
+		if errno != 0 {
+			return errno, nil
+		}
+		return fstat(h.fd)
+	case proto.OpSetattr:
+		var r proto.SetattrReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		e, errno := cn.export(r.Export, r.Path, true)
+		if errno != 0 {
+			return errno, nil
+		}
+		return cn.setattr(e, &r)
+	case proto.OpMkdir:
+		var r proto.OpenReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		e, errno := cn.export(r.Export, r.Path, true)
+		if errno != 0 {
+			return errno, nil
+		}
+		errno = e.atParent(r.Path, func(dfd int, name string) error { return unix.Mkdirat(dfd, name, r.Mode&0o7777) })
+		if errno != 0 {
+			return errno, nil
+		}
+		fd, errno := e.open(r.Path, unix.O_PATH, 0)
+		if errno != 0 {
+			return errno, nil
+		}
+		defer unix.Close(fd)
+		owner(fd, &r)
+		return fstat(fd)
+	case proto.OpUnlink, proto.OpRmdir:
+		var r proto.PathReq
+		e, errno := cn.pathReq(b, &r, true)
+		if errno != 0 {
+			return errno, nil
+		}
+		flags := 0
+		if op == proto.OpRmdir {
+			flags = unix.AT_REMOVEDIR
+		}
+		return e.atParent(r.Path, func(dfd int, name string) error { return unix.Unlinkat(dfd, name, flags) }), nil
+	case proto.OpRename:
+		var r proto.RenameReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		e, errno := cn.export(r.Export, r.From, true)
+		if errno != 0 {
+			return errno, nil
+		}
+		if !proto.ValidPath(r.To) || r.To == "" {
+			return unix.EINVAL, nil
+		}
+		if r.Flags&^(unix.RENAME_NOREPLACE|unix.RENAME_EXCHANGE) != 0 {
+			return unix.EINVAL, nil
+		}
+		return e.atParent(r.From, func(fdfd int, fname string) error {
+			return errnoErr(e.atParent(r.To, func(tdfd int, tname string) error {
+				return unix.Renameat2(fdfd, fname, tdfd, tname, uint(r.Flags))
+			}))
+		}), nil
+	}
+	return unix.ENOSYS, nil
+}
+
+func errnoErr(e unix.Errno) error {
+	if e == 0 {
+		return nil
+	}
+	return e
+}
+
+// pathReq decodes a PathReq and finds its export.
+func (cn *conn) pathReq(b []byte, r *proto.PathReq, write bool) (*export, unix.Errno) {
+	if proto.Unmarshal(b, r) != nil {
+		return nil, unix.EINVAL
+	}
+	return cn.export(r.Export, r.Path, write)
+}
+
+// export finds an export and checks the path's form; write requests to a
+// read-only export fail with EROFS.
+func (cn *conn) export(name, path string, write bool) (*export, unix.Errno) {
+	e, ok := cn.s.exports[name]
+	if !ok {
+		return nil, unix.ENOENT
+	}
+	if !proto.ValidPath(path) {
+		// ".." or an absolute path: an attempt to leave the export.
+		if strings.Contains("/"+path+"/", "/../") || strings.HasPrefix(path, "/") {
+			return nil, unix.EACCES
+		}
+		return nil, unix.EINVAL
+	}
+	if write && e.ReadOnly {
+		return nil, unix.EROFS
+	}
+	return e, 0
+}
+
+// open resolves path beneath the export's root and opens it. A path that
+// would leave the export (a symlink pointing outside, a magic link) fails
+// with EACCES: openat2 reports EXDEV or ELOOP, which would only confuse.
+func (e *export) open(path string, flags int, mode uint32) (int, unix.Errno) {
+	if path == "" {
+		path = "."
+	}
+	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC), Mode: uint64(mode), Resolve: resolveHow}
+	for range 8 {
+		fd, err := unix.Openat2(e.root, path, &how)
+		switch err {
+		case nil:
+			return fd, 0
+		case unix.EAGAIN, unix.EINTR: // a concurrent rename: try again
+			continue
+		case unix.EXDEV:
+			return -1, unix.EACCES
+		}
+		return -1, errnoOf(err)
+	}
+	return -1, unix.EAGAIN
+}
+
+// atParent runs f with an open directory descriptor of path's parent
+// (resolved beneath the root) and path's last name.
+func (e *export) atParent(path string, f func(dfd int, name string) error) unix.Errno {
+	if path == "" {
+		return unix.EBUSY // the export's root itself
+	}
+	dir, name := "", path
+	if i := strings.LastIndexByte(path, '/'); i >= 0 {
+		dir, name = path[:i], path[i+1:]
+	}
+	dfd, errno := e.open(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if errno != 0 {
+		return errno
+	}
+	defer unix.Close(dfd)
+	return errnoOf(f(dfd, name))
+}
+
+func (cn *conn) open(e *export, r *proto.OpenReq, create bool) (unix.Errno, proto.Msg) {
+	flags := int(r.Flags) & openFlags
+	acc := flags & unix.O_ACCMODE
+	if e.ReadOnly && (acc != unix.O_RDONLY || flags&unix.O_TRUNC != 0 || create) {
+		return unix.EROFS, nil
+	}
+	if r.Path == "" && create {
+		return unix.EEXIST, nil
+	}
+	var fd int
+	var errno unix.Errno
+	if create {
+		// Try to create; if the file exists (and O_EXCL was not asked
+		// for) open it. Only a file created here gets the mode exactly
+		// (the client's kernel already applied the caller's umask).
+		fd, errno = e.open(r.Path, flags|unix.O_CREAT|unix.O_EXCL, r.Mode&0o7777)
+		if errno == 0 {
+			owner(fd, r)
+			_ = unix.Fchmod(fd, r.Mode&0o7777)
+		} else if errno == unix.EEXIST && flags&unix.O_EXCL == 0 {
+			fd, errno = e.open(r.Path, flags, 0)
+		}
+	} else {
+		fd, errno = e.open(r.Path, flags|unix.O_NOCTTY, 0)
+	}
+	if errno != 0 {
+		return errno, nil
+	}
+	errno, a := fstat(fd)
+	if errno != 0 {
+		unix.Close(fd)
+		return errno, nil
+	}
+	attr := *a.(*proto.Attr)
+	if attr.Mode&unix.S_IFMT == unix.S_IFDIR && acc != unix.O_RDONLY {
+		unix.Close(fd)
+		return unix.EISDIR, nil
+	}
+	id, errno := cn.addHandle(&handle{fd: fd, exp: e})
+	if errno != 0 {
+		unix.Close(fd)
+		return errno, nil
+	}
+	return 0, &proto.HandleReply{Handle: id, Attr: attr}
+}
+
+// owner gives what create or mkdir made to the caller on the client (the
+// server runs as root; an unprivileged server leaves it its own).
+func owner(fd int, r *proto.OpenReq) {
+	if unix.Geteuid() == 0 && (r.UID != 0 || r.GID != 0) {
+		_ = unix.Fchownat(fd, "", int(r.UID), int(r.GID), unix.AT_EMPTY_PATH)
+	}
+}
+
+func fileIO(op proto.Op, h *handle, r *proto.IOReq) (unix.Errno, proto.Msg) {
+	switch op {
+	case proto.OpRead:
+		frame := make([]byte, proto.DataReplyOffset+int(r.Size))
+		buf := frame[proto.DataReplyOffset:]
+		n := 0
+		for n < len(buf) {
+			m, err := unix.Pread(h.fd, buf[n:], int64(r.Offset)+int64(n))
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return errnoOf(err), nil
+			}
+			if m == 0 {
+				break
+			}
+			n += m
+		}
+		return 0, &dataReply{frame: frame, n: n}
+	case proto.OpWrite:
+		if h.exp.ReadOnly {
+			return unix.EROFS, nil
+		}
+		n := 0
+		for n < len(r.Data) {
+			// With O_APPEND, Linux pwrite appends whatever the offset:
+			// appends from several clients stay whole.
+			m, err := unix.Pwrite(h.fd, r.Data[n:], int64(r.Offset)+int64(n))
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				if n > 0 {
+					break
+				}
+				return errnoOf(err), nil
+			}
+			n += m
+		}
+		return 0, &proto.Count{N: uint32(n)}
+	case proto.OpFsync:
+		var err error
+		if r.Size == 1 {
+			err = unix.Fdatasync(h.fd)
+		} else {
+			err = unix.Fsync(h.fd)
+		}
+		return errnoOf(err), nil
+	}
+	return unix.ENOSYS, nil
+}
+
+func (cn *conn) setattr(e *export, r *proto.SetattrReq) (unix.Errno, proto.Msg) {
+	var h *handle
+	if r.Handle != 0 {
+		var errno unix.Errno
+		if h, errno = cn.handle(r.Handle); errno != 0 {
+			return errno, nil
+		}
+	}
+	fd, errno := e.open(r.Path, unix.O_PATH, 0)
+	if errno != 0 {
+		if h == nil {
+			return errno, nil
+		}
+		d, err := unix.Dup(h.fd) // the open file may have been unlinked or moved
+		if err != nil {
+			return errnoOf(err), nil
+		}
+		fd = d
+	}
+	defer unix.Close(fd)
+	if r.Valid&proto.SetSize != 0 {
+		errno = unix.EBADF
+		if h != nil && !h.dir {
+			errno = errnoOf(unix.Ftruncate(h.fd, int64(r.Size)))
+		}
+		if errno == unix.EBADF || errno == unix.EINVAL {
+			// No handle open for writing: open the path for writing.
+			wfd, werr := e.open(r.Path, unix.O_WRONLY, 0)
+			if werr != 0 {
+				return werr, nil
+			}
+			errno = errnoOf(unix.Ftruncate(wfd, int64(r.Size)))
+			unix.Close(wfd)
+		}
+		if errno != 0 {
+			return errno, nil
+		}
+	}
+	// The descriptor was resolved beneath the root, so acting on it by its
+	// /proc/self/fd link or with AT_EMPTY_PATH cannot leave the export.
+	if r.Valid&proto.SetMode != 0 {
+		if err := unix.Fchmodat(unix.AT_FDCWD, "/proc/self/fd/"+strconv.Itoa(fd), r.Mode&0o7777, 0); err != nil {
+			return errnoOf(err), nil
+		}
+	}
+	if r.Valid&proto.SetOwner != 0 {
+		if err := unix.Fchownat(fd, "", int(int32(r.UID)), int(int32(r.GID)), unix.AT_EMPTY_PATH); err != nil {
+			return errnoOf(err), nil
+		}
+	}
+	if r.Valid&(proto.SetAtime|proto.SetAtimeNow|proto.SetMtime|proto.SetMtimeNow) != 0 {
+		ts := []unix.Timespec{{Nsec: unix.UTIME_OMIT}, {Nsec: unix.UTIME_OMIT}}
+		for i, t := range []struct {
+			set, now uint32
+			v        proto.Timespec
+		}{{proto.SetAtime, proto.SetAtimeNow, r.Atime}, {proto.SetMtime, proto.SetMtimeNow, r.Mtime}} {
+			switch {
+			case r.Valid&t.now != 0:
+				ts[i] = unix.Timespec{Nsec: unix.UTIME_NOW}
+			case r.Valid&t.set != 0:
+				ts[i] = unix.Timespec{Sec: t.v.Sec, Nsec: int64(t.v.Nsec)}
+			}
+		}
+		if err := unix.UtimesNanoAt(fd, "", ts, unix.AT_EMPTY_PATH); err != nil {
+			return errnoOf(err), nil
+		}
+	}
+	return fstat(fd)
+}
+
+func fstat(fd int) (unix.Errno, proto.Msg) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return errnoOf(err), nil
+	}
+	return 0, AttrOf(&st)
+}
+
+// AttrOf converts a stat result.
+func AttrOf(st *unix.Stat_t) *proto.Attr {
+	return &proto.Attr{
+		Dev: st.Dev, Ino: st.Ino, Size: uint64(st.Size), Blocks: uint64(st.Blocks),
+		Atime: proto.Timespec{Sec: st.Atim.Sec, Nsec: uint32(st.Atim.Nsec)},
+		Mtime: proto.Timespec{Sec: st.Mtim.Sec, Nsec: uint32(st.Mtim.Nsec)},
+		Ctime: proto.Timespec{Sec: st.Ctim.Sec, Nsec: uint32(st.Ctim.Nsec)},
+		Mode:  st.Mode, Nlink: uint32(st.Nlink), UID: st.Uid, GID: st.Gid, Rdev: uint32(st.Rdev), Blksize: uint32(st.Blksize),
+	}
+}
+
+// readdir returns the next batch of entries of an open directory (at most
+// what one getdents64 call of 64 KiB yields), empty at the end.
+func readdir(h *handle) (unix.Errno, proto.Msg) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var st unix.Stat_t
+	if err := unix.Fstat(h.fd, &st); err != nil {
+		return errnoOf(err), nil
+	}
+	buf := make([]byte, 64<<10)
+	l := proto.DirList{Dev: st.Dev}
+	for len(l.Entries) == 0 {
+		n, err := unix.Getdents(h.fd, buf)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return errnoOf(err), nil
+		}
+		if n == 0 {
+			break
+		}
+		b := buf[:n]
+		for len(b) >= 19 {
+			// struct linux_dirent64: ino u64, off s64, reclen u16, type u8, name.
+			ino := binary.NativeEndian.Uint64(b)
+			reclen := int(binary.NativeEndian.Uint16(b[16:]))
+			if reclen < 19 || reclen > len(b) {
+				return unix.EIO, nil
+			}
+			typ := b[18]
+			name := b[19:reclen]
+			if i := indexNUL(name); i >= 0 {
+				name = name[:i]
+			}
+			b = b[reclen:]
+			if nm := string(name); proto.ValidName(nm) {
+				l.Entries = append(l.Entries, proto.DirEntry{Name: nm, Mode: dtToMode(typ), Ino: ino})
+			}
+		}
+	}
+	return 0, &l
+}
+
+func indexNUL(b []byte) int {
+	for i, c := range b {
+		if c == 0 {
+			return i
+		}
+	}
+	return -1
+}
+
+func dtToMode(t uint8) uint32 {
+	switch t {
+	case unix.DT_DIR:
+		return unix.S_IFDIR
+	case unix.DT_LNK, unix.DT_UNKNOWN:
+		// A symlink is shown as what it points to, which only a lookup
+		// finds out: "unknown" makes programs that trust d_type (find,
+		// fts) ask.
+		return 0
+	case unix.DT_FIFO:
+		return unix.S_IFIFO
+	case unix.DT_SOCK:
+		return unix.S_IFSOCK
+	case unix.DT_CHR:
+		return unix.S_IFCHR
+	case unix.DT_BLK:
+		return unix.S_IFBLK
+	}
+	return unix.S_IFREG
+}

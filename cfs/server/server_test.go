@@ -1,0 +1,261 @@
+package server_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"syscall"
+	"testing"
+
+	"github.com/onebox-project/onebox/cfs/client"
+	"github.com/onebox-project/onebox/cfs/proto"
+	"github.com/onebox-project/onebox/cfs/server"
+	"github.com/onebox-project/onebox/fabric/pki"
+)
+
+// setup serves a read-write export "rw" and a read-only export "ro" over
+// in-memory connections.
+func setup(t *testing.T) (c *client.Client, rw, ro string) {
+	t.Helper()
+	rw, ro = t.TempDir(), t.TempDir()
+	s, err := server.New([]server.Export{{Name: "rw", Path: rw}, {Name: "ro", Path: ro, ReadOnly: true}}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c = client.New(func(context.Context) (net.Conn, error) {
+		a, b := net.Pipe()
+		go s.ServeConn(b)
+		return a, nil
+	}, 0)
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c, rw, ro
+}
+
+func call(t *testing.T, c *client.Client, op proto.Op, req, resp proto.Msg) syscall.Errno {
+	t.Helper()
+	_, errno := c.Call(context.Background(), op, req, resp)
+	return errno
+}
+
+func TestFSExportsAndReadWrite(t *testing.T) {
+	c, rw, _ := setup(t)
+	var l proto.ExportList
+	if e := call(t, c, proto.OpExports, &proto.Empty{}, &l); e != 0 || len(l.Exports) != 2 || l.Exports[0].Name != "ro" || !l.Exports[0].ReadOnly {
+		t.Fatalf("exports: %v %+v", e, l)
+	}
+	var hr proto.HandleReply
+	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "f", Flags: syscall.O_RDWR, Mode: 0o640}, &hr); e != 0 {
+		t.Fatal(e)
+	}
+	if hr.Attr.Mode != syscall.S_IFREG|0o640 {
+		t.Fatalf("created with mode %o", hr.Attr.Mode)
+	}
+	var n proto.Count
+	if e := call(t, c, proto.OpWrite, &proto.IOReq{Handle: hr.Handle, Offset: 3, Data: []byte("abc")}, &n); e != 0 || n.N != 3 {
+		t.Fatal(e, n)
+	}
+	var d proto.Data
+	if e := call(t, c, proto.OpRead, &proto.IOReq{Handle: hr.Handle, Offset: 0, Size: 100}, &d); e != 0 || !bytes.Equal(d.Data, []byte("\x00\x00\x00abc")) {
+		t.Fatalf("read: %v %q", e, d.Data)
+	}
+	if e := call(t, c, proto.OpClose, &proto.HandleReq{Handle: hr.Handle}, nil); e != 0 {
+		t.Fatal(e)
+	}
+	if e := call(t, c, proto.OpRead, &proto.IOReq{Handle: hr.Handle, Size: 1}, &d); e != syscall.EBADF {
+		t.Fatalf("read of a closed handle: %v, want EBADF", e)
+	}
+	if b, _ := os.ReadFile(filepath.Join(rw, "f")); string(b) != "\x00\x00\x00abc" {
+		t.Fatalf("on disk: %q", b)
+	}
+}
+
+func TestFSNoEscape(t *testing.T) {
+	c, rw, _ := setup(t)
+	outside := t.TempDir()
+	os.WriteFile(filepath.Join(outside, "secret"), []byte("s"), 0o644)
+	os.Symlink(outside, filepath.Join(rw, "out"))
+	os.Symlink("../"+filepath.Base(outside), filepath.Join(rw, "rel-out"))
+	os.Symlink("/proc/self/root/etc", filepath.Join(rw, "magic"))
+	os.Mkdir(filepath.Join(rw, "d"), 0o755)
+	os.Symlink("../d", filepath.Join(rw, "d", "in"))
+	var a proto.Attr
+	for _, p := range []string{"..", "../x", "d/../../x", "/etc/passwd", "out/secret", "out", "rel-out", "magic/passwd"} {
+		if e := call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: p}, &a); e != syscall.EACCES {
+			t.Errorf("getattr %q: %v, want EACCES", p, e)
+		}
+		var hr proto.HandleReply
+		if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: p + "/new", Flags: syscall.O_WRONLY, Mode: 0o644}, &hr); e != syscall.EACCES {
+			t.Errorf("create under %q: %v, want EACCES", p, e)
+		}
+		if e := call(t, c, proto.OpUnlink, &proto.PathReq{Export: "rw", Path: p + "/secret"}, nil); e != syscall.EACCES {
+			t.Errorf("unlink under %q: %v, want EACCES", p, e)
+		}
+	}
+	if e := call(t, c, proto.OpRename, &proto.RenameReq{Export: "rw", From: "d", To: "out/d"}, nil); e != syscall.EACCES {
+		t.Errorf("rename out of the export: %v, want EACCES", e)
+	}
+	if e := call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "rw", Path: "out/secret", Valid: proto.SetMode, Mode: 0o777}, &a); e != syscall.EACCES {
+		t.Errorf("chmod through a symlink out: %v, want EACCES", e)
+	}
+	if _, err := os.Stat(filepath.Join(outside, "secret")); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(filepath.Join(outside, "secret")); st.Mode().Perm() != 0o644 {
+		t.Fatal("mode of a file outside the export changed")
+	}
+	// Inside is fine, including through a symlink that stays inside.
+	if e := call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "d/in"}, &a); e != 0 || a.Mode&syscall.S_IFMT != syscall.S_IFDIR {
+		t.Errorf("getattr of an inside symlink: %v %o", e, a.Mode)
+	}
+	if e := call(t, c, proto.OpGetattr, &proto.PathReq{Export: "nope"}, &a); e != syscall.ENOENT {
+		t.Errorf("unknown export: %v, want ENOENT", e)
+	}
+}
+
+func TestFSReadOnly(t *testing.T) {
+	c, _, ro := setup(t)
+	os.WriteFile(filepath.Join(ro, "f"), []byte("x"), 0o644)
+	var hr proto.HandleReply
+	var a proto.Attr
+	for name, e := range map[string]syscall.Errno{
+		"create":   call(t, c, proto.OpCreate, &proto.OpenReq{Export: "ro", Path: "g", Flags: syscall.O_WRONLY, Mode: 0o644}, &hr),
+		"open rw":  call(t, c, proto.OpOpen, &proto.OpenReq{Export: "ro", Path: "f", Flags: syscall.O_RDWR}, &hr),
+		"trunc":    call(t, c, proto.OpOpen, &proto.OpenReq{Export: "ro", Path: "f", Flags: syscall.O_RDONLY | syscall.O_TRUNC}, &hr),
+		"mkdir":    call(t, c, proto.OpMkdir, &proto.OpenReq{Export: "ro", Path: "d", Mode: 0o755}, &a),
+		"unlink":   call(t, c, proto.OpUnlink, &proto.PathReq{Export: "ro", Path: "f"}, nil),
+		"rmdir":    call(t, c, proto.OpRmdir, &proto.PathReq{Export: "ro", Path: "f"}, nil),
+		"rename":   call(t, c, proto.OpRename, &proto.RenameReq{Export: "ro", From: "f", To: "g"}, nil),
+		"setattr":  call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "ro", Path: "f", Valid: proto.SetSize}, &a),
+		"utimens":  call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "ro", Path: "f", Valid: proto.SetMtimeNow}, &a),
+		"chmodAll": call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "ro", Path: "", Valid: proto.SetMode, Mode: 0o777}, &a),
+	} {
+		if e != syscall.EROFS {
+			t.Errorf("%s on a read-only export: %v, want EROFS", name, e)
+		}
+	}
+	if e := call(t, c, proto.OpOpen, &proto.OpenReq{Export: "ro", Path: "f", Flags: syscall.O_RDONLY}, &hr); e != 0 {
+		t.Fatalf("read-only open: %v", e)
+	}
+	if e := call(t, c, proto.OpWrite, &proto.IOReq{Handle: hr.Handle, Data: []byte("y")}, &proto.Count{}); e != syscall.EROFS {
+		t.Errorf("write on a read-only export: %v", e)
+	}
+}
+
+func TestFSReaddirMany(t *testing.T) {
+	c, rw, _ := setup(t)
+	const n = 5000
+	for i := range n {
+		os.WriteFile(filepath.Join(rw, fmt.Sprintf("file-%06d-with-a-long-name-to-fill-batches", i)), nil, 0o644)
+	}
+	var hr proto.HandleReply
+	if e := call(t, c, proto.OpOpendir, &proto.PathReq{Export: "rw"}, &hr); e != 0 {
+		t.Fatal(e)
+	}
+	seen, batches := map[string]bool{}, 0
+	for {
+		var l proto.DirList
+		if e := call(t, c, proto.OpReaddir, &proto.HandleReq{Handle: hr.Handle}, &l); e != 0 {
+			t.Fatal(e)
+		}
+		if len(l.Entries) == 0 {
+			break
+		}
+		batches++
+		for _, x := range l.Entries {
+			if seen[x.Name] {
+				t.Fatalf("%s listed twice", x.Name)
+			}
+			seen[x.Name] = true
+		}
+	}
+	if len(seen) != n || batches < 2 {
+		t.Fatalf("%d entries in %d batches, want %d in several", len(seen), batches, n)
+	}
+}
+
+func TestFSConcurrentRequests(t *testing.T) {
+	c, rw, _ := setup(t)
+	data := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
+	os.WriteFile(filepath.Join(rw, "big"), data, 0o644)
+	var hr proto.HandleReply
+	if e := call(t, c, proto.OpOpen, &proto.OpenReq{Export: "rw", Path: "big"}, &hr); e != 0 {
+		t.Fatal(e)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	for i := range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			off := i * 16 << 10
+			var d proto.Data
+			if _, e := c.Call(context.Background(), proto.OpRead, &proto.IOReq{Handle: hr.Handle, Offset: uint64(off), Size: 16 << 10}, &d); e != 0 {
+				errs <- e
+				return
+			}
+			if !bytes.Equal(d.Data, data[off:off+16<<10]) {
+				errs <- fmt.Errorf("read at %d: wrong bytes", off)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+}
+
+// A malformed request gets EINVAL and the connection goes on; an unknown
+// op gets ENOSYS; an oversized frame ends the connection.
+func TestFSMalformedRequests(t *testing.T) {
+	s, err := server.New([]server.Export{{Name: "rw", Path: t.TempDir()}}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	a, b := net.Pipe()
+	go s.ServeConn(b)
+	defer a.Close()
+	roundTrip := func(op proto.Op, payload []byte) uint32 {
+		t.Helper()
+		go a.Write(proto.AppendFrame(nil, 9, op, payload))
+		f, err := proto.ReadFrame(a)
+		if err != nil || f.ID != 9 || f.Op != op|proto.ReplyBit {
+			t.Fatalf("reply: %+v %v", f, err)
+		}
+		errno, _ := proto.ParseReply(f.Payload, nil)
+		return errno
+	}
+	if e := roundTrip(proto.OpGetattr, []byte{1, 2, 3}); e != uint32(syscall.EINVAL) {
+		t.Fatalf("truncated request: errno %d", e)
+	}
+	if e := roundTrip(proto.Op(99), nil); e != uint32(syscall.ENOSYS) {
+		t.Fatalf("unknown op: errno %d", e)
+	}
+	big := proto.AppendHeader(nil, 1, proto.OpWrite, proto.MaxPayload+1)
+	go a.Write(big)
+	if _, err := proto.ReadFrame(a); err != io.EOF && err != io.ErrClosedPipe {
+		t.Fatalf("after an oversized frame: %v, want the connection closed", err)
+	}
+}
+
+// The fabric port must offer the protocol to members (pki.ServerTLS lists
+// it by value, to keep pki free of capability packages).
+func TestFSProtocolOnFabricPort(t *testing.T) {
+	ca, err := pki.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := pki.ServerTLS(tls.Certificate{}, ca.Cert).GetConfigForClient(&tls.ClientHelloInfo{SupportedProtos: []string{proto.ALPN}})
+	if err != nil || !slices.Contains(cfg.NextProtos, proto.ALPN) || cfg.ClientAuth != tls.RequireAndVerifyClientCert {
+		t.Fatalf("fabric port config for %s: protos %v, client auth %v, %v", proto.ALPN, cfg.NextProtos, cfg.ClientAuth, err)
+	}
+}
