@@ -14,28 +14,53 @@ import (
 	"github.com/onebox-project/onebox/fabric/identity"
 )
 
-// clientFor returns an API client for the agent named by --agent,
-// $ONEBOX_AGENT, or the default socket.
-func clientFor(cmd *cobra.Command) (*api.Client, error) {
+// agentAddress is the agent the CLI talks to: --agent, $ONEBOX_AGENT,
+// the socket in --data-dir, or the default socket.
+func agentAddress(cmd *cobra.Command) string {
 	addr, _ := cmd.Flags().GetString("agent")
 	if addr == "" {
 		addr = os.Getenv("ONEBOX_AGENT")
 	}
-	dataDir, _ := cmd.Flags().GetString("data-dir")
 	if addr == "" {
-		if dataDir != "" {
-			addr = "unix://" + dataDir + "/agent.sock"
-		} else {
-			addr = api.DefaultAgent
+		if dataDir, _ := cmd.Flags().GetString("data-dir"); dataDir != "" {
+			return "unix://" + dataDir + "/agent.sock"
 		}
+		return api.DefaultAgent
 	}
+	return addr
+}
+
+// memberIdentity loads this machine's member identity, which an https
+// agent address needs for mutual TLS.
+func memberIdentity(cmd *cobra.Command) (*identity.Identity, error) {
+	dataDir, _ := cmd.Flags().GetString("data-dir")
+	if dataDir == "" {
+		dataDir = agent.DefaultDataDir
+	}
+	id, err := identity.Load(dataDir)
+	if err != nil {
+		return nil, fmt.Errorf("an https agent address needs this machine's member certificate: %w", err)
+	}
+	return id, nil
+}
+
+// readCommand is the start of every read verb: the -o format and a client.
+func readCommand(cmd *cobra.Command) (string, *api.Client, error) {
+	format, err := outputFormat(cmd)
+	if err != nil {
+		return "", nil, err
+	}
+	cl, err := clientFor(cmd)
+	return format, cl, err
+}
+
+// clientFor returns an API client for the agent named by agentAddress.
+func clientFor(cmd *cobra.Command) (*api.Client, error) {
+	addr := agentAddress(cmd)
 	if strings.HasPrefix(addr, "https://") {
-		if dataDir == "" {
-			dataDir = agent.DefaultDataDir
-		}
-		id, err := identity.Load(dataDir)
+		id, err := memberIdentity(cmd)
 		if err != nil {
-			return nil, fmt.Errorf("an https agent address needs this machine's member certificate: %w", err)
+			return nil, err
 		}
 		return api.NewClient(addr, id.ClientTLS())
 	}

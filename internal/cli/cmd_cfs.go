@@ -50,11 +50,7 @@ func newExportsCmd() *cobra.Command {
 live node did not answer (its last known exports are shown, marked stale).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cl, err := clientFor(cmd)
+			format, cl, err := readCommand(cmd)
 			if err != nil {
 				return err
 			}

@@ -215,11 +215,7 @@ func newNodesCmd() *cobra.Command {
 		Short: "List the machines of the cluster (or the named ones)",
 		Args:  cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, names []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cl, err := clientFor(cmd)
+			format, cl, err := readCommand(cmd)
 			if err != nil {
 				return err
 			}
@@ -312,11 +308,7 @@ func newStatusCmd() *cobra.Command {
 		Use:   "status",
 		Short: "Show the cluster as one machine",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cl, err := clientFor(cmd)
+			format, cl, err := readCommand(cmd)
 			if err != nil {
 				return err
 			}

@@ -21,9 +21,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/onebox-project/onebox/agent"
 	"github.com/onebox-project/onebox/fabric/api"
-	"github.com/onebox-project/onebox/fabric/identity"
 	"github.com/onebox-project/onebox/proc/manager"
 	"github.com/onebox-project/onebox/proc/stream"
 )
@@ -232,18 +230,7 @@ func runRun(cmd *cobra.Command, args []string) error {
 // function that opens a connection to it (unix socket, or mutual TLS to
 // an https address).
 func agentDial(cmd *cobra.Command) (func(ctx context.Context) (net.Conn, error), error) {
-	addr, _ := cmd.Flags().GetString("agent")
-	if addr == "" {
-		addr = os.Getenv("ONEBOX_AGENT")
-	}
-	dataDir, _ := cmd.Flags().GetString("data-dir")
-	if addr == "" {
-		if dataDir != "" {
-			addr = "unix://" + dataDir + "/agent.sock"
-		} else {
-			addr = api.DefaultAgent
-		}
-	}
+	addr := agentAddress(cmd)
 	wrap := func(err error) error {
 		if errors.Is(err, syscall.EACCES) {
 			return fmt.Errorf("cannot reach the onebox agent: %w (the agent's socket is for root only: run as root, e.g. with sudo)", err)
@@ -266,12 +253,9 @@ func agentDial(cmd *cobra.Command) (func(ctx context.Context) (net.Conn, error),
 		if err != nil || u.Host == "" {
 			return nil, usagef("bad agent address %q", addr)
 		}
-		if dataDir == "" {
-			dataDir = agent.DefaultDataDir
-		}
-		id, err := identity.Load(dataDir)
+		id, err := memberIdentity(cmd)
 		if err != nil {
-			return nil, fmt.Errorf("an https agent address needs this machine's member certificate: %w", err)
+			return nil, err
 		}
 		d := tls.Dialer{Config: id.ClientTLS()}
 		return func(ctx context.Context) (net.Conn, error) {
@@ -336,11 +320,7 @@ state (running, exited N, killed SIGNAL), CPU%, resident memory, start time and
 command. Exited processes stay listed for 10 minutes (at most 100 per node).
 Nodes that cannot be asked are named, and the exit status is then 1.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cl, err := clientFor(cmd)
+			format, cl, err := readCommand(cmd)
 			if err != nil {
 				return err
 			}
