@@ -442,7 +442,9 @@ func (a *Agent) Close() error {
 		if a.announcer != nil {
 			errs = append(errs, a.announcer.Close())
 		}
-		errs = append(errs, a.closeCFS(), a.closeProc())
+		// Programs first: they may still be writing files through the mount.
+		errs = append(errs, a.closeProc())
+		errs = append(errs, a.closeCFS())
 		if a.mux != nil {
 			a.mux.Close()
 		}

@@ -33,6 +33,21 @@ type ExitCodeError struct{ Code int }
 
 func (e ExitCodeError) Error() string { return fmt.Sprintf("exit status %d", e.Code) }
 
+// programEnv is the caller's environment minus what belongs to onebox on
+// the caller's machine: the join token (a secret the program has no use
+// for) and the address of the caller's local agent (meaningless on the
+// program's node).
+func programEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "ONEBOX_TOKEN=") || strings.HasPrefix(kv, "ONEBOX_AGENT=") {
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
 func exitWith(code int) error {
 	if code == 0 {
 		return nil
@@ -89,7 +104,7 @@ func runRun(cmd *cobra.Command, args []string) error {
 	if err != nil {
 		cwd = "/"
 	}
-	spec := stream.Spec{Argv: args, Env: os.Environ(), Dir: cwd, Node: node, Best: best, Detach: detach}
+	spec := stream.Spec{Argv: args, Env: programEnv(os.Environ()), Dir: cwd, Node: node, Best: best, Detach: detach}
 	if err := spec.Validate(); err != nil {
 		return usagef("%v", err)
 	}
@@ -155,7 +170,13 @@ func runRun(cmd *cobra.Command, args []string) error {
 	}
 	switch f.Type {
 	case stream.Error:
-		return errors.New(string(f.Payload))
+		msg := string(f.Payload)
+		if strings.Contains(msg, "executable file not found") {
+			// As a shell: the program could not be found, 127.
+			fmt.Fprintf(cmd.ErrOrStderr(), "onebox: %s\n", msg)
+			return ExitCodeError{Code: 127}
+		}
+		return errors.New(msg)
 	case stream.Started:
 	default:
 		return fmt.Errorf("the agent answered %s instead of started", f.Type)

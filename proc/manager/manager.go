@@ -363,19 +363,61 @@ func (m *Manager) Signal(gid string, sig syscall.Signal) error {
 	return m.SignalProc(p, sig)
 }
 
-// SignalProc sends sig to p's process group.
+// SignalProc sends sig to p's process group. After the program itself
+// has ended, its group may still hold processes it started (`sh -c 'x &'`):
+// they are signalled too, as long as they are there.
 func (m *Manager) SignalProc(p *Proc, sig syscall.Signal) error {
 	select {
 	case <-p.done:
-		return fmt.Errorf("manager: process %s has already ended", p.GID)
+		if !groupAlive(p.PID) {
+			return fmt.Errorf("manager: process %s has already ended", p.GID)
+		}
 	default:
 	}
 	// The group id is the leader's pid (Setpgid). Until the leader is
-	// reaped its pid cannot be reused, and done is closed only after.
+	// reaped its pid cannot be reused; after, groupAlive vouched for it.
 	if err := syscall.Kill(-p.PID, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
 		return fmt.Errorf("manager: signal %s: %w", p.GID, err)
 	}
 	return nil
+}
+
+// groupAlive reports whether process group pgid still has members in this
+// agent's session. Linux does not hand out a pid that names a live process
+// group, so while members remain the id is still ours; the session check
+// keeps an unrelated group that later took the number (in another
+// session, as a daemon or a login would be) from being signalled.
+func groupAlive(pgid int) bool {
+	sid, err := unix.Getsid(0)
+	if err != nil {
+		return false
+	}
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return false
+	}
+	for _, e := range entries {
+		if e.Name()[0] < '0' || e.Name()[0] > '9' {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// After "(comm)": state ppid pgrp session ...
+		i := strings.LastIndexByte(string(b), ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 4 || f[0] == "Z" {
+			continue
+		}
+		if f[2] == strconv.Itoa(pgid) && f[3] == strconv.Itoa(sid) {
+			return true
+		}
+	}
+	return false
 }
 
 // List reports every process in the table, oldest first.
@@ -463,8 +505,9 @@ func (m *Manager) Close(grace time.Duration) {
 		return
 	}
 	m.closed = true
-	var running []*Proc
+	var running, all []*Proc
 	for _, p := range m.procs {
+		all = append(all, p)
 		if p.ended.IsZero() {
 			running = append(running, p)
 		}
@@ -481,11 +524,12 @@ func (m *Manager) Close(grace time.Duration) {
 			}
 		}
 	}
-	for _, p := range running {
+	// Every group, also of programs that ended but left processes behind.
+	for _, p := range all {
 		_ = m.SignalProc(p, syscall.SIGTERM)
 	}
 	wait(grace)
-	for _, p := range running {
+	for _, p := range all {
 		_ = m.SignalProc(p, syscall.SIGKILL)
 	}
 	wait(2 * time.Second)

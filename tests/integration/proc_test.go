@@ -216,6 +216,46 @@ func TestProcRunPsKill(t *testing.T) {
 		}
 	})
 
+	// Processes a program leaves behind in its group are still its own:
+	// kill reaches them after the program itself ended.
+	t.Run("KillReachesLeftoverChildren", func(t *testing.T) {
+		marker := fmt.Sprintf("%d", 31000+os.Getpid()%1000)
+		r := cli(t, nil, "run", "--agent", n1.Agent(), "--node", n2.Name, "--", "sh", "-c", "sleep "+marker+" & echo started; exit 3")
+		if r.code != 3 {
+			t.Fatalf("exit %d: %s", r.code, r.stderr)
+		}
+		if !sleepRunning(marker) {
+			t.Fatalf("the background sleep should still run after its parent exited")
+		}
+		p := waitProc(t, n1, "the exited program", func(p manager.Info) bool { return strings.Contains(strings.Join(p.Command, " "), marker) })
+		if r := cli(t, nil, "kill", "-KILL", "--agent", n3.Agent(), p.GID); r.code != 0 {
+			t.Fatalf("kill of a program with leftover children: exit %d: %s", r.code, r.stderr)
+		}
+		err := testbed.WaitFor(context.Background(), 10*time.Second, "the leftover sleep to die", func(context.Context) (bool, error) {
+			return !sleepRunning(marker), nil
+		})
+		if err != nil {
+			t.Error(err)
+		}
+		if r := cli(t, nil, "kill", "--agent", n3.Agent(), p.GID); r.code != 1 || !strings.Contains(r.stderr, "already ended") {
+			t.Errorf("kill once the group is empty: exit %d %q", r.code, r.stderr)
+		}
+	})
+
+	// As a shell: a program that is not there exits 127; onebox's own
+	// token and agent address are not passed to the program.
+	t.Run("NotFoundAndEnvironment", func(t *testing.T) {
+		r := cli(t, nil, "run", "--agent", n1.Agent(), "--node", n2.Name, "--", "no-such-program-here")
+		if r.code != 127 || !strings.Contains(r.stderr, "not found") {
+			t.Errorf("missing program: exit %d %q", r.code, r.stderr)
+		}
+		r = cli(t, []string{"ONEBOX_TOKEN=secret-token", "ONEBOX_AGENT=" + n1.Agent(), "VISIBLE=yes"},
+			"run", "--node", n2.Name, "--", "sh", "-c", `echo "token=$ONEBOX_TOKEN agent=$ONEBOX_AGENT visible=$VISIBLE"`)
+		if r.code != 0 || strings.TrimSpace(r.stdout) != "token= agent= visible=yes" {
+			t.Errorf("environment: exit %d, %q %q", r.code, r.stdout, r.stderr)
+		}
+	})
+
 	t.Run("RunBest", func(t *testing.T) {
 		r := cli(t, nil, "run", "--agent", n1.Agent(), "--best", "--detach", "--", "true")
 		if r.code != 0 {
@@ -265,4 +305,20 @@ func TestProcRunPsKill(t *testing.T) {
 			t.Errorf("ps with n3 down: exit %d, unreachable %+v", pr.code, l.Unreachable)
 		}
 	})
+}
+
+// sleepRunning reports whether a "sleep ARG" process exists.
+func sleepRunning(arg string) bool {
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err == nil && string(b) == "sleep\x00"+arg+"\x00" {
+			st, _ := os.ReadFile("/proc/" + e.Name() + "/stat")
+			if i := strings.LastIndexByte(string(st), ')'); i > 0 && len(st) > i+2 && st[i+2] == 'Z' {
+				continue
+			}
+			return true
+		}
+	}
+	return false
 }
