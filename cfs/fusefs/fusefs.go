@@ -10,6 +10,15 @@
 // Concurrent writers on two nodes to one file are not coordinated: each
 // write reaches the owning node whole, in the order it arrives.
 //
+// Symlinks are shown as symlinks, with their targets as stored on the
+// node, and resolved by the kernel of the machine that follows them: a
+// relative target stays within the mount (a link "up -> ../.." from an
+// export's root leads to MOUNT, never to the node's directory above the
+// export), an absolute one names a path on the local machine, as with
+// NFS. A directory that would be its own ancestor (a bind mount on the
+// node) answers ELOOP. A file whose name is gone (unlinked while open)
+// is reached through its open handle only, never by a path.
+//
 // Failure: every request is bounded (client.DefaultTimeout); a node that
 // is down or unreachable makes operations on its subtree fail with
 // ENOTCONN (or EIO after a timeout), never hang, and its subtree works
@@ -27,6 +36,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -314,42 +324,122 @@ func (d *nodeDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 		return nil, errno
 	}
 	fillAttr(&out.Attr, &a)
-	return d.NewInode(ctx, &entry{c: d.c, node: d.name, export: name}, stable(d.name, name, &a)), 0
+	return d.NewInode(ctx, &entry{c: d.c, node: d.name, export: name, dev: a.Dev, ino: a.Ino}, stable(d.name, name, &a)), 0
 }
 
-// entry is a file or directory inside an export. Its path is not stored:
-// it is computed from the inode tree, which go-fuse keeps right across
-// renames.
+// entry is a file, directory or symlink inside an export. Its path is
+// not stored: it is computed from the inode tree, which go-fuse keeps
+// right across renames.
 type entry struct {
 	fs.Inode
 	c      *client.Client
 	node   string
 	export string
+	// dev and ino are the file's identity on its node. They go with
+	// requests the kernel checked permissions for against the cached
+	// attributes (open, setattr), so the node refuses (ESTALE) if the
+	// path names another file by now, instead of acting on it as root.
+	dev, ino uint64
+
+	mu   sync.Mutex
+	open map[*fileHandle]struct{} // guarded by mu: open files of the entry
+}
+
+// addOpen records an open file of the inode n (an entry).
+func addOpen(n *fs.Inode, fh *fileHandle) {
+	e, ok := n.Operations().(*entry)
+	if !ok {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.open == nil {
+		e.open = map[*fileHandle]struct{}{}
+	}
+	e.open[fh] = struct{}{}
+	fh.node = e
+}
+
+// anyOpen is one of the entry's open files, or nil.
+func (e *entry) anyOpen() *fileHandle {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for fh := range e.open {
+		return fh
+	}
+	return nil
 }
 
 var (
-	_ fs.NodeLookuper  = (*entry)(nil)
-	_ fs.NodeGetattrer = (*entry)(nil)
-	_ fs.NodeSetattrer = (*entry)(nil)
-	_ fs.NodeReaddirer = (*entry)(nil)
-	_ fs.NodeOpener    = (*entry)(nil)
-	_ fs.NodeCreater   = (*entry)(nil)
-	_ fs.NodeMkdirer   = (*entry)(nil)
-	_ fs.NodeUnlinker  = (*entry)(nil)
-	_ fs.NodeRmdirer   = (*entry)(nil)
-	_ fs.NodeRenamer   = (*entry)(nil)
-	_ fs.NodeStatfser  = (*entry)(nil)
-	_ fs.NodeFsyncer   = (*entry)(nil)
+	_ fs.NodeLookuper   = (*entry)(nil)
+	_ fs.NodeGetattrer  = (*entry)(nil)
+	_ fs.NodeSetattrer  = (*entry)(nil)
+	_ fs.NodeReaddirer  = (*entry)(nil)
+	_ fs.NodeOpener     = (*entry)(nil)
+	_ fs.NodeCreater    = (*entry)(nil)
+	_ fs.NodeMkdirer    = (*entry)(nil)
+	_ fs.NodeUnlinker   = (*entry)(nil)
+	_ fs.NodeRmdirer    = (*entry)(nil)
+	_ fs.NodeRenamer    = (*entry)(nil)
+	_ fs.NodeStatfser   = (*entry)(nil)
+	_ fs.NodeFsyncer    = (*entry)(nil)
+	_ fs.NodeReadlinker = (*entry)(nil)
+	_ fs.NodeSymlinker  = (*entry)(nil)
 )
 
-// path is the entry's path relative to its export.
-func (e *entry) path() string {
-	p := e.Path(nil) // node/export/rel...
-	parts := strings.SplitN(p, "/", 3)
-	if len(parts) < 3 {
-		return ""
+// maxDepth bounds walks up the inode tree: a path of MaxPath bytes has at
+// most this many components.
+const maxDepth = proto.MaxPath/2 + 1
+
+// path is the entry's path relative to its export. ok is false when the
+// entry is no longer connected to its export's root (deleted, or its
+// directory deleted, while still open or in use): the caller must then
+// answer ESTALE (or use an open handle), never act on the root.
+func (e *entry) path() (p string, ok bool) {
+	var names []string
+	n := e.EmbeddedInode()
+	for range maxDepth {
+		name, parent := n.Parent()
+		if parent == nil {
+			return "", false
+		}
+		if _, top := parent.Operations().(*nodeDir); top {
+			if name != e.export {
+				return "", false
+			}
+			slices.Reverse(names)
+			return strings.Join(names, "/"), true
+		}
+		names = append(names, name)
+		n = parent
 	}
-	return parts[2]
+	return "", false
+}
+
+// childPath is the path of name in the entry, a directory.
+func (e *entry) childPath(name string) (string, syscall.Errno) {
+	dir, ok := e.path()
+	if !ok {
+		return "", syscall.ESTALE
+	}
+	return join(dir, name), 0
+}
+
+// isAncestor reports whether the inode number ino is the entry's or one
+// of its ancestors' (or the tree is too deep to tell).
+func (e *entry) isAncestor(ino uint64) bool {
+	n := e.EmbeddedInode()
+	for range maxDepth {
+		if n.StableAttr().Ino == ino {
+			return true
+		}
+		_, parent := n.Parent()
+		if parent == nil {
+			return false
+		}
+		n = parent
+	}
+	return true
 }
 
 func join(dir, name string) string {
@@ -359,9 +449,17 @@ func join(dir, name string) string {
 	return dir + "/" + name
 }
 
-func (e *entry) newChild(ctx context.Context, a *proto.Attr, out *fuse.EntryOut) *fs.Inode {
+// newChild makes (or finds) the inode of a child of the entry. A child
+// with the inode number of the entry or an ancestor (a bind mount of a
+// directory inside itself on the node) would make the tree a loop, which
+// go-fuse cannot walk: it is refused with ELOOP.
+func (e *entry) newChild(ctx context.Context, a *proto.Attr, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	st := stable(e.node, e.export, a)
+	if e.isAncestor(st.Ino) {
+		return nil, syscall.ELOOP
+	}
 	fillAttr(&out.Attr, a)
-	return e.NewInode(ctx, &entry{c: e.c, node: e.node, export: e.export}, stable(e.node, e.export, a))
+	return e.NewInode(ctx, &entry{c: e.c, node: e.node, export: e.export, dev: a.Dev, ino: a.Ino}, st), 0
 }
 
 // stable identifies a file by where it lives: node, export, and its
@@ -392,11 +490,15 @@ func inoOf(node, export string, dev, ino uint64) uint64 {
 }
 
 func (e *entry) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	var a proto.Attr
-	if _, errno := e.c.Call(ctx, proto.OpGetattr, &proto.PathReq{Export: e.export, Path: join(e.path(), name)}, &a); errno != 0 {
+	p, errno := e.childPath(name)
+	if errno != 0 {
 		return nil, errno
 	}
-	return e.newChild(ctx, &a, out), 0
+	var a proto.Attr
+	if _, errno := e.c.Call(ctx, proto.OpGetattr, &proto.PathReq{Export: e.export, Path: p}, &a); errno != 0 {
+		return nil, errno
+	}
+	return e.newChild(ctx, &a, out)
 }
 
 func (e *entry) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -404,8 +506,10 @@ func (e *entry) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut)
 	var errno syscall.Errno
 	if fh, ok := f.(*fileHandle); ok {
 		errno = e.c.CallOn(ctx, fh.gen, proto.OpFstat, &proto.HandleReq{Handle: fh.h}, &a)
+	} else if p, ok := e.path(); ok {
+		_, errno = e.c.Call(ctx, proto.OpGetattr, &proto.PathReq{Export: e.export, Path: p}, &a)
 	} else {
-		_, errno = e.c.Call(ctx, proto.OpGetattr, &proto.PathReq{Export: e.export, Path: e.path()}, &a)
+		errno = syscall.ESTALE
 	}
 	if errno != 0 {
 		return errno
@@ -415,10 +519,20 @@ func (e *entry) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut)
 }
 
 func (e *entry) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
-	r := proto.SetattrReq{Export: e.export, Path: e.path(), UID: ^uint32(0), GID: ^uint32(0)}
+	// An open handle is used as it is (the file may have been unlinked
+	// or moved); otherwise the path, checked to still name this file.
+	// The kernel passes the handle only for ftruncate: fchmod or
+	// futimens of an open file whose name is gone use any open handle.
+	r := proto.SetattrReq{Export: e.export, UID: ^uint32(0), GID: ^uint32(0)}
 	var gen uint64
 	if fh, ok := f.(*fileHandle); ok {
 		r.Handle, gen = fh.h, fh.gen
+	} else if p, ok := e.path(); ok {
+		r.Path, r.Dev, r.Ino = p, e.dev, e.ino
+	} else if fh := e.anyOpen(); fh != nil {
+		r.Handle, gen = fh.h, fh.gen
+	} else {
+		return syscall.ESTALE
 	}
 	if m, ok := in.GetMode(); ok {
 		r.Valid |= proto.SetMode
@@ -463,8 +577,12 @@ func (e *entry) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn
 }
 
 func (e *entry) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	p, ok := e.path()
+	if !ok {
+		return nil, syscall.ESTALE
+	}
 	var hr proto.HandleReply
-	gen, errno := e.c.Call(ctx, proto.OpOpendir, &proto.PathReq{Export: e.export, Path: e.path()}, &hr)
+	gen, errno := e.c.Call(ctx, proto.OpOpendir, &proto.PathReq{Export: e.export, Path: p}, &hr)
 	if errno != 0 {
 		return nil, errno
 	}
@@ -486,42 +604,101 @@ func (e *entry) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 }
 
 func (e *entry) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	p, ok := e.path()
+	if !ok {
+		return nil, 0, syscall.ESTALE
+	}
 	var hr proto.HandleReply
-	gen, errno := e.c.Call(ctx, proto.OpOpen, &proto.OpenReq{Export: e.export, Path: e.path(), Flags: flags}, &hr)
+	gen, errno := e.c.Call(ctx, proto.OpOpen, &proto.OpenReq{Export: e.export, Path: p, Flags: flags, Dev: e.dev, Ino: e.ino}, &hr)
 	if errno != 0 {
 		return nil, 0, errno
 	}
-	return &fileHandle{c: e.c, gen: gen, h: hr.Handle}, 0, 0
+	fh := &fileHandle{c: e.c, gen: gen, h: hr.Handle}
+	addOpen(e.EmbeddedInode(), fh)
+	return fh, 0, 0
 }
 
 func (e *entry) Create(ctx context.Context, name string, flags, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
+	p, errno := e.childPath(name)
+	if errno != 0 {
+		return nil, nil, 0, errno
+	}
 	var hr proto.HandleReply
-	r := proto.OpenReq{Export: e.export, Path: join(e.path(), name), Flags: flags, Mode: mode}
+	r := proto.OpenReq{Export: e.export, Path: p, Flags: flags, Mode: mode}
 	r.UID, r.GID = caller(ctx)
 	gen, errno := e.c.Call(ctx, proto.OpCreate, &r, &hr)
 	if errno != 0 {
 		return nil, nil, 0, errno
 	}
-	return e.newChild(ctx, &hr.Attr, out), &fileHandle{c: e.c, gen: gen, h: hr.Handle}, 0, 0
+	fh := &fileHandle{c: e.c, gen: gen, h: hr.Handle}
+	n, errno := e.newChild(ctx, &hr.Attr, out)
+	if errno != 0 {
+		fh.Release(ctx)
+		return nil, nil, 0, errno
+	}
+	addOpen(n, fh)
+	return n, fh, 0, 0
 }
 
 func (e *entry) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	p, errno := e.childPath(name)
+	if errno != 0 {
+		return nil, errno
+	}
 	var a proto.Attr
-	r := proto.OpenReq{Export: e.export, Path: join(e.path(), name), Mode: mode}
+	r := proto.OpenReq{Export: e.export, Path: p, Mode: mode}
 	r.UID, r.GID = caller(ctx)
 	if _, errno := e.c.Call(ctx, proto.OpMkdir, &r, &a); errno != 0 {
 		return nil, errno
 	}
-	return e.newChild(ctx, &a, out), 0
+	return e.newChild(ctx, &a, out)
+}
+
+// Symlink makes a symlink on the node. Its target is a string stored as
+// it is: the kernel of whichever machine follows the link resolves it
+// there, so an absolute target names a path on that machine (as with
+// NFS), and a relative one stays within the mount.
+func (e *entry) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	p, errno := e.childPath(name)
+	if errno != 0 {
+		return nil, errno
+	}
+	var a proto.Attr
+	r := proto.SymlinkReq{Export: e.export, Path: p, Target: target}
+	r.UID, r.GID = caller(ctx)
+	if _, errno := e.c.Call(ctx, proto.OpSymlink, &r, &a); errno != 0 {
+		return nil, errno
+	}
+	return e.newChild(ctx, &a, out)
+}
+
+func (e *entry) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	p, ok := e.path()
+	if !ok {
+		return nil, syscall.ESTALE
+	}
+	var d proto.Data
+	if _, errno := e.c.Call(ctx, proto.OpReadlink, &proto.PathReq{Export: e.export, Path: p}, &d); errno != 0 {
+		return nil, errno
+	}
+	return d.Data, 0
 }
 
 func (e *entry) Unlink(ctx context.Context, name string) syscall.Errno {
-	_, errno := e.c.Call(ctx, proto.OpUnlink, &proto.PathReq{Export: e.export, Path: join(e.path(), name)}, nil)
+	p, errno := e.childPath(name)
+	if errno != 0 {
+		return errno
+	}
+	_, errno = e.c.Call(ctx, proto.OpUnlink, &proto.PathReq{Export: e.export, Path: p}, nil)
 	return errno
 }
 
 func (e *entry) Rmdir(ctx context.Context, name string) syscall.Errno {
-	_, errno := e.c.Call(ctx, proto.OpRmdir, &proto.PathReq{Export: e.export, Path: join(e.path(), name)}, nil)
+	p, errno := e.childPath(name)
+	if errno != 0 {
+		return errno
+	}
+	_, errno = e.c.Call(ctx, proto.OpRmdir, &proto.PathReq{Export: e.export, Path: p}, nil)
 	return errno
 }
 
@@ -530,7 +707,15 @@ func (e *entry) Rename(ctx context.Context, name string, newParent fs.InodeEmbed
 	if !ok || np.c != e.c || np.export != e.export {
 		return syscall.EXDEV // across exports or nodes: mv copies instead
 	}
-	_, errno := e.c.Call(ctx, proto.OpRename, &proto.RenameReq{Export: e.export, From: join(e.path(), name), To: join(np.path(), newName), Flags: flags}, nil)
+	from, errno := e.childPath(name)
+	if errno != 0 {
+		return errno
+	}
+	to, errno := np.childPath(newName)
+	if errno != 0 {
+		return errno
+	}
+	_, errno = e.c.Call(ctx, proto.OpRename, &proto.RenameReq{Export: e.export, From: from, To: to, Flags: flags}, nil)
 	return errno
 }
 
@@ -553,9 +738,10 @@ func (e *entry) Fsync(ctx context.Context, f fs.FileHandle, flags uint32) syscal
 
 // fileHandle is a file open on the owning node.
 type fileHandle struct {
-	c   *client.Client
-	gen uint64
-	h   uint64
+	c    *client.Client
+	gen  uint64
+	h    uint64
+	node *entry // set once by addOpen, before the kernel sees the handle
 
 	once sync.Once
 }
@@ -610,6 +796,11 @@ func (f *fileHandle) Flush(ctx context.Context) syscall.Errno { return 0 }
 
 func (f *fileHandle) Release(ctx context.Context) syscall.Errno {
 	f.once.Do(func() {
+		if e := f.node; e != nil {
+			e.mu.Lock()
+			delete(e.open, f)
+			e.mu.Unlock()
+		}
 		// Bounded by the client's timeout; a broken connection already
 		// closed the handle on the owning node.
 		if f.c.Gen() == f.gen {

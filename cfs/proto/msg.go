@@ -49,6 +49,12 @@ type OpenReq struct {
 	Flags    uint32 // open(2) flags
 	Mode     uint32 // permission bits for create and mkdir
 	UID, GID uint32 // owner of what create and mkdir make: the caller
+	// Dev and Ino, if Ino is non-zero, are the identity of the file the
+	// client checked permissions against (its cached attributes): the
+	// server answers ESTALE if the path now names another file, so a
+	// file swapped in between (a symlink to a root-only file) is never
+	// opened on the caller's behalf.
+	Dev, Ino uint64
 }
 
 func (m *OpenReq) encode(e *enc) {
@@ -58,6 +64,8 @@ func (m *OpenReq) encode(e *enc) {
 	e.u32(m.Mode)
 	e.u32(m.UID)
 	e.u32(m.GID)
+	e.u64(m.Dev)
+	e.u64(m.Ino)
 }
 
 func (m *OpenReq) decode(d *dec) {
@@ -67,6 +75,37 @@ func (m *OpenReq) decode(d *dec) {
 	m.Mode = d.u32()
 	m.UID = d.u32()
 	m.GID = d.u32()
+	m.Dev = d.u64()
+	m.Ino = d.u64()
+}
+
+// SymlinkReq makes a symlink at Path whose target is Target, a string
+// stored as it is (the client's kernel resolves it, in the client's
+// namespace).
+type SymlinkReq struct {
+	Export   string
+	Path     string
+	Target   string
+	UID, GID uint32 // owner of the link: the caller
+}
+
+func (m *SymlinkReq) encode(e *enc) {
+	e.str(m.Export)
+	e.str(m.Path)
+	e.str(m.Target)
+	e.u32(m.UID)
+	e.u32(m.GID)
+}
+
+func (m *SymlinkReq) decode(d *dec) {
+	m.Export = d.str(MaxName)
+	m.Path = d.str(MaxPath)
+	m.Target = d.str(MaxPath)
+	m.UID = d.u32()
+	m.GID = d.u32()
+	if d.err == nil && m.Target == "" {
+		d.fail("empty symlink target")
+	}
 }
 
 // HandleReq names an open handle.
@@ -220,7 +259,8 @@ const (
 )
 
 // SetattrReq changes attributes of a path, or of an open handle (Handle
-// non-zero) for truncation.
+// non-zero, Path then empty): a handle is valid only with the export it
+// was opened in, and the path is not consulted.
 type SetattrReq struct {
 	Export       string
 	Path         string
@@ -230,6 +270,9 @@ type SetattrReq struct {
 	UID, GID     uint32
 	Size         uint64
 	Atime, Mtime Timespec
+	// Dev and Ino, if Ino is non-zero, are the identity the client
+	// checked (see OpenReq); a path naming another file gets ESTALE.
+	Dev, Ino uint64
 }
 
 func (m *SetattrReq) encode(e *enc) {
@@ -243,6 +286,8 @@ func (m *SetattrReq) encode(e *enc) {
 	e.u64(m.Size)
 	m.Atime.encode(e)
 	m.Mtime.encode(e)
+	e.u64(m.Dev)
+	e.u64(m.Ino)
 }
 
 func (m *SetattrReq) decode(d *dec) {
@@ -256,6 +301,8 @@ func (m *SetattrReq) decode(d *dec) {
 	m.Size = d.u64()
 	m.Atime.decode(d)
 	m.Mtime.decode(d)
+	m.Dev = d.u64()
+	m.Ino = d.u64()
 	if d.err == nil && (m.Valid&^setAll != 0 || m.Size > 1<<63-1) {
 		d.fail("setattr out of range")
 	}

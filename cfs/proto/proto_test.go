@@ -16,7 +16,8 @@ func messages() []Msg {
 		&Empty{},
 		&ExportList{Exports: []ExportInfo{{Name: "scratch"}, {Name: "ro", ReadOnly: true}}},
 		&PathReq{Export: "scratch", Path: "a/b"},
-		&OpenReq{Export: "scratch", Path: "f", Flags: 0o2101, Mode: 0o644},
+		&OpenReq{Export: "scratch", Path: "f", Flags: 0o2101, Mode: 0o644, Dev: 2049, Ino: 77},
+		&SymlinkReq{Export: "scratch", Path: "l", Target: "../x", UID: 1000, GID: 1000},
 		&HandleReq{Handle: 42},
 		&HandleReply{Handle: 42, Attr: attr},
 		&IOReq{Handle: 1, Offset: 4096, Size: 10, Data: []byte("hello")},
@@ -24,7 +25,7 @@ func messages() []Msg {
 		&Count{N: 5},
 		&Attr{Ino: 3, Mode: 0o40755},
 		&DirList{Dev: 2049, Entries: []DirEntry{{Name: "x", Mode: 0o100000, Ino: 1}, {Name: "dir", Mode: 0o40000, Ino: 2}}},
-		&SetattrReq{Export: "e", Path: "p", Valid: SetMode | SetMtime, Mode: 0o600, Mtime: ts},
+		&SetattrReq{Export: "e", Path: "p", Valid: SetMode | SetMtime, Mode: 0o600, Mtime: ts, Dev: 1, Ino: 2},
 		&RenameReq{Export: "e", From: "a", To: "b/c", Flags: 1},
 		&Statfs{Blocks: 10, Bfree: 5, Bavail: 4, Files: 100, Ffree: 50, Bsize: 4096, NameLen: 255, Frsize: 4096},
 	}

@@ -75,10 +75,11 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if proto.Unmarshal(b, &r) != nil {
 			return unix.EINVAL, nil
 		}
-		h, errno := cn.handle(r.Handle)
+		h, release, errno := cn.acquire(r.Handle)
 		if errno != 0 {
 			return errno, nil
 		}
+		defer release()
 		if !h.dir {
 			return unix.ENOTDIR, nil
 		}
@@ -98,12 +99,16 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if proto.Unmarshal(b, &r) != nil {
 			return unix.EINVAL, nil
 		}
-		h, errno := cn.handle(r.Handle)
+		h, release, errno := cn.acquire(r.Handle)
 		if errno != 0 {
 			return errno, nil
 		}
+		defer release()
 		if h.dir {
 			return unix.EISDIR, nil
+		}
+		if testHookIO != nil {
+			testHookIO()
 		}
 		return fileIO(op, h, &r)
 	case proto.OpClose:
@@ -117,10 +122,11 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if proto.Unmarshal(b, &r) != nil {
 			return unix.EINVAL, nil
 		}
-		h, errno := cn.handle(r.Handle)
+		h, release, errno := cn.acquire(r.Handle)
 		if errno != 0 {
 			return errno, nil
 		}
+		defer release()
 		return fstat(h.fd)
 	case proto.OpSetattr:
 		var r proto.SetattrReq
@@ -132,6 +138,52 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 			return errno, nil
 		}
 		return cn.setattr(e, &r)
+	case proto.OpReadlink:
+		var r proto.PathReq
+		e, errno := cn.pathReq(b, &r, false)
+		if errno != 0 {
+			return errno, nil
+		}
+		buf := make([]byte, proto.MaxPath+1)
+		var n int
+		errno = e.atParent(r.Path, func(dfd int, name string) (err error) {
+			n, err = unix.Readlinkat(dfd, name, buf)
+			return err
+		})
+		if errno != 0 {
+			return errno, nil
+		}
+		if n > proto.MaxPath {
+			return unix.ENAMETOOLONG, nil
+		}
+		return 0, &proto.Data{Data: buf[:n]}
+	case proto.OpSymlink:
+		var r proto.SymlinkReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		e, errno := cn.export(r.Export, r.Path, true)
+		if errno != 0 {
+			return errno, nil
+		}
+		errno = e.atParent(r.Path, func(dfd int, name string) error {
+			if err := unix.Symlinkat(r.Target, dfd, name); err != nil {
+				return err
+			}
+			if unix.Geteuid() == 0 && (r.UID != 0 || r.GID != 0) {
+				_ = unix.Fchownat(dfd, name, int(r.UID), int(r.GID), unix.AT_SYMLINK_NOFOLLOW)
+			}
+			return nil
+		})
+		if errno != 0 {
+			return errno, nil
+		}
+		fd, errno := e.open(r.Path, unix.O_PATH, 0)
+		if errno != 0 {
+			return errno, nil
+		}
+		defer unix.Close(fd)
+		return fstat(fd)
 	case proto.OpMkdir:
 		var r proto.OpenReq
 		if proto.Unmarshal(b, &r) != nil {
@@ -187,6 +239,10 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 	return unix.ENOSYS, nil
 }
 
+// testHookIO, set by tests only, runs between finding a handle and using
+// its descriptor.
+var testHookIO func()
+
 func errnoErr(e unix.Errno) error {
 	if e == 0 {
 		return nil
@@ -222,10 +278,18 @@ func (cn *conn) export(name, path string, write bool) (*export, unix.Errno) {
 	return e, 0
 }
 
-// open resolves path beneath the export's root and opens it. A path that
-// would leave the export (a symlink pointing outside, a magic link) fails
-// with EACCES: openat2 reports EXDEV or ELOOP, which would only confuse.
+// open resolves path beneath the export's root and opens it, without
+// following a symlink in its last component (with O_PATH, the descriptor
+// is the link's). A path that would leave the export (a symlink pointing
+// outside, a magic link) fails with EACCES: openat2 reports EXDEV, which
+// would only confuse.
 func (e *export) open(path string, flags int, mode uint32) (int, unix.Errno) {
+	return e.resolve(path, flags|unix.O_NOFOLLOW, mode)
+}
+
+// resolve is open following a symlink in the last component too (as long
+// as it stays beneath the root).
+func (e *export) resolve(path string, flags int, mode uint32) (int, unix.Errno) {
 	if path == "" {
 		path = "."
 	}
@@ -255,7 +319,7 @@ func (e *export) atParent(path string, f func(dfd int, name string) error) unix.
 	if i := strings.LastIndexByte(path, '/'); i >= 0 {
 		dir, name = path[:i], path[i+1:]
 	}
-	dfd, errno := e.open(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	dfd, errno := e.resolve(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
 	if errno != 0 {
 		return errno
 	}
@@ -283,10 +347,15 @@ func (cn *conn) open(e *export, r *proto.OpenReq, create bool) (unix.Errno, prot
 			owner(fd, r)
 			_ = unix.Fchmod(fd, r.Mode&0o7777)
 		} else if errno == unix.EEXIST && flags&unix.O_EXCL == 0 {
-			fd, errno = e.open(r.Path, flags, 0)
+			// The client's kernel found no file there, so it checked no
+			// permission on one: a file that appeared since is checked
+			// here, against the caller's user and group.
+			fd, errno = e.openFile(r.Path, flags, 0, 0, func(st *unix.Stat_t) unix.Errno {
+				return mayOpen(st, r.UID, r.GID, flags)
+			})
 		}
 	} else {
-		fd, errno = e.open(r.Path, flags|unix.O_NOCTTY, 0)
+		fd, errno = e.openFile(r.Path, flags, r.Dev, r.Ino, nil)
 	}
 	if errno != 0 {
 		return errno, nil
@@ -297,16 +366,107 @@ func (cn *conn) open(e *export, r *proto.OpenReq, create bool) (unix.Errno, prot
 		return errno, nil
 	}
 	attr := *a.(*proto.Attr)
-	if attr.Mode&unix.S_IFMT == unix.S_IFDIR && acc != unix.O_RDONLY {
-		unix.Close(fd)
-		return unix.EISDIR, nil
-	}
 	id, errno := cn.addHandle(&handle{fd: fd, exp: e})
 	if errno != 0 {
 		unix.Close(fd)
 		return errno, nil
 	}
 	return 0, &proto.HandleReply{Handle: id, Attr: attr}
+}
+
+// pathFD opens path's last component itself (O_PATH, a symlink not
+// followed) and checks it is the file (dev, ino) if ino is non-zero: the
+// file the client checked permissions against. Another file there (one
+// swapped in since) is ESTALE.
+func (e *export) pathFD(path string, dev, ino uint64) (int, *unix.Stat_t, unix.Errno) {
+	fd, errno := e.open(path, unix.O_PATH, 0)
+	if errno != 0 {
+		return -1, nil, errno
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return -1, nil, errnoOf(err)
+	}
+	if ino != 0 && (st.Dev != dev || st.Ino != ino) {
+		unix.Close(fd)
+		return -1, nil, unix.ESTALE
+	}
+	return fd, &st, 0
+}
+
+// openFile opens an existing regular file or directory (a directory only
+// for reading) at path, checking its identity as pathFD does. Anything
+// else is refused before it is opened: a symlink (ELOOP), a FIFO, socket
+// or device (ENXIO), whose open could block or have effects.
+func (e *export) openFile(path string, flags int, dev, ino uint64, check func(*unix.Stat_t) unix.Errno) (int, unix.Errno) {
+	pfd, st, errno := e.pathFD(path, dev, ino)
+	if errno != 0 {
+		return -1, errno
+	}
+	defer unix.Close(pfd)
+	if check != nil {
+		if errno := check(st); errno != 0 {
+			return -1, errno
+		}
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFREG:
+	case unix.S_IFDIR:
+		if flags&unix.O_ACCMODE != unix.O_RDONLY || flags&unix.O_TRUNC != 0 {
+			return -1, unix.EISDIR
+		}
+	case unix.S_IFLNK:
+		return -1, unix.ELOOP
+	default:
+		return -1, unix.ENXIO
+	}
+	return reopen(pfd, flags)
+}
+
+// mayOpen checks the permission bits of st for opening with flags by
+// uid and gid, as the client's kernel would have (without supplementary
+// groups, which the request does not carry: it may refuse more). Root,
+// and a server that is not root (the kernel checks for it), pass.
+func mayOpen(st *unix.Stat_t, uid, gid uint32, flags int) unix.Errno {
+	if uid == 0 || unix.Geteuid() != 0 {
+		return 0
+	}
+	var want uint32
+	switch flags & unix.O_ACCMODE {
+	case unix.O_RDONLY:
+		want = 4
+	case unix.O_WRONLY:
+		want = 2
+	default:
+		want = 6
+	}
+	if flags&unix.O_TRUNC != 0 {
+		want |= 2
+	}
+	bits := st.Mode & 7
+	switch {
+	case st.Uid == uid:
+		bits = st.Mode >> 6 & 7
+	case st.Gid == gid:
+		bits = st.Mode >> 3 & 7
+	}
+	if bits&want != want {
+		return unix.EACCES
+	}
+	return 0
+}
+
+// reopen opens the file an O_PATH descriptor names (by its /proc link:
+// the same file, wherever it is now).
+func reopen(pfd int, flags int) (int, unix.Errno) {
+	for {
+		fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(pfd), flags|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+		if err == unix.EINTR {
+			continue
+		}
+		return fd, errnoOf(err)
+	}
 }
 
 // owner gives what create or mkdir made to the caller on the client (the
@@ -371,33 +531,46 @@ func fileIO(op proto.Op, h *handle, r *proto.IOReq) (unix.Errno, proto.Msg) {
 }
 
 func (cn *conn) setattr(e *export, r *proto.SetattrReq) (unix.Errno, proto.Msg) {
+	// Either an open handle of this export, or a path: never one for the
+	// other.
+	var fd int
 	var h *handle
+	var st *unix.Stat_t
 	if r.Handle != 0 {
+		if r.Path != "" {
+			return unix.EINVAL, nil
+		}
+		var release func()
 		var errno unix.Errno
-		if h, errno = cn.handle(r.Handle); errno != 0 {
+		if h, release, errno = cn.acquire(r.Handle); errno != 0 {
 			return errno, nil
 		}
-	}
-	fd, errno := e.open(r.Path, unix.O_PATH, 0)
-	if errno != 0 {
-		if h == nil {
+		defer release()
+		if h.exp != e {
+			return unix.EBADF, nil
+		}
+		fd = h.fd
+	} else {
+		var errno unix.Errno
+		if fd, st, errno = e.pathFD(r.Path, r.Dev, r.Ino); errno != 0 {
 			return errno, nil
 		}
-		d, err := unix.Dup(h.fd) // the open file may have been unlinked or moved
-		if err != nil {
-			return errnoOf(err), nil
-		}
-		fd = d
+		defer unix.Close(fd)
 	}
-	defer unix.Close(fd)
 	if r.Valid&proto.SetSize != 0 {
-		errno = unix.EBADF
-		if h != nil && !h.dir {
+		var errno unix.Errno
+		switch {
+		case h != nil && h.dir:
+			errno = unix.EISDIR
+		case h != nil:
 			errno = errnoOf(unix.Ftruncate(h.fd, int64(r.Size)))
-		}
-		if errno == unix.EBADF || errno == unix.EINVAL {
-			// No handle open for writing: open the path for writing.
-			wfd, werr := e.open(r.Path, unix.O_WRONLY, 0)
+		case st.Mode&unix.S_IFMT == unix.S_IFDIR:
+			errno = unix.EISDIR
+		case st.Mode&unix.S_IFMT != unix.S_IFREG:
+			errno = unix.EINVAL
+		default:
+			// Truncate the file checked above, wherever it is now.
+			wfd, werr := reopen(fd, unix.O_WRONLY)
 			if werr != 0 {
 				return werr, nil
 			}
@@ -407,6 +580,9 @@ func (cn *conn) setattr(e *export, r *proto.SetattrReq) (unix.Errno, proto.Msg) 
 		if errno != 0 {
 			return errno, nil
 		}
+	}
+	if r.Valid&proto.SetMode != 0 && st != nil && st.Mode&unix.S_IFMT == unix.S_IFLNK {
+		return unix.EOPNOTSUPP, nil // a symlink's mode cannot change (lchmod)
 	}
 	// The descriptor was resolved beneath the root, so acting on it by its
 	// /proc/self/fd link or with AT_EMPTY_PATH cannot leave the export.
@@ -462,8 +638,8 @@ func AttrOf(st *unix.Stat_t) *proto.Attr {
 // readdir returns the next batch of entries of an open directory (at most
 // what one getdents64 call of 64 KiB yields), empty at the end.
 func readdir(h *handle) (unix.Errno, proto.Msg) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
+	h.dmu.Lock()
+	defer h.dmu.Unlock()
 	var st unix.Stat_t
 	if err := unix.Fstat(h.fd, &st); err != nil {
 		return errnoOf(err), nil
@@ -516,10 +692,11 @@ func dtToMode(t uint8) uint32 {
 	switch t {
 	case unix.DT_DIR:
 		return unix.S_IFDIR
-	case unix.DT_LNK, unix.DT_UNKNOWN:
-		// A symlink is shown as what it points to, which only a lookup
-		// finds out: "unknown" makes programs that trust d_type (find,
-		// fts) ask.
+	case unix.DT_LNK:
+		return unix.S_IFLNK
+	case unix.DT_UNKNOWN:
+		// Only a lookup finds out: "unknown" makes programs that trust
+		// d_type (find, fts) ask.
 		return 0
 	case unix.DT_FIFO:
 		return unix.S_IFIFO

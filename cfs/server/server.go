@@ -5,9 +5,14 @@
 // rename race can reach a file outside the export; read-only exports
 // refuse every change with EROFS.
 //
-// Symlinks inside an export are followed by the server as long as they
-// stay inside it; the client sees their targets, never the links, so a
-// client kernel never resolves an export's symlink against its own root.
+// Symlinks are shown as symlinks: the last component of a path is never
+// followed (O_NOFOLLOW, readlinkat), so getattr, readdir and readlink
+// report the link itself and the client's kernel resolves it within the
+// mount (an absolute target then names a path on the client's machine, as
+// with NFS). Components before the last are resolved beneath the root, so
+// a link leading outside is still refused. Only regular files and
+// directories are opened: FIFOs, sockets and devices answer ENXIO, so no
+// request can block on an open.
 package server
 
 import (
@@ -42,6 +47,8 @@ const (
 	// WriteTimeout bounds sending one reply, so a client that stops
 	// reading cannot pin the server's goroutines.
 	WriteTimeout = 10 * time.Second
+	// CloseTimeout bounds how long Close waits for requests in flight.
+	CloseTimeout = 5 * time.Second
 )
 
 type export struct {
@@ -86,7 +93,10 @@ func New(exports []Export, log *slog.Logger) (*Server, error) {
 	return s, nil
 }
 
-// Close ends every connection and closes the export roots.
+// Close ends every connection and closes the export roots. It waits at
+// most CloseTimeout for requests in flight; if some are still running
+// then (a system call stuck on the exported filesystem), it returns
+// anyway and leaves the roots open for them.
 func (s *Server) Close() error {
 	s.mu.Lock()
 	s.closed = true
@@ -94,7 +104,14 @@ func (s *Server) Close() error {
 		c.Close()
 	}
 	s.mu.Unlock()
-	s.wg.Wait()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(CloseTimeout):
+		s.log.Warn("cfs: requests still running after close; not waiting for them", "waited", CloseTimeout)
+		return nil
+	}
 	for _, e := range s.exports {
 		unix.Close(e.root)
 	}
@@ -102,12 +119,26 @@ func (s *Server) Close() error {
 	return nil
 }
 
-// handle is an open file or directory of one connection.
+// handle is an open file or directory of one connection. Its descriptor
+// is used under a read lock of rw and closed under the write lock, so a
+// close never lets a request in flight use a reused descriptor number.
 type handle struct {
-	mu  sync.Mutex // serialises readdir on the descriptor
-	fd  int
-	exp *export
-	dir bool
+	rw     sync.RWMutex
+	closed bool       // guarded by rw
+	dmu    sync.Mutex // serialises readdir on the descriptor
+	fd     int
+	exp    *export
+	dir    bool
+}
+
+// close closes the descriptor once no request uses it.
+func (h *handle) close() {
+	h.rw.Lock()
+	defer h.rw.Unlock()
+	if !h.closed {
+		h.closed = true
+		unix.Close(h.fd)
+	}
 }
 
 type conn struct {
@@ -194,7 +225,7 @@ func (cn *conn) closeAll() {
 	cn.mu.Lock()
 	defer cn.mu.Unlock()
 	for id, h := range cn.handles {
-		unix.Close(h.fd)
+		h.close()
 		delete(cn.handles, id)
 	}
 }
@@ -210,14 +241,21 @@ func (cn *conn) addHandle(h *handle) (uint64, unix.Errno) {
 	return cn.next, 0
 }
 
-func (cn *conn) handle(id uint64) (*handle, unix.Errno) {
+// acquire finds a handle and holds its descriptor open until release is
+// called.
+func (cn *conn) acquire(id uint64) (h *handle, release func(), errno unix.Errno) {
 	cn.mu.Lock()
-	defer cn.mu.Unlock()
 	h, ok := cn.handles[id]
+	cn.mu.Unlock()
 	if !ok {
-		return nil, unix.EBADF
+		return nil, nil, unix.EBADF
 	}
-	return h, 0
+	h.rw.RLock()
+	if h.closed {
+		h.rw.RUnlock()
+		return nil, nil, unix.EBADF
+	}
+	return h, h.rw.RUnlock, 0
 }
 
 func (cn *conn) removeHandle(id uint64) unix.Errno {
@@ -228,9 +266,7 @@ func (cn *conn) removeHandle(id uint64) unix.Errno {
 	if !ok {
 		return unix.EBADF
 	}
-	h.mu.Lock() // wait for a readdir in progress
-	defer h.mu.Unlock()
-	unix.Close(h.fd)
+	h.close() // waits for requests using it
 	return 0
 }
 

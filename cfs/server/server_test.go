@@ -11,9 +11,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/onebox-project/onebox/cfs/client"
 	"github.com/onebox-project/onebox/cfs/proto"
@@ -88,7 +90,12 @@ func TestFSNoEscape(t *testing.T) {
 	os.Symlink("../d", filepath.Join(rw, "d", "in"))
 	var a proto.Attr
 	for _, p := range []string{"..", "../x", "d/../../x", "/etc/passwd", "out/secret", "out", "rel-out", "magic/passwd"} {
-		if e := call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: p}, &a); e != syscall.EACCES {
+		// The links themselves are shown (as links), never followed.
+		if e := call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: p}, &a); p == "out" || p == "rel-out" {
+			if e != 0 || a.Mode&syscall.S_IFMT != syscall.S_IFLNK {
+				t.Errorf("getattr of the link %q: %v, mode %o, want a symlink", p, e, a.Mode)
+			}
+		} else if e != syscall.EACCES {
 			t.Errorf("getattr %q: %v, want EACCES", p, e)
 		}
 		var hr proto.HandleReply
@@ -111,9 +118,22 @@ func TestFSNoEscape(t *testing.T) {
 	if st, _ := os.Stat(filepath.Join(outside, "secret")); st.Mode().Perm() != 0o644 {
 		t.Fatal("mode of a file outside the export changed")
 	}
-	// Inside is fine, including through a symlink that stays inside.
-	if e := call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "d/in"}, &a); e != 0 || a.Mode&syscall.S_IFMT != syscall.S_IFDIR {
-		t.Errorf("getattr of an inside symlink: %v %o", e, a.Mode)
+	// Inside is fine, including through a symlink that stays inside
+	// (not the last component).
+	if e := call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "d/in/in"}, &a); e != 0 || a.Mode&syscall.S_IFMT != syscall.S_IFLNK {
+		t.Errorf("getattr through an inside symlink: %v %o", e, a.Mode)
+	}
+	for _, p := range []string{"out", "magic"} {
+		var hr proto.HandleReply
+		if e := call(t, c, proto.OpOpen, &proto.OpenReq{Export: "rw", Path: p}, &hr); e != syscall.ELOOP {
+			t.Errorf("open of the symlink %q: %v, want ELOOP", p, e)
+		}
+		if e := call(t, c, proto.OpOpendir, &proto.PathReq{Export: "rw", Path: p}, &hr); e == 0 {
+			t.Errorf("opendir of the symlink %q succeeded", p)
+		}
+		if e := call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "rw", Path: p, Valid: proto.SetSize}, &a); e != syscall.EINVAL {
+			t.Errorf("truncate of the symlink %q: %v, want EINVAL", p, e)
+		}
 	}
 	if e := call(t, c, proto.OpGetattr, &proto.PathReq{Export: "nope"}, &a); e != syscall.ENOENT {
 		t.Errorf("unknown export: %v, want ENOENT", e)
@@ -257,5 +277,228 @@ func TestFSProtocolOnFabricPort(t *testing.T) {
 	cfg, err := pki.ServerTLS(tls.Certificate{}, ca.Cert).GetConfigForClient(&tls.ClientHelloInfo{SupportedProtos: []string{proto.ALPN}})
 	if err != nil || !slices.Contains(cfg.NextProtos, proto.ALPN) || cfg.ClientAuth != tls.RequireAndVerifyClientCert {
 		t.Fatalf("fabric port config for %s: protos %v, client auth %v, %v", proto.ALPN, cfg.NextProtos, cfg.ClientAuth, err)
+	}
+}
+
+// Symlinks are shown as symlinks: getattr, readdir and readlink report
+// the link, the server never follows the last component, and removing a
+// link (rm -rf of a directory holding one) leaves its target alone.
+func TestFSSymlinksShownAsLinks(t *testing.T) {
+	c, rw, _ := setup(t)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(os.Mkdir(filepath.Join(rw, "important"), 0o755))
+	must(os.WriteFile(filepath.Join(rw, "important", "file"), []byte("keep"), 0o644))
+	must(os.Mkdir(filepath.Join(rw, "data"), 0o755))
+	must(os.Symlink("../important", filepath.Join(rw, "data", "link")))
+	must(os.Symlink(".", filepath.Join(rw, "loop")))
+
+	var a proto.Attr
+	if e := call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "loop"}, &a); e != 0 || a.Mode&syscall.S_IFMT != syscall.S_IFLNK {
+		t.Fatalf("getattr of loop -> .: %v, mode %o, want a symlink", e, a.Mode)
+	}
+	var root proto.Attr
+	call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw"}, &root)
+	if a.Ino == root.Ino {
+		t.Fatal("loop -> . has the inode number of the export root")
+	}
+	var d proto.Data
+	if e := call(t, c, proto.OpReadlink, &proto.PathReq{Export: "rw", Path: "data/link"}, &d); e != 0 || string(d.Data) != "../important" {
+		t.Fatalf("readlink: %v %q", e, d.Data)
+	}
+	if e := call(t, c, proto.OpReadlink, &proto.PathReq{Export: "rw", Path: "important/file"}, &d); e != syscall.EINVAL {
+		t.Fatalf("readlink of a file: %v, want EINVAL", e)
+	}
+	var hr proto.HandleReply
+	if e := call(t, c, proto.OpOpendir, &proto.PathReq{Export: "rw", Path: "data"}, &hr); e != 0 {
+		t.Fatal(e)
+	}
+	var l proto.DirList
+	if e := call(t, c, proto.OpReaddir, &proto.HandleReq{Handle: hr.Handle}, &l); e != 0 || len(l.Entries) != 1 || l.Entries[0].Mode != syscall.S_IFLNK {
+		t.Fatalf("readdir of data: %v %+v, want one symlink", e, l.Entries)
+	}
+	// rm -rf data: what rm sees is a link; unlinking it keeps the target.
+	if e := call(t, c, proto.OpRmdir, &proto.PathReq{Export: "rw", Path: "data/link"}, nil); e != syscall.ENOTDIR {
+		t.Fatalf("rmdir of a link: %v, want ENOTDIR", e)
+	}
+	if e := call(t, c, proto.OpUnlink, &proto.PathReq{Export: "rw", Path: "data/link"}, nil); e != 0 {
+		t.Fatal(e)
+	}
+	if e := call(t, c, proto.OpRmdir, &proto.PathReq{Export: "rw", Path: "data"}, nil); e != 0 {
+		t.Fatal(e)
+	}
+	if b, err := os.ReadFile(filepath.Join(rw, "important", "file")); err != nil || string(b) != "keep" {
+		t.Fatalf("target of the removed link: %q %v", b, err)
+	}
+
+	// Symlink stores the target as a string, whatever it names.
+	for _, target := range []string{"important/file", "/etc/passwd", "../../x"} {
+		name := "made-" + strings.ReplaceAll(target, "/", "_")
+		if e := call(t, c, proto.OpSymlink, &proto.SymlinkReq{Export: "rw", Path: name, Target: target}, &a); e != 0 || a.Mode&syscall.S_IFMT != syscall.S_IFLNK {
+			t.Fatalf("symlink %s -> %s: %v, mode %o", name, target, e, a.Mode)
+		}
+		if got, err := os.Readlink(filepath.Join(rw, name)); err != nil || got != target {
+			t.Fatalf("on disk %s -> %q %v, want %q", name, got, err, target)
+		}
+	}
+	if e := call(t, c, proto.OpSymlink, &proto.SymlinkReq{Export: "ro", Path: "l", Target: "x"}, &a); e != syscall.EROFS {
+		t.Fatalf("symlink in a read-only export: %v, want EROFS", e)
+	}
+	if e := call(t, c, proto.OpSymlink, &proto.SymlinkReq{Export: "rw", Path: "out/l", Target: "x"}, &a); e != syscall.ENOENT {
+		t.Fatalf("symlink under a missing directory: %v, want ENOENT", e)
+	}
+}
+
+// FIFOs, sockets and devices are never opened (a FIFO's open would block
+// a server goroutine, and Close with it): ENXIO at once, and Close ends.
+func TestFSSpecialFilesRefused(t *testing.T) {
+	for _, fl := range []uint32{syscall.O_RDONLY, syscall.O_WRONLY, syscall.O_RDWR} {
+		for _, op := range []proto.Op{proto.OpOpen, proto.OpCreate} {
+			rw := t.TempDir()
+			s, err := server.New([]server.Export{{Name: "rw", Path: rw}}, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := client.New(func(context.Context) (net.Conn, error) {
+				a, b := net.Pipe()
+				go s.ServeConn(b)
+				return a, nil
+			}, time.Second)
+			if err := syscall.Mkfifo(filepath.Join(rw, "fifo"), 0o666); err != nil {
+				t.Fatal(err)
+			}
+			ln, err := net.Listen("unix", filepath.Join(rw, "sock"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range []string{"sock", "fifo"} {
+				var hr proto.HandleReply
+				if e := call(t, c, op, &proto.OpenReq{Export: "rw", Path: p, Flags: fl, Mode: 0o644}, &hr); e != syscall.ENXIO {
+					t.Errorf("%v %s flags %d: %v, want ENXIO", op, p, fl, e)
+				}
+			}
+			done := make(chan struct{})
+			go func() { s.Close(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(server.CloseTimeout + 5*time.Second):
+				t.Fatal("Server.Close did not return")
+			}
+			c.Close()
+			ln.Close()
+		}
+	}
+}
+
+// A handle is valid only with the export it was opened in: a setattr
+// naming a read-write export with a bad path and the handle of a file
+// open in a read-only export must not change the file.
+func TestFSSetattrHandleExport(t *testing.T) {
+	c, _, ro := setup(t)
+	f := filepath.Join(ro, "f")
+	if err := os.WriteFile(f, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var hr proto.HandleReply
+	if e := call(t, c, proto.OpOpen, &proto.OpenReq{Export: "ro", Path: "f"}, &hr); e != 0 {
+		t.Fatal(e)
+	}
+	var a proto.Attr
+	for _, r := range []proto.SetattrReq{
+		{Export: "rw", Path: "nope", Handle: hr.Handle, Valid: proto.SetMode, Mode: 0o777},
+		{Export: "rw", Path: "", Handle: hr.Handle, Valid: proto.SetMode, Mode: 0o777},
+		{Export: "rw", Path: "", Handle: hr.Handle, Valid: proto.SetMtimeNow},
+		{Export: "ro", Path: "", Handle: hr.Handle, Valid: proto.SetMode, Mode: 0o777},
+		{Export: "ro", Path: "f", Handle: hr.Handle, Valid: proto.SetMode, Mode: 0o777},
+	} {
+		if e := call(t, c, proto.OpSetattr, &r, &a); e == 0 {
+			t.Errorf("setattr %+v succeeded", r)
+		}
+	}
+	if st, err := os.Stat(f); err != nil || st.Mode().Perm() != 0o644 {
+		t.Fatalf("read-only file's mode: %v %v", st.Mode(), err)
+	}
+}
+
+// A setattr with a handle acts on the handle's file, even unlinked, and
+// never on the export's root; a path naming another file than the one
+// the client checked (Dev, Ino) is ESTALE.
+func TestFSSetattrHandleAndIdentity(t *testing.T) {
+	c, rw, _ := setup(t)
+	if err := os.Chmod(rw, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var hr proto.HandleReply
+	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "f", Flags: syscall.O_RDWR, Mode: 0o644}, &hr); e != 0 {
+		t.Fatal(e)
+	}
+	if e := call(t, c, proto.OpUnlink, &proto.PathReq{Export: "rw", Path: "f"}, nil); e != 0 {
+		t.Fatal(e)
+	}
+	var a proto.Attr
+	if e := call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "rw", Handle: hr.Handle, Valid: proto.SetMode | proto.SetSize, Mode: 0o600, Size: 7}, &a); e != 0 ||
+		a.Mode != syscall.S_IFREG|0o600 || a.Size != 7 || a.Ino != hr.Attr.Ino {
+		t.Fatalf("setattr of an unlinked open file: %v %+v", e, a)
+	}
+	if st, _ := os.Stat(rw); st.Mode().Perm() != 0o755 {
+		t.Fatalf("export root's mode changed to %v", st.Mode())
+	}
+
+	// Identity: the client checked "g" when it was one file; it is now
+	// another (a symlink, or a file swapped in by rename).
+	g := filepath.Join(rw, "g")
+	os.WriteFile(g, []byte("old"), 0o644)
+	var old proto.Attr
+	call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "g"}, &old)
+	os.WriteFile(filepath.Join(rw, "secret"), []byte("secret"), 0o600)
+	os.Remove(g)
+	os.Link(filepath.Join(rw, "secret"), g)
+	if e := call(t, c, proto.OpOpen, &proto.OpenReq{Export: "rw", Path: "g", Flags: syscall.O_RDONLY, Dev: old.Dev, Ino: old.Ino}, &hr); e != syscall.ESTALE {
+		t.Errorf("open of a swapped file: %v, want ESTALE", e)
+	}
+	for _, r := range []proto.SetattrReq{
+		{Export: "rw", Path: "g", Valid: proto.SetMode, Mode: 0o666, Dev: old.Dev, Ino: old.Ino},
+		{Export: "rw", Path: "g", Valid: proto.SetSize, Dev: old.Dev, Ino: old.Ino},
+	} {
+		if e := call(t, c, proto.OpSetattr, &r, &a); e != syscall.ESTALE {
+			t.Errorf("setattr %+v of a swapped file: %v, want ESTALE", r, e)
+		}
+	}
+	if b, _ := os.ReadFile(filepath.Join(rw, "secret")); string(b) != "secret" {
+		t.Fatalf("swapped-in file changed: %q", b)
+	}
+	if st, _ := os.Stat(filepath.Join(rw, "secret")); st.Mode().Perm() != 0o600 {
+		t.Fatalf("swapped-in file's mode changed: %v", st.Mode())
+	}
+	var cur proto.Attr
+	call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "g"}, &cur)
+	if e := call(t, c, proto.OpOpen, &proto.OpenReq{Export: "rw", Path: "g", Flags: syscall.O_RDONLY, Dev: cur.Dev, Ino: cur.Ino}, &hr); e != 0 {
+		t.Errorf("open with the current identity: %v", e)
+	}
+}
+
+// A create that finds a file there (it appeared after the client's
+// kernel saw none) opens it only if the caller may.
+func TestFSCreateOverExistingChecked(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the check applies to a server running as root")
+	}
+	c, rw, _ := setup(t)
+	if err := os.WriteFile(filepath.Join(rw, "secret"), []byte("s"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var hr proto.HandleReply
+	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "secret", Flags: syscall.O_RDWR | syscall.O_TRUNC, Mode: 0o644, UID: 1000, GID: 1000}, &hr); e != syscall.EACCES {
+		t.Fatalf("create over a root-only file by uid 1000: %v, want EACCES", e)
+	}
+	if b, _ := os.ReadFile(filepath.Join(rw, "secret")); string(b) != "s" {
+		t.Fatalf("root-only file truncated: %q", b)
+	}
+	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "secret", Flags: syscall.O_RDWR, Mode: 0o644}, &hr); e != 0 {
+		t.Fatalf("create over a file by root: %v", e)
 	}
 }
