@@ -47,6 +47,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/onebox-project/onebox/fabric/resources"
 	"github.com/onebox-project/onebox/testbed"
 )
 
@@ -694,29 +695,11 @@ func mountinfoHas(r io.Reader, path string) bool {
 	sc := bufio.NewScanner(r)
 	for sc.Scan() {
 		fs := strings.Fields(sc.Text())
-		if len(fs) > 4 && unescapeMountinfo(fs[4]) == path {
+		if len(fs) > 4 && resources.UnescapeMountField(fs[4]) == path {
 			return true
 		}
 	}
 	return false
-}
-
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // versionLine picks sshfs's own line from 'sshfs --version', which also

@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/onebox-project/onebox/fabric/resources"
 	"golang.org/x/sys/unix"
 )
 
@@ -99,7 +100,7 @@ func mountID(mountpoint string) (int, bool) {
 	for sc.Scan() {
 		// id parent major:minor root mountpoint options ... - fstype source super
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 || unescapeMountinfo(fields[4]) != mountpoint {
+		if len(fields) < 5 || resources.UnescapeMountField(fields[4]) != mountpoint {
 			continue
 		}
 		sep := -1
@@ -117,23 +118,4 @@ func mountID(mountpoint string) (int, bool) {
 		}
 	}
 	return id, found
-}
-
-// unescapeMountinfo undoes the octal escapes (\040 for a space...).
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }

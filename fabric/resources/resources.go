@@ -249,18 +249,21 @@ func ParseMounts(r io.Reader) []Mount {
 		if len(f) < 3 {
 			continue
 		}
-		out = append(out, Mount{Device: unescapeOctal(f[0]), Mountpoint: unescapeOctal(f[1]), FSType: unescapeOctal(f[2])})
+		out = append(out, Mount{Device: UnescapeMountField(f[0]), Mountpoint: UnescapeMountField(f[1]), FSType: UnescapeMountField(f[2])})
 	}
 	return out
 }
 
-func unescapeOctal(s string) string {
+// UnescapeMountField decodes the kernel's octal escapes (\040 for a space,
+// \134 for a backslash...) in a field of /proc/mounts or
+// /proc/self/mountinfo. Anything that is not a valid escape is kept as is.
+func UnescapeMountField(s string) string {
 	if !strings.Contains(s, `\`) {
 		return s
 	}
 	var b strings.Builder
 	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) && isOctal(s[i+1]) && isOctal(s[i+2]) && isOctal(s[i+3]) {
+		if s[i] == '\\' && i+3 < len(s) && s[i+1] >= '0' && s[i+1] <= '3' && isOctal(s[i+2]) && isOctal(s[i+3]) {
 			b.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
 			i += 3
 			continue
