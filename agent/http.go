@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"os"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -18,6 +17,7 @@ import (
 	"github.com/onebox-project/onebox/fabric/api"
 	"github.com/onebox-project/onebox/fabric/membership"
 	"github.com/onebox-project/onebox/fabric/pki"
+	"github.com/onebox-project/onebox/internal/stdlog"
 )
 
 // handler serves the control API. side is "local" (unix socket) or
@@ -188,15 +188,8 @@ func (p *peerCache) fillCached(n *api.Node) {
 // failures) to the structured log at debug level: garbage on a port is
 // counted in metrics, not shouted in the log.
 func slogErrorLog(l *slog.Logger) *log.Logger {
-	return log.New(writerFunc(func(p []byte) (int, error) {
-		l.Debug("http: " + strings.TrimSpace(string(p)))
-		return len(p), nil
-	}), "", 0)
+	return stdlog.New(l, stdlog.Options{Max: stdlog.Debug, Prefix: "http: "})
 }
-
-type writerFunc func([]byte) (int, error)
-
-func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 func umask(m int) int { return unix.Umask(m) }
 

@@ -43,6 +43,8 @@ import (
 	"github.com/hashicorp/mdns"
 	"github.com/miekg/dns"
 	"golang.org/x/net/ipv4"
+
+	"github.com/onebox-project/onebox/internal/stdlog"
 )
 
 // ServiceName is the DNS-SD service type onebox agents announce.
@@ -423,14 +425,9 @@ func ifaceName(ifi *net.Interface) string {
 // level: the library logs every malformed packet it sees, which strangers on
 // the LAN control.
 func mdnsLogger(logger *slog.Logger) *log.Logger {
-	return log.New(slogWriter{logger}, "", 0)
-}
-
-type slogWriter struct{ l *slog.Logger }
-
-func (w slogWriter) Write(p []byte) (int, error) {
-	w.l.Debug("discovery: mdns library", "detail", strings.TrimSpace(string(p)))
-	return len(p), nil
+	// The library's errors (an IPv6 listener that cannot open, a bad
+	// packet from the LAN) are routine here: debug at most.
+	return stdlog.New(logger, stdlog.Options{Max: stdlog.Debug, Prefix: "discovery: mdns library: "})
 }
 
 // BrowseConfig configures [Browse].

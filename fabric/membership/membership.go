@@ -9,11 +9,9 @@ package membership
 import (
 	"errors"
 	"fmt"
-	"io"
 	"log"
 	"log/slog"
 	"net"
-	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -22,6 +20,8 @@ import (
 
 	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/serf/serf"
+
+	"github.com/onebox-project/onebox/internal/stdlog"
 )
 
 // Status of a member as seen by this node.
@@ -312,32 +312,9 @@ func (m *Membership) Shutdown() error {
 	return err
 }
 
-// stdLogger adapts serf's and memberlist's log.Logger output ("[LEVEL]
-// component: message") to slog, keeping levels.
+// newStdLogger routes serf's and memberlist's log lines to slog, keeping
+// their levels. Serf logs every member event at info; the agent logs those
+// itself, so serf's copies go to debug.
 func newStdLogger(l *slog.Logger) *log.Logger {
-	return log.New(slogWriter{l}, "", 0)
+	return stdlog.New(l, stdlog.Options{Demote: func(m string) bool { return strings.Contains(m, "EventMember") }})
 }
-
-type slogWriter struct{ l *slog.Logger }
-
-var _ io.Writer = slogWriter{}
-
-func (w slogWriter) Write(p []byte) (int, error) {
-	s := strings.TrimSpace(string(p))
-	lvl := slog.LevelInfo
-	for prefix, l := range map[string]slog.Level{"[DEBUG]": slog.LevelDebug, "[INFO]": slog.LevelInfo, "[WARN]": slog.LevelWarn, "[ERR]": slog.LevelError, "[ERROR]": slog.LevelError, "[TRACE]": slog.LevelDebug - 4} {
-		if strings.HasPrefix(s, prefix) {
-			lvl = l
-			s = strings.TrimSpace(strings.TrimPrefix(s, prefix))
-			break
-		}
-	}
-	// memberlist logs every probe of a failed node; that is debug noise.
-	if lvl == slog.LevelInfo && strings.Contains(s, "EventMember") {
-		lvl = slog.LevelDebug
-	}
-	w.l.Log(nil, lvl, s) //nolint:staticcheck // nil context is what slog's own adapters use
-	return len(p), nil
-}
-
-var _ = os.Stderr
