@@ -17,16 +17,14 @@ import (
 
 	"github.com/onebox-project/onebox/cfs/client"
 	"github.com/onebox-project/onebox/cfs/server"
+	"github.com/onebox-project/onebox/internal/testenv"
 )
 
 func needFUSE(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("mounting needs root")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("mounting needs /dev/fuse")
-	}
+	testenv.Need(t, os.Geteuid() == 0, "mounting needs root")
+	_, err := os.Stat("/dev/fuse")
+	testenv.NeedNoError(t, err, "mounting needs /dev/fuse")
 }
 
 // mountOne mounts a namespace with one node, "a", whose export "x" is a
@@ -283,9 +281,7 @@ func TestMountAncestorInodeRefused(t *testing.T) {
 	export, _ := mountOne(t, mnt)
 	sub := filepath.Join(export, "sub")
 	os.Mkdir(sub, 0o755)
-	if err := syscall.Mount(export, sub, "", syscall.MS_BIND, ""); err != nil {
-		t.Skipf("bind mount: %v", err)
-	}
+	testenv.NeedNoError(t, syscall.Mount(export, sub, "", syscall.MS_BIND, ""), "bind mount")
 	defer syscall.Unmount(sub, syscall.MNT_DETACH)
 	x := filepath.Join(mnt, "a", "x")
 	err := bounded(t, "ls sub", func() error { _, err := os.ReadDir(filepath.Join(x, "sub")); return err })

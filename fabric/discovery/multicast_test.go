@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/onebox-project/onebox/internal/testenv"
 	"github.com/onebox-project/onebox/testbed/netns"
 )
 
@@ -201,9 +202,7 @@ func browse(ctx context.Context, t *testing.T, lan *netns.LAN, h *netns.Host, cl
 }
 
 func TestMulticastDiscovery(t *testing.T) {
-	if err := netns.Available(); err != nil {
-		t.Skip(err)
-	}
+	testenv.NeedNoError(t, netns.Available(), "network namespaces")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel) // not defer: the parallel subtests run after this function returns
 	lan, err := netns.New(ctx)

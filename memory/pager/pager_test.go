@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/onebox-project/onebox/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -59,17 +60,12 @@ func TestMemStore(t *testing.T) {
 // needUffd skips unless userfaultfd and a C compiler are usable (CI: root).
 func needUffd(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("userfaultfd needs root here (vm.unprivileged_userfaultfd=0)")
-	}
+	testenv.Need(t, os.Geteuid() == 0, "userfaultfd needs root here (vm.unprivileged_userfaultfd=0)")
 	fd, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
-	if e != 0 {
-		t.Skipf("userfaultfd unusable: %v", e)
-	}
+	testenv.Need(t, e == 0, "userfaultfd unusable: %v", e)
 	unix.Close(int(fd))
-	if _, err := exec.LookPath("cc"); err != nil {
-		t.Skip("no C compiler (cc) to build the shim")
-	}
+	_, err := exec.LookPath("cc")
+	testenv.NeedNoError(t, err, "no C compiler (cc) to build the shim")
 }
 
 func cc(t *testing.T, args ...string) {
@@ -297,9 +293,7 @@ func TestStoreDataAndFork(t *testing.T) {
 func TestPython(t *testing.T) {
 	needUffd(t)
 	py, err := exec.LookPath("python3")
-	if err != nil {
-		t.Skip("no python3")
-	}
+	testenv.NeedNoError(t, err, "no python3")
 	shim, _ := build(t)
 	const script = `
 import hashlib

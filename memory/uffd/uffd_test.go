@@ -6,6 +6,7 @@ import (
 	"testing"
 	"unsafe"
 
+	"github.com/onebox-project/onebox/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -58,13 +59,9 @@ func TestParseMsg(t *testing.T) {
 
 // TestHandshake checks the kernel accepts our UFFDIO_API layout.
 func TestHandshake(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("userfaultfd needs root here (vm.unprivileged_userfaultfd=0)")
-	}
+	testenv.Need(t, os.Geteuid() == 0, "userfaultfd needs root here (vm.unprivileged_userfaultfd=0)")
 	fd, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
-	if e != 0 {
-		t.Skipf("userfaultfd unusable: %v", e)
-	}
+	testenv.Need(t, e == 0, "userfaultfd unusable: %v", e)
 	defer unix.Close(int(fd))
 	if _, err := Handshake(int(fd), 0); err != nil {
 		t.Fatalf("UFFDIO_API: %v", err)

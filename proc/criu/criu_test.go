@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/onebox-project/onebox/internal/testenv"
 )
 
 func TestParseVersion(t *testing.T) {
@@ -136,13 +138,9 @@ func logTail(dir, name string) string {
 // TestDumpRestore checkpoints a running shell loop, checks it is gone, restores it detached, and
 // checks that its counter continues from where it stopped instead of starting again at 1.
 func TestDumpRestore(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: CRIU dump/restore needs root")
-	}
+	testenv.Need(t, os.Geteuid() == 0, "CRIU dump/restore needs root")
 	b, err := Find()
-	if err != nil {
-		t.Skipf("skipping: no usable CRIU (run scripts/install-criu.sh): %v", err)
-	}
+	testenv.NeedNoError(t, err, "no usable CRIU (run scripts/install-criu.sh)")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if err := b.Check(ctx); err != nil {

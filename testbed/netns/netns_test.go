@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/onebox-project/onebox/internal/testenv"
 )
 
 // TestMain doubles as a helper process run inside host namespaces (NETNS_HELPER).
@@ -89,9 +91,7 @@ func helper(mode, addr string) error {
 
 func newLAN(t *testing.T, n int) (*LAN, []*Host) {
 	t.Helper()
-	if err := Available(); err != nil {
-		t.Skip(err)
-	}
+	testenv.NeedNoError(t, Available(), "network namespaces")
 	ctx := t.Context()
 	l, err := New(ctx)
 	if err != nil {

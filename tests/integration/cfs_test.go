@@ -20,17 +20,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/onebox-project/onebox/internal/testenv"
 	"github.com/onebox-project/onebox/testbed"
 )
 
 func needFUSE(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("the cluster filesystem mount needs root")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("the cluster filesystem mount needs /dev/fuse")
-	}
+	testenv.Need(t, os.Geteuid() == 0, "the cluster filesystem mount needs root")
+	_, err := os.Stat("/dev/fuse")
+	testenv.NeedNoError(t, err, "the cluster filesystem mount needs /dev/fuse")
 }
 
 // mountOf is node n's mount of the cluster filesystem.

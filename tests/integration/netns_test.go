@@ -8,15 +8,14 @@ import (
 	"time"
 
 	"github.com/onebox-project/onebox/fabric/membership"
+	"github.com/onebox-project/onebox/internal/testenv"
 	"github.com/onebox-project/onebox/testbed"
 	"github.com/onebox-project/onebox/testbed/netns"
 )
 
 func needNetns(t *testing.T) {
 	t.Helper()
-	if err := netns.Available(); err != nil {
-		t.Skipf("needs network namespaces (root): %v", err)
-	}
+	testenv.NeedNoError(t, netns.Available(), "needs network namespaces (root)")
 }
 
 // A node whose link is cut is suspected and then declared failed by the
