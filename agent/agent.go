@@ -125,6 +125,18 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	if err := a.startCFS(ctx); err != nil {
 		return nil, err
 	}
+	if err := a.startMem(ctx); err != nil {
+		return nil, err
+	}
+	if err := a.startMemExpand(); err != nil {
+		return nil, err
+	}
+	if err := a.startService(ctx); err != nil {
+		return nil, err
+	}
+	if err := a.startBalance(ctx); err != nil {
+		return nil, err
+	}
 	a.startDiscovery()
 	ok = true
 	return a, nil
@@ -442,8 +454,14 @@ func (a *Agent) Close() error {
 		if a.announcer != nil {
 			errs = append(errs, a.announcer.Close())
 		}
-		// Programs first: they may still be writing files through the mount.
+		// The balancer first (it starts migrations), then programs: they
+		// may still be writing files through the mount or faulting pages
+		// from the pool; then the pager, the pool, services, the mount.
+		errs = append(errs, a.closeBalance())
 		errs = append(errs, a.closeProc())
+		errs = append(errs, a.closeMemExpand())
+		errs = append(errs, a.closeMem())
+		errs = append(errs, a.closeService())
 		errs = append(errs, a.closeCFS())
 		if a.mux != nil {
 			a.mux.Close()

@@ -49,6 +49,12 @@ type Config struct {
 	// PeerTimeout bounds each request to another member. Default 2s.
 	PeerTimeout time.Duration `json:"-"`
 
+	// Capability settings, each defined beside its capability
+	// (service.go, mem.go, balance.go); their JSON keys are top-level.
+	ServiceConfig
+	MemoryConfig
+	BalanceConfig
+
 	Logger  *slog.Logger `json:"-"`
 	Version string       `json:"-"`
 
@@ -152,6 +158,11 @@ func (c *Config) Validate() error {
 	}
 	if c.PeerTimeout == 0 {
 		c.PeerTimeout = 2 * time.Second
+	}
+	for _, err := range []error{c.ServiceConfig.validate(), c.MemoryConfig.validate(), c.BalanceConfig.validate()} {
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

@@ -46,6 +46,9 @@ func (a *Agent) handler(side string) http.Handler {
 	mux.Handle("GET "+api.PathMetrics, a.metrics.handler())
 	a.procRoutes(mux, side)
 	a.cfsRoutes(mux, side)
+	a.memRoutes(mux, side)
+	a.serviceRoutes(mux, side)
+	a.balanceRoutes(mux, side)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusNotFound)

@@ -501,7 +501,7 @@ func (p *procState) pickNode(ctx context.Context, spec stream.Spec) (membership.
 		nr := p.a.Nodes(ctx)
 		best, bestScore := "", 0.0
 		for _, n := range nr.Nodes {
-			if n.Status != membership.StatusAlive || n.Info == nil || n.Stale || n.Info.Resources.CPUs <= 0 {
+			if n.Status != membership.StatusAlive || n.Info == nil || n.Stale || n.Info.Resources.CPUs <= 0 || !p.a.schedulable(n.Name) {
 				continue
 			}
 			score := n.Info.Resources.Load1 / float64(n.Info.Resources.CPUs)
@@ -533,7 +533,21 @@ func (p *procState) pickNode(ctx context.Context, spec stream.Spec) (membership.
 // runHere starts the program on this node and streams its stdio on sc
 // until it ends (attached), or answers with its id (detached).
 func (p *procState) runHere(sc *stream.Conn, spec stream.Spec) {
-	pr, stdio, err := p.mgr.Start(manager.StartOptions{Argv: spec.Argv, Env: spec.Env, Dir: spec.Dir, Home: spec.Home, Detach: spec.Detach})
+	memEnv, release, err := p.a.memoryExpand(spec)
+	if err != nil {
+		_ = sc.WriteError(fmt.Errorf("node %s: %w", p.a.id.Node, err))
+		return
+	}
+	env := spec.Env
+	if len(memEnv) > 0 {
+		env = append(append([]string(nil), spec.Env...), memEnv...)
+	}
+	pr, stdio, err := p.mgr.Start(manager.StartOptions{Argv: spec.Argv, Env: env, Dir: spec.Dir, Home: spec.Home, Detach: spec.Detach})
+	if err == nil {
+		go func() { <-pr.Done(); release() }()
+	} else {
+		release()
+	}
 	if err != nil {
 		_ = sc.WriteError(fmt.Errorf("node %s: %w", p.a.id.Node, err))
 		return

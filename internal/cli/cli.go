@@ -79,6 +79,10 @@ Start here:  onebox demo            (a local demo cluster, no set-up)
 	root.AddCommand(newInitCmd(), newAgentCmd(), newNodesCmd(), newStatusCmd(), newDevCmd(), newDemoCmd(), newBenchCmd(), newVersionCmd())
 	root.AddCommand(procCommands()...)
 	root.AddCommand(cfsCommands()...)
+	root.AddCommand(migrateCommands()...)
+	root.AddCommand(balanceCommands()...)
+	root.AddCommand(memCommands()...)
+	root.AddCommand(serviceCommands()...)
 	for _, c := range root.Commands() {
 		wrapArgs(c)
 	}

@@ -23,6 +23,9 @@ func newBenchCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
 	c.AddCommand(newBenchMembershipCmd(), newBenchFSCmd())
+	c.AddCommand(procBenchCommands()...)
+	c.AddCommand(memBenchCommands()...)
+	c.AddCommand(serviceBenchCommands()...)
 	return c
 }
 

@@ -181,6 +181,15 @@ func runDemo(ctx context.Context, out io.Writer, nodes int, netnsMode bool) erro
 		return err
 	}
 	demoFiles(out, cl)
+	if err := demoMigrate(ctx, out, cl); err != nil {
+		return err
+	}
+	if err := demoMemory(ctx, out, cl); err != nil {
+		return err
+	}
+	if err := demoService(ctx, out, cl); err != nil {
+		return err
+	}
 
 	victim := cl.Nodes[len(cl.Nodes)-1]
 	step("Killing %s's agent with SIGKILL (a crash: no goodbye)", victim.Name)

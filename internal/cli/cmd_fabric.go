@@ -79,6 +79,9 @@ func newAgentCmd() *cobra.Command {
 		cfgFile, logLevel, logFormat, tokenFile string
 		exports                                 []string
 		cfg                                     agent.Config
+		// capabilityFlags copy the capability flags the user set (each
+		// capability registers its own, in its cmd_*.go file).
+		capabilityFlags []func(*agent.Config)
 	)
 	c := &cobra.Command{
 		Use:   "agent",
@@ -119,6 +122,9 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 			set("reconnect-interval", func() { final.ReconnectInterval = cfg.ReconnectInterval })
 			set("peer-timeout", func() { final.PeerTimeout = cfg.PeerTimeout })
 			set("mount", func() { final.Mount = cfg.Mount })
+			for _, apply := range capabilityFlags {
+				apply(&final)
+			}
 			if final.Token == "" && tokenFile != "" {
 				b, err := os.ReadFile(tokenFile)
 				if err != nil {
@@ -160,6 +166,9 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 		},
 	}
 	f := c.Flags()
+	capabilityFlags = []func(*agent.Config){
+		memAgentFlags(f, &cfg), serviceAgentFlags(f, &cfg), balanceAgentFlags(f, &cfg),
+	}
 	f.StringVar(&cfgFile, "config", "", "JSON config file (keys as in docs/ARCHITECTURE.md); flags override it")
 	f.StringVar(&cfg.NodeName, "name", "", "node name (default: the host name)")
 	f.StringVar(&cfg.BindAddr, "bind", "", "IP address to listen on (default 0.0.0.0)")

@@ -21,6 +21,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/onebox-project/onebox/agent"
 	"github.com/onebox-project/onebox/fabric/api"
 	"github.com/onebox-project/onebox/proc/manager"
 	"github.com/onebox-project/onebox/proc/stream"
@@ -90,6 +91,9 @@ file on its node ('onebox ps -o json' says where).`,
 	c.Flags().String("node", "", "run on this node")
 	c.Flags().Bool("best", false, "run on the alive node with the lowest load per CPU")
 	c.Flags().Bool("detach", false, "run in the background: print the global id and return")
+	c.Flags().Bool("memory-expand", false, "back the program's large allocations by the cluster memory pool")
+	local := agent.ByteSize(0)
+	c.Flags().Var(&local, "local-memory", "with --memory-expand: at most this much of them stays resident on the node (e.g. 2GiB; default: the node's)")
 	return c
 }
 
@@ -104,7 +108,16 @@ func runRun(cmd *cobra.Command, args []string) error {
 	if err != nil {
 		cwd = "/"
 	}
-	spec := stream.Spec{Argv: args, Env: programEnv(os.Environ()), Dir: cwd, Node: node, Best: best, Detach: detach}
+	memExpand, _ := cmd.Flags().GetBool("memory-expand")
+	var local uint64
+	if f := cmd.Flags().Lookup("local-memory"); f != nil && f.Changed {
+		if !memExpand {
+			return usagef("--local-memory needs --memory-expand")
+		}
+		local = uint64(*f.Value.(*agent.ByteSize))
+	}
+	spec := stream.Spec{Argv: args, Env: programEnv(os.Environ()), Dir: cwd, Node: node, Best: best, Detach: detach,
+		MemoryExpand: memExpand, LocalMemory: local}
 	if err := spec.Validate(); err != nil {
 		return usagef("%v", err)
 	}

@@ -248,6 +248,11 @@ type Spec struct {
 	// Home is the node where 'onebox run' was issued (set by that
 	// node's agent, not by the CLI).
 	Home string `json:"home,omitempty"`
+	// MemoryExpand: back the program's large allocations by the cluster
+	// memory pool, keeping at most LocalMemory bytes resident here
+	// (0: the node's default).
+	MemoryExpand bool   `json:"memory_expand,omitempty"`
+	LocalMemory  uint64 `json:"local_memory,omitempty"`
 }
 
 // MaxArgs bounds argv and the environment, each.
