@@ -3,6 +3,8 @@ package agent
 import (
 	"errors"
 
+	"github.com/onebox-project/onebox/fabric/api"
+
 	"github.com/onebox-project/onebox/proc/stream"
 )
 
@@ -22,3 +24,6 @@ func (a *Agent) memoryExpand(spec stream.Spec) (env []string, release func(), er
 	}
 	return nil, nil, errors.New("memory expansion is not available on this node yet")
 }
+
+// pagerStats returns the local pager's counters (for 'onebox mem').
+func (a *Agent) pagerStats() api.PagerStats { return api.PagerStats{} }

@@ -542,7 +542,8 @@ func (p *procState) runHere(sc *stream.Conn, spec stream.Spec) {
 	if len(memEnv) > 0 {
 		env = append(append([]string(nil), spec.Env...), memEnv...)
 	}
-	pr, stdio, err := p.mgr.Start(manager.StartOptions{Argv: spec.Argv, Env: env, Dir: spec.Dir, Home: spec.Home, Detach: spec.Detach})
+	pr, stdio, err := p.mgr.Start(manager.StartOptions{Argv: spec.Argv, Env: env, Dir: spec.Dir, Home: spec.Home, Detach: spec.Detach,
+		Balance: spec.Best && !spec.NoBalance})
 	if err == nil {
 		go func() { <-pr.Done(); release() }()
 	} else {

@@ -25,6 +25,7 @@ func newBenchCmd() *cobra.Command {
 	c.AddCommand(newBenchMembershipCmd(), newBenchFSCmd())
 	c.AddCommand(procBenchCommands()...)
 	c.AddCommand(memBenchCommands()...)
+	c.AddCommand(poolBenchCommands()...)
 	c.AddCommand(serviceBenchCommands()...)
 	return c
 }

@@ -15,3 +15,6 @@ func memCommands() []*cobra.Command { return nil }
 func memAgentFlags(_ *pflag.FlagSet, _ *agent.Config) func(final *agent.Config) {
 	return func(*agent.Config) {}
 }
+
+// poolBenchCommands are 'onebox bench' subcommands of the memory pool. Stub.
+func poolBenchCommands() []*cobra.Command { return nil }

@@ -91,6 +91,7 @@ file on its node ('onebox ps -o json' says where).`,
 	c.Flags().String("node", "", "run on this node")
 	c.Flags().Bool("best", false, "run on the alive node with the lowest load per CPU")
 	c.Flags().Bool("detach", false, "run in the background: print the global id and return")
+	c.Flags().Bool("no-balance", false, "with --best: the load balancer must not move the program later")
 	c.Flags().Bool("memory-expand", false, "back the program's large allocations by the cluster memory pool")
 	local := agent.ByteSize(0)
 	c.Flags().Var(&local, "local-memory", "with --memory-expand: at most this much of them stays resident on the node (e.g. 2GiB; default: the node's)")
@@ -108,6 +109,10 @@ func runRun(cmd *cobra.Command, args []string) error {
 	if err != nil {
 		cwd = "/"
 	}
+	noBalance, _ := cmd.Flags().GetBool("no-balance")
+	if noBalance && !best {
+		return usagef("--no-balance needs --best (only programs placed by --best are balanced)")
+	}
 	memExpand, _ := cmd.Flags().GetBool("memory-expand")
 	var local uint64
 	if f := cmd.Flags().Lookup("local-memory"); f != nil && f.Changed {
@@ -117,7 +122,7 @@ func runRun(cmd *cobra.Command, args []string) error {
 		local = uint64(*f.Value.(*agent.ByteSize))
 	}
 	spec := stream.Spec{Argv: args, Env: programEnv(os.Environ()), Dir: cwd, Node: node, Best: best, Detach: detach,
-		MemoryExpand: memExpand, LocalMemory: local}
+		NoBalance: noBalance, MemoryExpand: memExpand, LocalMemory: local}
 	if err := spec.Validate(); err != nil {
 		return usagef("%v", err)
 	}

@@ -60,6 +60,12 @@ type Info struct {
 	// Log is the file on Node that holds a detached process's stdout and
 	// stderr (kept as long as the process is listed).
 	Log string `json:"log,omitempty"`
+	// Balance: the load balancer may move the process (started with
+	// --best and without --no-balance).
+	Balance bool `json:"balance"`
+	// Note says where the process went and why ("migrated from n1:
+	// balance"), or why it cannot migrate.
+	Note string `json:"note,omitempty"`
 }
 
 // StateText is the STATE column: "running", "exited 3", "killed SIGTERM".
@@ -157,6 +163,7 @@ type Proc struct {
 	Started  time.Time
 	Detached bool
 	Log      string
+	Balance  bool
 
 	done chan struct{} // closed once the process is reaped
 
@@ -192,6 +199,8 @@ type StartOptions struct {
 	Home string   // node where the run was issued
 	// Detach: stdin is /dev/null, stdout and stderr go to a log file.
 	Detach bool
+	// Balance: the load balancer may move the process.
+	Balance bool
 }
 
 // NewGID returns a fresh global id: "g" and 12 hex digits from crypto/rand
@@ -245,7 +254,7 @@ func (m *Manager) Start(o StartOptions) (*Proc, *Stdio, error) {
 	// agent that dies takes its processes with it (nothing could manage
 	// them any more).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	p := &Proc{GID: gid, Home: o.Home, Argv: append([]string(nil), o.Argv...), Detached: o.Detach, done: make(chan struct{})}
+	p := &Proc{GID: gid, Home: o.Home, Argv: append([]string(nil), o.Argv...), Detached: o.Detach, Balance: o.Balance, done: make(chan struct{})}
 
 	var stdio *Stdio
 	var childEnds []*os.File
@@ -442,7 +451,7 @@ func (m *Manager) List() []Info {
 // Preconditions: m.mu held.
 func (m *Manager) infoLocked(p *Proc, now time.Time) Info {
 	i := Info{GID: p.GID, Node: m.cfg.Node, Home: p.Home, PID: p.PID, Command: p.Argv,
-		Started: p.Started, Detached: p.Detached, Log: p.Log, State: StateRunning}
+		Started: p.Started, Detached: p.Detached, Log: p.Log, Balance: p.Balance, State: StateRunning}
 	select {
 	case <-p.done:
 		end := p.ended

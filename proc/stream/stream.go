@@ -243,6 +243,9 @@ type Spec struct {
 	Node string `json:"node,omitempty"`
 	// Best: the alive node with the lowest load per CPU.
 	Best bool `json:"best,omitempty"`
+	// NoBalance: with Best, the load balancer must not move the program
+	// afterwards (it may by default).
+	NoBalance bool `json:"no_balance,omitempty"`
 	// Detach: no stdio stream; output goes to a log file on the node.
 	Detach bool `json:"detach,omitempty"`
 	// Home is the node where 'onebox run' was issued (set by that
