@@ -4,15 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# command -> Debian package: iproute2 for the network-namespace testbed,
+# a C compiler for the memory shim (LD_PRELOAD), and the real programs the
+# integration tests run through onebox (python3, curl, git, sqlite3).
 need=()
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
+for pair in ip:iproute2 cc:gcc python3:python3 curl:curl git:git sqlite3:sqlite3; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if command -v cc >/dev/null 2>&1 && ! echo '#include <stdio.h>' | cc -E - >/dev/null 2>&1; then
+  need+=(libc6-dev)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "deps: installing ${need[*]}" >&2
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "deps: missing ${need[*]} (install them, or run as root on Debian); netns tests will skip" >&2
+    echo "deps: missing ${need[*]} (install them, or run as root on Debian); the tests that need them will skip" >&2
+    if [ "${CI:-}" = "true" ]; then exit 1; fi
   fi
 fi
 if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
