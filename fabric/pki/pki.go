@@ -272,6 +272,8 @@ const (
 	// ProtoProc carries a process's stdio and signals between agents
 	// (proc/stream); members only, like the control API.
 	ProtoProc = "onebox-proc/1"
+	// ProtoService carries connections to exposed services (service/proxy).
+	ProtoService = "onebox-svc/1"
 )
 
 // ServerTLS is the fabric port's TLS configuration. A client that offers
@@ -292,7 +294,7 @@ func ServerTLS(node tls.Certificate, ca *x509.Certificate) *tls.Config {
 	join.NextProtos = []string{ProtoJoin}
 	member := base.Clone()
 	member.ClientAuth = tls.RequireAndVerifyClientCert
-	member.NextProtos = []string{ProtoControl, ProtoProc, "onebox-fs/1" /* cfs/proto.ALPN */}
+	member.NextProtos = []string{ProtoControl, ProtoProc, ProtoService, "onebox-fs/1" /* cfs/proto.ALPN */}
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{node},
