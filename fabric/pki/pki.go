@@ -274,6 +274,8 @@ const (
 	ProtoProc = "onebox-proc/1"
 	// ProtoService carries connections to exposed services (service/proxy).
 	ProtoService = "onebox-svc/1"
+	// ProtoPage carries memory pool pages between agents (memory/pageproto).
+	ProtoPage = "onebox-page/1"
 )
 
 // ServerTLS is the fabric port's TLS configuration. A client that offers
@@ -294,7 +296,7 @@ func ServerTLS(node tls.Certificate, ca *x509.Certificate) *tls.Config {
 	join.NextProtos = []string{ProtoJoin}
 	member := base.Clone()
 	member.ClientAuth = tls.RequireAndVerifyClientCert
-	member.NextProtos = []string{ProtoControl, ProtoProc, ProtoService, "onebox-fs/1" /* cfs/proto.ALPN */}
+	member.NextProtos = []string{ProtoControl, ProtoProc, ProtoService, "onebox-fs/1" /* cfs/proto.ALPN */, ProtoPage}
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{node},
