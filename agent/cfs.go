@@ -25,10 +25,15 @@ import (
 	"github.com/onebox-project/onebox/fabric/pki"
 )
 
-// I/O aggregation (issue 5), first slice: the cluster filesystem. The
-// agent serves its exports to members on the fabric port (ALPN
-// onebox-fs/1, mutual TLS like every member protocol) and, with --mount,
-// mounts the namespace MOUNT/<node>/<export>/... with FUSE.
+// I/O aggregation (issue 5): the cluster filesystem. The agent serves its
+// exports to members on the fabric port (ALPN onebox-fs/1, mutual TLS like
+// every member protocol) and mounts the namespace MOUNT/<node>/<export>/...
+// with FUSE, at DefaultMount unless told otherwise (docs/filesystem.md).
+
+// DefaultMount is where an agent mounts the cluster filesystem when no
+// --mount is given: the same path on every node, so a program (or a
+// migrated process) names a node's files the same way everywhere.
+const DefaultMount = "/onebox"
 
 type cfsState struct {
 	srv   *server.Server
@@ -67,6 +72,24 @@ func (a *Agent) startCFS(ctx context.Context) error {
 	if a.cfg.Mount == "" {
 		return nil
 	}
+	// The default mount point is taken only if it is free; a mount asked
+	// for explicitly that cannot be made stops the agent.
+	notMounted := func(err error) error {
+		if a.cfg.MountOptional {
+			a.log.Warn("cluster filesystem not mounted: the agent serves its exports but this node has no "+a.cfg.Mount+
+				" (give --mount PATH to mount elsewhere, or --mount none to say it is not wanted)", "err", err)
+			return nil
+		}
+		return fmt.Errorf("agent: %w (give another --mount PATH, or --mount none)", err)
+	}
+	if err := fusefs.CanMount(); err != nil {
+		return notMounted(err)
+	}
+	if a.cfg.MountOptional {
+		if err := fusefs.InUse(a.cfg.Mount); err != nil {
+			return notMounted(err)
+		}
+	}
 	// The unmount watchdog is this binary run with a hidden verb; a test
 	// binary running an agent in-process has no such verb.
 	watchdog := "/proc/self/exe"
@@ -81,7 +104,7 @@ func (a *Agent) startCFS(ctx context.Context) error {
 		Executable: watchdog,
 	})
 	if err != nil {
-		return fmt.Errorf("agent: %w", err)
+		return notMounted(err)
 	}
 	st.mount = m
 	a.log.Info("cluster filesystem mounted", "mount", a.cfg.Mount)

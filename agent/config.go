@@ -41,7 +41,10 @@ type Config struct {
 	NoDiscover    bool         `json:"no_discover"`  // disable LAN auto-discovery (mDNS)
 	DonateMemory  ByteSize     `json:"donate_memory"`
 	Exports       []api.Export `json:"exports"`
-	Mount         string       `json:"mount"` // where to mount the cluster filesystem (PATH/<node>/<export>/...); empty: not mounted
+	Mount         string       `json:"mount"` // where to mount the cluster filesystem (PATH/<node>/<export>/...); empty or "none": not mounted (the CLI's default is DefaultMount)
+	// MountOptional: Mount is the default, not asked for; if it cannot be
+	// mounted (not root, no /dev/fuse, in use) the agent runs on with a warning.
+	MountOptional bool `json:"-"`
 	// ReconnectInterval is how often failed members are retried, so a
 	// healed partition merges back. Default 5s.
 	// (Flags only, like PeerTimeout: JSON has no duration type.)
@@ -149,6 +152,9 @@ func (c *Config) Validate() error {
 		if st, err := os.Stat(e.Path); err != nil || !st.IsDir() {
 			errs = append(errs, fmt.Errorf("export %s=%s: not a directory", e.Name, e.Path))
 		}
+	}
+	if c.Mount == "none" {
+		c.Mount = ""
 	}
 	if c.Mount != "" && !filepath.IsAbs(c.Mount) {
 		errs = append(errs, fmt.Errorf("mount point %q must be an absolute path", c.Mount))

@@ -266,6 +266,8 @@ func (c *Cluster) AgentArgs(n *Node) []string {
 	}
 	if _, err := os.Stat("/dev/fuse"); err == nil && os.Geteuid() == 0 {
 		args = append(args, "--mount", filepath.Join(n.DataDir, "mnt")) // the cluster filesystem
+	} else {
+		args = append(args, "--mount", "none") // never the machine's default /onebox
 	}
 	if !c.opts.Discover {
 		args = append(args, "--no-discover")

@@ -122,6 +122,12 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 			set("reconnect-interval", func() { final.ReconnectInterval = cfg.ReconnectInterval })
 			set("peer-timeout", func() { final.PeerTimeout = cfg.PeerTimeout })
 			set("mount", func() { final.Mount = cfg.Mount })
+			if noMount, _ := f.GetBool("no-mount"); noMount {
+				final.Mount = "none"
+			}
+			if final.Mount == "" {
+				final.Mount, final.MountOptional = agent.DefaultMount, true
+			}
 			for _, apply := range capabilityFlags {
 				apply(&final)
 			}
@@ -183,7 +189,8 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 	f.BoolVar(&cfg.NoDiscover, "no-discover", false, "do not announce or look for the cluster on the LAN (mDNS)")
 	f.Var(&cfg.DonateMemory, "donate-memory", "memory this node donates to the cluster pool, e.g. 2GiB")
 	f.StringArrayVar(&exports, "export", nil, "export a directory to the cluster: NAME=PATH[:ro] (repeatable)")
-	f.StringVar(&cfg.Mount, "mount", "", "mount the cluster filesystem here (PATH/NODE/EXPORT/...; needs root and /dev/fuse); default: not mounted")
+	f.StringVar(&cfg.Mount, "mount", "", "mount the cluster filesystem here (PATH/NODE/EXPORT/...; needs root and /dev/fuse), or none (default "+agent.DefaultMount+" if it is free)")
+	f.Bool("no-mount", false, "do not mount the cluster filesystem (same as --mount none)")
 	f.DurationVar(&cfg.ReconnectInterval, "reconnect-interval", 5*time.Second, "how often to retry failed members")
 	f.DurationVar(&cfg.PeerTimeout, "peer-timeout", 2*time.Second, "bound on each request to another member")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

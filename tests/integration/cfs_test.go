@@ -597,3 +597,29 @@ func TestCFSPartition(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A mount asked for explicitly that cannot be made stops the agent with
+// advice; a relative one is a usage error. (The default /onebox is never
+// tried by tests: it is taken only when free, with a warning otherwise,
+// see cfs/fusefs.InUse.)
+func TestCFSMountPointChoice(t *testing.T) {
+	needFUSE(t)
+	t.Parallel()
+	c := startCluster(t, testbed.Options{Nodes: 1})
+	dir := filepath.Join(t.TempDir(), "d")
+	if r := cli(t, nil, "init", "--data-dir", dir, "--name", "solo", "--advertise", "127.0.0.1"); r.code != 0 {
+		t.Fatalf("init: %s", r.stderr)
+	}
+	args := []string{"agent", "--data-dir", dir, "--bind", "127.0.0.1", "--gossip-port", "-1", "--fabric-port", "-1", "--no-discover"}
+	r := cli(t, nil, append(args, "--mount", mountOf(c.Nodes[0]))...)
+	if r.code != 1 || !strings.Contains(r.stderr, "already mounted by a running onebox agent") || !strings.Contains(r.stderr, "--mount none") {
+		t.Errorf("--mount on a live mount: exit %d, %q; want 1 and advice", r.code, r.stderr)
+	}
+	r = cli(t, nil, append(args, "--mount", "rel/ative")...)
+	if r.code != 2 || !strings.Contains(r.stderr, "must be an absolute path") {
+		t.Errorf("--mount rel/ative: exit %d, %q; want 2", r.code, r.stderr)
+	}
+	if _, err := os.ReadDir(filepath.Join(mountOf(c.Nodes[0]), "n1", "scratch")); err != nil {
+		t.Errorf("the running agent's mount after another agent was refused it: %v", err)
+	}
+}

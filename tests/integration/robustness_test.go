@@ -30,7 +30,7 @@ func startLoneAgent(t *testing.T, dir, shellPrefix string) agent.Ready {
 	if err != nil {
 		t.Fatal(err)
 	}
-	script := shellPrefix + " exec " + binary + " agent --data-dir " + dir + " --bind 127.0.0.1 --gossip-port -1 --fabric-port -1 --no-discover"
+	script := shellPrefix + " exec " + binary + " agent --data-dir " + dir + " --bind 127.0.0.1 --gossip-port -1 --fabric-port -1 --no-discover --mount none"
 	cmd := exec.Command("sh", "-c", script)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
