@@ -1,0 +1,393 @@
+// Package proxy carries the connections of an exposed service. Frontend
+// accepts clients on the exposing node's port and, for each, asks a
+// balance.Pool for a target and dials it (trying the next target when a
+// dial fails, every dial bounded); Backend, on the target's node, reads
+// the wire header of a fabric connection, connects to the local port and
+// splices the two. Neither knows about TLS or membership: the agent
+// supplies the dialer and the local connector.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/onebox-project/onebox/service/balance"
+	"github.com/onebox-project/onebox/service/wire"
+)
+
+// Defaults of the bounds.
+const (
+	DefaultDialTimeout   = 3 * time.Second // one target: connect, handshake, header and reply
+	DefaultHeaderTimeout = 5 * time.Second // backend: a client's header must arrive within this
+	DefaultLocalTimeout  = 2 * time.Second // backend: connect to the local port
+)
+
+// ErrNoTarget is the failure of a client connection for which every
+// target was tried and none answered.
+var ErrNoTarget = errors.New("proxy: no target accepted the connection")
+
+// Splice copies a→b and b→a until both directions end, then closes both.
+// When one direction ends cleanly its destination's write side is shut
+// (half-close), so request/response protocols that signal the end of a
+// request by closing work; when it ends with an error both connections are
+// closed at once, so the other direction cannot block forever.
+func Splice(a, b net.Conn) (ab, ba int64) {
+	var wg sync.WaitGroup
+	var once sync.Once
+	closeBoth := func() { once.Do(func() { a.Close(); b.Close() }) }
+	half := func(dst, src net.Conn, n *int64) {
+		defer wg.Done()
+		var err error
+		*n, err = io.Copy(dst, src)
+		if err != nil {
+			closeBoth()
+			return
+		}
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+			return
+		}
+		closeBoth()
+	}
+	wg.Add(2)
+	go half(b, a, &ab)
+	go half(a, b, &ba)
+	wg.Wait()
+	closeBoth()
+	return ab, ba
+}
+
+// Dialer connects to a target by its pool key; the returned connection
+// carries the target port's bytes. It must return by the time ctx ends.
+type Dialer func(ctx context.Context, key string) (net.Conn, error)
+
+// Frontend serves one service address.
+type Frontend struct {
+	Pool        *balance.Pool
+	Dial        Dialer
+	DialTimeout time.Duration // per target tried; default DefaultDialTimeout
+	Log         *slog.Logger
+	// OnDial, if set, hears of every dial (err nil: the connection is
+	// carried to key).
+	OnDial func(key string, err error)
+	// OnDone, if set, hears of every client connection that ended, with
+	// the target that carried it ("" if none could) and the bytes
+	// client→target and target→client.
+	OnDone func(key string, in, out int64)
+
+	once   sync.Once
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	ln     net.Listener          // guarded by mu
+	conns  map[net.Conn]struct{} // client connections; guarded by mu
+	closed bool                  // guarded by mu
+	wg     sync.WaitGroup
+}
+
+func (f *Frontend) init() {
+	f.once.Do(func() {
+		f.ctx, f.cancel = context.WithCancel(context.Background())
+		f.conns = map[net.Conn]struct{}{}
+		if f.DialTimeout <= 0 {
+			f.DialTimeout = DefaultDialTimeout
+		}
+		if f.Log == nil {
+			f.Log = slog.Default()
+		}
+	})
+}
+
+// Serve accepts clients on ln until ln is closed or Close is called.
+func (f *Frontend) Serve(ln net.Listener) error {
+	f.init()
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		ln.Close()
+		return net.ErrClosed
+	}
+	f.ln = ln
+	f.mu.Unlock()
+	backoff := 5 * time.Millisecond
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || f.ctx.Err() != nil {
+				return nil
+			}
+			// Out of descriptors and the like: wait, never spin or quit.
+			f.Log.Warn("service accept failed; retrying", "err", err, "backoff", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-f.ctx.Done():
+				return nil
+			}
+			backoff = min(2*backoff, time.Second)
+			continue
+		}
+		backoff = 5 * time.Millisecond
+		if !f.track(c) {
+			return nil
+		}
+		go f.handle(c)
+	}
+}
+
+func (f *Frontend) track(c net.Conn) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		c.Close()
+		return false
+	}
+	f.conns[c] = struct{}{}
+	f.wg.Add(1)
+	return true
+}
+
+func (f *Frontend) untrack(c net.Conn) {
+	c.Close()
+	f.mu.Lock()
+	delete(f.conns, c)
+	f.mu.Unlock()
+	f.wg.Done()
+}
+
+// handle finds a target for client c and carries the connection.
+func (f *Frontend) handle(c net.Conn) {
+	defer f.untrack(c)
+	key, up, err := f.connect()
+	if err != nil {
+		if f.ctx.Err() == nil {
+			f.Log.Debug("service connection dropped", "client", c.RemoteAddr().String(), "err", err)
+		}
+		if f.OnDone != nil {
+			f.OnDone("", 0, 0)
+		}
+		return
+	}
+	f.mu.Lock()
+	closed := f.closed
+	if !closed {
+		f.conns[up] = struct{}{}
+	}
+	f.mu.Unlock()
+	if closed {
+		up.Close()
+		f.Pool.Release(key)
+		return
+	}
+	in, out := Splice(c, up)
+	f.mu.Lock()
+	delete(f.conns, up)
+	f.mu.Unlock()
+	f.Pool.Release(key)
+	if f.OnDone != nil {
+		f.OnDone(key, in, out)
+	}
+}
+
+// connect tries targets until one accepts, each at most once.
+func (f *Frontend) connect() (string, net.Conn, error) {
+	tried := map[string]bool{}
+	var errs []error
+	for {
+		key, ok := f.Pool.Pick(func(k string) bool { return tried[k] })
+		if !ok {
+			return "", nil, errors.Join(append([]error{ErrNoTarget}, errs...)...)
+		}
+		tried[key] = true
+		ctx, cancel := context.WithTimeout(f.ctx, f.DialTimeout)
+		up, err := f.Dial(ctx, key)
+		cancel()
+		if f.ctx.Err() != nil {
+			// Shutting down: not the target's fault.
+			if up != nil {
+				up.Close()
+			}
+			f.Pool.Release(key)
+			return "", nil, net.ErrClosed
+		}
+		f.Pool.Dialed(key, err)
+		if f.OnDial != nil {
+			f.OnDial(key, err)
+		}
+		if err == nil {
+			return key, up, nil
+		}
+		f.Log.Info("service target failed; trying another", "target", key, "err", err)
+		errs = append(errs, err)
+	}
+}
+
+// Close stops accepting, closes every connection and waits for the
+// handlers to end (they end promptly once their sockets are closed).
+func (f *Frontend) Close() error {
+	f.init()
+	f.mu.Lock()
+	f.closed = true
+	f.cancel()
+	if f.ln != nil {
+		f.ln.Close()
+	}
+	for c := range f.conns {
+		c.Close()
+	}
+	f.mu.Unlock()
+	f.wg.Wait()
+	return nil
+}
+
+// Open sends req on c, a connection that negotiated the service protocol
+// with a target's agent, and reads the reply, all before ctx's deadline.
+// On nil error c carries the port's bytes (KindConnect) or may be closed
+// (KindCheck).
+func Open(ctx context.Context, c net.Conn, req wire.Request) error {
+	b, err := wire.AppendRequest(nil, req)
+	if err != nil {
+		return err
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	if _, err := c.Write(b); err != nil {
+		return err
+	}
+	rep, err := wire.ReadReply(c)
+	if err != nil {
+		return err
+	}
+	if !stop() {
+		return ctx.Err()
+	}
+	c.SetDeadline(time.Time{})
+	return rep.Err()
+}
+
+// Backend serves the target side of the service protocol.
+type Backend struct {
+	// Local connects to the port a request names, on this node only; a
+	// non-OK reply says why it did not.
+	Local         func(ctx context.Context, req wire.Request) (net.Conn, wire.Reply)
+	HeaderTimeout time.Duration // default DefaultHeaderTimeout
+	LocalTimeout  time.Duration // default DefaultLocalTimeout
+	Log           *slog.Logger
+	// OnServe, if set, hears of every request served and its status.
+	OnServe func(kind wire.Kind, st wire.Status)
+	// OnDone, if set, hears of every carried connection that ended, with
+	// the bytes fabric→port and port→fabric.
+	OnDone func(in, out int64)
+
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{} // guarded by mu
+	closed bool                  // guarded by mu
+	wg     sync.WaitGroup
+}
+
+func (b *Backend) track(c net.Conn) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return false
+	}
+	if b.conns == nil {
+		b.conns = map[net.Conn]struct{}{}
+	}
+	b.conns[c] = struct{}{}
+	return true
+}
+
+func (b *Backend) untrack(c net.Conn) {
+	c.Close()
+	b.mu.Lock()
+	delete(b.conns, c)
+	b.mu.Unlock()
+}
+
+// ServeConn serves one fabric connection (it owns and closes c).
+func (b *Backend) ServeConn(c net.Conn) {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		c.Write(wire.AppendReply(nil, wire.Reply{Status: wire.StatusUnavail, Message: "the agent is shutting down"}))
+		c.Close()
+		return
+	}
+	b.wg.Add(1)
+	b.mu.Unlock()
+	defer b.wg.Done()
+	if !b.track(c) {
+		c.Close()
+		return
+	}
+	defer b.untrack(c)
+	ht, lt := b.HeaderTimeout, b.LocalTimeout
+	if ht <= 0 {
+		ht = DefaultHeaderTimeout
+	}
+	if lt <= 0 {
+		lt = DefaultLocalTimeout
+	}
+	c.SetDeadline(time.Now().Add(ht))
+	req, err := wire.ReadRequest(c)
+	if err != nil {
+		b.reply(c, 0, wire.Reply{Status: wire.StatusBad, Message: err.Error()})
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), lt)
+	local, rep := b.Local(ctx, req)
+	cancel()
+	if rep.Status != wire.StatusOK {
+		if local != nil {
+			local.Close()
+		}
+		b.reply(c, req.Kind, rep)
+		return
+	}
+	if req.Kind == wire.KindCheck {
+		local.Close()
+		b.reply(c, req.Kind, rep)
+		return
+	}
+	if !b.track(local) {
+		local.Close()
+		return
+	}
+	defer b.untrack(local)
+	if !b.reply(c, req.Kind, rep) {
+		return
+	}
+	c.SetDeadline(time.Time{})
+	in, out := Splice(c, local)
+	if b.OnDone != nil {
+		b.OnDone(in, out)
+	}
+}
+
+func (b *Backend) reply(c net.Conn, kind wire.Kind, rep wire.Reply) bool {
+	if b.OnServe != nil {
+		b.OnServe(kind, rep.Status)
+	}
+	_, err := c.Write(wire.AppendReply(nil, rep))
+	return err == nil
+}
+
+// Close ends every connection being served and waits for the handlers.
+func (b *Backend) Close() error {
+	b.mu.Lock()
+	b.closed = true
+	for c := range b.conns {
+		c.Close()
+	}
+	b.mu.Unlock()
+	b.wg.Wait()
+	return nil
+}

@@ -1,0 +1,254 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/onebox-project/onebox/service/balance"
+	"github.com/onebox-project/onebox/service/wire"
+)
+
+// echoServer answers each line with "name: line".
+func echoServer(t *testing.T, name string) (port int, stop func()) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				sc := bufio.NewScanner(c)
+				for sc.Scan() {
+					io.WriteString(c, name+": "+sc.Text()+"\n")
+				}
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port, func() { ln.Close() }
+}
+
+func deadPort(t *testing.T) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	return p
+}
+
+// backendPair serves a Backend on a local TCP listener (the fabric's TLS
+// is the agent's business) that connects to 127.0.0.1.
+func backend(t *testing.T) (addr string, b *Backend) {
+	t.Helper()
+	b = &Backend{Local: func(ctx context.Context, req wire.Request) (net.Conn, wire.Reply) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(req.Port))))
+		if err != nil {
+			return nil, wire.Reply{Status: wire.StatusRefused, Message: err.Error()}
+		}
+		return c, wire.Reply{}
+	}}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go b.ServeConn(c)
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); b.Close() })
+	return ln.Addr().String(), b
+}
+
+// frontend serves pool keys "PORT" through the backend at baddr.
+func frontend(t *testing.T, baddr string, policy balance.Policy, ports ...int) (string, *Frontend) {
+	t.Helper()
+	var keys []string
+	for _, p := range ports {
+		keys = append(keys, strconv.Itoa(p))
+	}
+	f := &Frontend{
+		Pool: balance.NewPool(policy, balance.Thresholds{}, keys...),
+		Dial: func(ctx context.Context, key string) (net.Conn, error) {
+			port, _ := strconv.Atoi(key)
+			var d net.Dialer
+			c, err := d.DialContext(ctx, "tcp", baddr)
+			if err != nil {
+				return nil, err
+			}
+			if err := Open(ctx, c, wire.Request{Kind: wire.KindConnect, Port: uint16(port)}); err != nil {
+				c.Close()
+				return nil, err
+			}
+			return c, nil
+		},
+		DialTimeout: 2 * time.Second,
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go f.Serve(ln)
+	t.Cleanup(func() { f.Close() })
+	return ln.Addr().String(), f
+}
+
+func ask(t *testing.T, addr, line string) (string, error) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, line+"\n"); err != nil {
+		return "", err
+	}
+	s, err := bufio.NewReader(c).ReadString('\n')
+	return strings.TrimSpace(s), err
+}
+
+func TestFrontendBalancesAndSkipsDead(t *testing.T) {
+	pa, stopA := echoServer(t, "a")
+	defer stopA()
+	pb, stopB := echoServer(t, "b")
+	defer stopB()
+	dead := deadPort(t)
+	baddr, _ := backend(t)
+	addr, f := frontend(t, baddr, balance.RoundRobin, pa, dead, pb)
+	seen := map[string]int{}
+	for i := range 10 {
+		got, err := ask(t, addr, "hi"+strconv.Itoa(i))
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		name, rest, _ := strings.Cut(got, ": ")
+		if rest != "hi"+strconv.Itoa(i) {
+			t.Fatalf("request %d: answer %q", i, got)
+		}
+		seen[name]++
+	}
+	if seen["a"] < 4 || seen["b"] < 4 {
+		t.Errorf("connections spread %v, want both targets used", seen)
+	}
+	// The handlers end just after the clients hang up.
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		active := int64(0)
+		for _, s := range f.Pool.States() {
+			active += s.Active
+		}
+		if active == 0 {
+			break
+		}
+	}
+	for _, s := range f.Pool.States() {
+		if s.Key == strconv.Itoa(dead) && (s.Healthy || s.Failed != 1) {
+			t.Errorf("dead target %+v: want out after one failed dial", s)
+		}
+		if s.Active != 0 {
+			t.Errorf("%+v: connections still counted active", s)
+		}
+	}
+}
+
+// With every target down a client is closed promptly, not left hanging.
+func TestFrontendAllDown(t *testing.T) {
+	baddr, _ := backend(t)
+	addr, _ := frontend(t, baddr, balance.LeastConn, deadPort(t), deadPort(t))
+	start := time.Now()
+	if got, err := ask(t, addr, "x"); err == nil {
+		t.Fatalf("answer %q with every target down", got)
+	}
+	if d := time.Since(start); d > 4*time.Second {
+		t.Fatalf("client waited %v", d)
+	}
+}
+
+func TestBackendCheckAndBadHeader(t *testing.T) {
+	pa, stop := echoServer(t, "a")
+	defer stop()
+	baddr, _ := backend(t)
+	check := func(port int) error {
+		c, err := net.Dial("tcp", baddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		return Open(ctx, c, wire.Request{Kind: wire.KindCheck, Port: uint16(port)})
+	}
+	if err := check(pa); err != nil {
+		t.Errorf("check of a live port: %v", err)
+	}
+	var re *wire.ReplyError
+	if err := check(deadPort(t)); !errors.As(err, &re) || re.Reply.Status != wire.StatusRefused {
+		t.Errorf("check of a dead port: %v", err)
+	}
+	c, _ := net.Dial("tcp", baddr)
+	defer c.Close()
+	io.WriteString(c, "GET / HTTP/1.1\r\n\r\n")
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	rep, err := wire.ReadReply(c)
+	if err != nil || rep.Status != wire.StatusBad {
+		t.Errorf("garbage header: reply %+v, %v", rep, err)
+	}
+}
+
+// Splice half-closes: a client that sends a request and shuts its write
+// side still gets the whole answer.
+func TestSpliceHalfClose(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		b, _ := io.ReadAll(c) // until the client's half-close
+		io.WriteString(c, strings.ToUpper(string(b)))
+		c.Close()
+	}()
+	front, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer front.Close()
+	go func() {
+		c, err := front.Accept()
+		if err != nil {
+			return
+		}
+		up, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			c.Close()
+			return
+		}
+		Splice(c, up)
+	}()
+	c, _ := net.Dial("tcp", front.Addr().String())
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "hello")
+	c.(*net.TCPConn).CloseWrite()
+	b, err := io.ReadAll(c)
+	if err != nil || string(b) != "HELLO" {
+		t.Fatalf("got %q, %v", b, err)
+	}
+}
