@@ -4,31 +4,42 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"sort"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/onebox-project/onebox/memory/pool"
 	"github.com/onebox-project/onebox/memory/uffd"
 )
 
-// region is one block of a program, as registered by the shim.
-type region struct {
-	start, len uint64
-	memfd      int
-	alias      []byte // the same pages mapped here; never touched in this slice
+// client is one connected process. Only its goroutine (run) uses it.
+type client struct {
+	p        *Pager
+	id       uint64
+	owner    string // pool owner of its reservations
+	limit    int    // resident pages allowed; 0: no limit
+	pid      uint32
+	sockf    *os.File
+	sock     int
+	uffd     int       // -1 until opHello
+	regs     []*region // sorted by start, non-overlapping
+	reserved uint64    // bytes reserved in the pool under owner
+
+	resident int       // pages of regs resident
+	fifo     []pageRef // resident pages in fill order (clock hand at fifoHead)
+	fifoHead int
+
+	inherit *snapshot // the fork snapshot this process was born from
+	snaps   []uint64  // tokens of snapshots made for children, maybe not adopted
+
+	fillBuf, outBuf []byte
+	victims         []pageRef
 }
 
-// client is one connected program. Only its goroutine (run) uses it.
-type client struct {
-	p     *Pager
-	id    uint64
-	pid   uint32
-	sockf *os.File
-	sock  int
-	uffd  int       // -1 until opHello
-	regs  []*region // sorted by start, non-overlapping
+type pageRef struct {
+	r *region
+	i int32
 }
 
 // spinFor is how long serve keeps reading an idle userfaultfd before it goes
@@ -41,18 +52,39 @@ var spinFor = 50 * time.Microsecond
 var errGone = errors.New("pager: program gone")
 
 func (c *client) run() {
+	c.p.live.Add(1)
+	defer c.p.live.Add(^uint64(0))
 	err := c.loop()
 	if err != nil && !errors.Is(err, errGone) {
 		c.p.dropped.Add(1)
-		c.p.logf("pager: client %d (pid %d) dropped: %v", c.id, c.pid, err)
+		c.p.cfg.Logf("pager: client %d (pid %d) dropped: %v", c.id, c.pid, err)
 	}
+	c.sockf.Close() // the shim's watchdog sees the hang-up at once
 	for _, r := range c.regs {
 		c.release(r)
 	}
+	c.regs = nil
 	if c.uffd >= 0 {
 		unix.Close(c.uffd)
 	}
-	c.sockf.Close() // the shim's watchdog sees the hang-up
+	if c.inherit != nil {
+		c.inherit.releaseBlocks(c.p)
+	}
+	c.p.mu.Lock()
+	var orphans []*snapshot
+	for _, tok := range c.snaps {
+		if s := c.p.snaps[tok]; s != nil {
+			delete(c.p.snaps, tok)
+			orphans = append(orphans, s)
+		}
+	}
+	c.p.mu.Unlock()
+	for _, s := range orphans {
+		s.release(c.p)
+	}
+	if c.reserved > 0 {
+		c.p.cfg.Pool.Release(c.owner, c.reserved)
+	}
 }
 
 // loop polls the socket, the userfaultfd and the stop pipe until one of them
@@ -132,8 +164,14 @@ func (c *client) drain() error {
 			closeFD(fd)
 			return err
 		}
-		if err := c.handle(m, fd); err != nil {
+		errno, val, err := c.handle(m, fd)
+		if err != nil {
 			return err
+		}
+		if wantsReply(m.op) {
+			if _, err := unix.SendmsgN(c.sock, encodeReply(int32(errno), val), nil, nil, unix.MSG_NOSIGNAL); err != nil {
+				return errGone
+			}
 		}
 	}
 }
@@ -160,71 +198,114 @@ func closeFD(fd int) {
 	}
 }
 
-// handle applies one control message; it owns fd.
-func (c *client) handle(m msg, fd int) error {
+// handle applies one control message; it owns fd. It returns the errno and
+// value of the reply, or an error that ends the client.
+func (c *client) handle(m msg, fd int) (unix.Errno, uint64, error) {
+	if m.op != opHello && c.uffd < 0 {
+		closeFD(fd)
+		return 0, 0, errors.New("message before hello")
+	}
 	switch m.op {
 	case opHello:
 		if c.uffd >= 0 || fd < 0 {
 			closeFD(fd)
-			return errors.New("unexpected hello")
+			return 0, 0, errors.New("unexpected hello")
+		}
+		if m.start != 0 {
+			c.p.mu.Lock()
+			s := c.p.snaps[m.start]
+			delete(c.p.snaps, m.start)
+			c.p.mu.Unlock()
+			if s == nil {
+				closeFD(fd)
+				return 0, 0, fmt.Errorf("hello with unknown fork token %d", m.start)
+			}
+			// The child takes over the reservation made at fork.
+			c.inherit, c.owner, c.reserved = s, s.owner, s.reserved
 		}
 		c.uffd, c.pid = fd, m.pid
 		c.p.clients.Add(1)
-		return nil
+		return 0, 0, nil
 	case opRegister:
-		if c.uffd < 0 || fd < 0 {
-			closeFD(fd)
-			return errors.New("register before hello or without memfd")
+		if fd < 0 {
+			return 0, 0, errors.New("register without memfd")
 		}
 		return c.register(m.start, m.len, fd)
-	default: // opUnregister
+	case opUnregister:
 		closeFD(fd)
 		i := c.find(m.start)
 		if i < 0 || c.regs[i].start != m.start {
-			return fmt.Errorf("unregister of unknown block %#x", m.start)
+			return 0, 0, fmt.Errorf("unregister of unknown block %#x", m.start)
 		}
 		r := c.regs[i]
 		c.regs = append(c.regs[:i], c.regs[i+1:]...)
 		c.release(r)
-		return nil
+		c.p.cfg.Pool.Release(c.owner, r.len)
+		c.reserved -= r.len
+		return 0, 0, nil
+	case opDiscard:
+		closeFD(fd)
+		return 0, 0, c.discard(m.start, m.len)
+	case opFork:
+		closeFD(fd)
+		return c.fork()
+	default: // opForkAbort
+		closeFD(fd)
+		c.p.mu.Lock()
+		s := c.p.snaps[m.start]
+		if s != nil && s.parent == c.id {
+			delete(c.p.snaps, m.start)
+		} else {
+			s = nil
+		}
+		c.p.mu.Unlock()
+		if s != nil {
+			s.release(c.p)
+		}
+		return 0, 0, nil
 	}
 }
 
-func (c *client) register(start, n uint64, memfd int) error {
+func (c *client) register(start, n uint64, memfd int) (unix.Errno, uint64, error) {
 	ps := uint64(PageSize)
 	var st unix.Stat_t
 	switch {
-	case n == 0 || start%ps != 0 || n%ps != 0 || start+n < start:
+	case n == 0 || start%ps != 0 || n%ps != 0 || start+n < start || n/ps > 1<<31:
 		unix.Close(memfd)
-		return fmt.Errorf("bad block %#x+%#x", start, n)
+		return 0, 0, fmt.Errorf("bad block %#x+%#x", start, n)
 	case unix.Fstat(memfd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || uint64(st.Size) < n:
 		unix.Close(memfd)
-		return fmt.Errorf("block %#x: descriptor is not a memfd of %d bytes", start, n)
+		return 0, 0, fmt.Errorf("block %#x: descriptor is not a memfd of %d bytes", start, n)
 	}
 	i := sort.Search(len(c.regs), func(i int) bool { return c.regs[i].start >= start })
 	if (i < len(c.regs) && c.regs[i].start < start+n) || (i > 0 && c.regs[i-1].start+c.regs[i-1].len > start) {
 		unix.Close(memfd)
-		return fmt.Errorf("block %#x+%#x overlaps a registered one", start, n)
+		return 0, 0, fmt.Errorf("block %#x+%#x overlaps a registered one", start, n)
 	}
-	alias, err := unix.Mmap(memfd, 0, int(n), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		unix.Close(memfd)
-		return fmt.Errorf("alias mapping of %#x: %w", start, err)
+	var inherited *snapBlock
+	if c.inherit != nil {
+		inherited = c.inherit.take(start, n)
 	}
-	r := &region{start: start, len: n, memfd: memfd, alias: alias}
+	if inherited == nil {
+		ctx, cancel := c.p.ctx()
+		err := c.p.cfg.Pool.Reserve(ctx, c.owner, n)
+		cancel()
+		if err != nil {
+			unix.Close(memfd)
+			c.p.denied.Add(1)
+			if !errors.Is(err, pool.ErrFull) {
+				c.p.cfg.Logf("pager: reserve %d bytes for pid %d: %v", n, c.pid, err)
+			}
+			return unix.ENOMEM, 0, nil
+		}
+		c.reserved += n
+	}
+	r := newRegion(c.p, start, n, memfd, inherited)
 	c.regs = append(c.regs, nil)
 	copy(c.regs[i+1:], c.regs[i:])
 	c.regs[i] = r
 	c.p.regions.Add(1)
-	return nil
-}
-
-func (c *client) release(r *region) {
-	unix.Munmap(r.alias)
-	unix.Close(r.memfd)
-	if f, ok := c.p.store.(Forgetter); ok {
-		f.Forget(RegionID{Client: c.id, Start: r.start})
-	}
+	return 0, 0, nil
 }
 
 // find returns the index of the block holding addr, or -1.
@@ -236,7 +317,7 @@ func (c *client) find(addr uint64) int {
 	return -1
 }
 
-// serve reads every waiting uffd message and fills the faulting pages.
+// serve reads every waiting uffd message and handles the faults.
 func (c *client) serve(buf []byte) error {
 	var idleSince time.Time
 	for {
@@ -267,14 +348,15 @@ func (c *client) serve(buf []byte) error {
 			if m.Event != uffd.EventPagefault {
 				continue // no event features requested: not expected
 			}
-			if err := c.fault(m.Address); err != nil {
+			if err := c.fault(m.Address, m.Flags); err != nil {
 				return err
 			}
 		}
 	}
 }
 
-func (c *client) fault(addr uint64) error {
+// fault handles one page fault message.
+func (c *client) fault(addr, flags uint64) error {
 	ps := uint64(PageSize)
 	page := addr &^ (ps - 1)
 	i := c.find(page)
@@ -289,51 +371,13 @@ func (c *client) fault(addr uint64) error {
 			return fmt.Errorf("fault at %#x outside every registered block", addr)
 		}
 	}
-	var data []byte
-	if c.p.store != nil {
-		r := c.regs[i]
-		var ok bool
-		if data, ok = c.p.store.Get(RegionID{Client: c.id, Start: r.start}, page-r.start); ok && len(data) != PageSize {
-			return fmt.Errorf("store returned %d bytes for a page", len(data))
-		} else if !ok {
-			data = nil
-		}
+	r := c.regs[i]
+	pg := int((page - r.start) / ps)
+	if flags&uffd.PagefaultFlagWP != 0 {
+		return c.wpFault(r, pg)
 	}
-	for tries := 0; ; tries++ {
-		var err error
-		if data != nil {
-			err = uffd.Copy(c.uffd, page, data)
-		} else {
-			err = uffd.ZeroPage(c.uffd, page, ps)
-		}
-		switch err {
-		case nil, unix.EEXIST: // EEXIST: another fault on the page won
-		case unix.EAGAIN: // the mm is changing: try again, not for ever
-			if tries < 1000 {
-				runtime.Gosched()
-				continue
-			}
-			return fmt.Errorf("fill page %#x: %w after %d tries", page, err, tries)
-		case unix.ESRCH: // the program's mm is gone: it exited
-			return errGone
-		case unix.ENOENT:
-			// The range is no longer registered (freed while a thread
-			// touched it: a use after free). Wake the thread: its retry
-			// faults as it would without onebox.
-			uffd.Wake(c.uffd, page, ps)
-			c.p.faults.Add(1)
-			return nil
-		default:
-			return fmt.Errorf("fill page %#x: %w", page, err)
-		}
-		break
+	if c.p.testStall != nil {
+		c.p.testStall()
 	}
-	c.p.faults.Add(1)
-	switch {
-	case data != nil:
-		c.p.copies.Add(1)
-	default:
-		c.p.zeroed.Add(1)
-	}
-	return nil
+	return c.fill(r, pg, flags&uffd.PagefaultFlagWrite != 0)
 }

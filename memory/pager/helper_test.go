@@ -17,37 +17,34 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// stallStore answers the first n Gets, then blocks every later one.
-type stallStore struct {
-	mu   sync.Mutex
-	n    int
-	once sync.Once
-}
-
-func (s *stallStore) Get(RegionID, uint64) ([]byte, bool) {
-	s.mu.Lock()
-	s.n--
-	left := s.n
-	s.mu.Unlock()
-	if left >= 0 {
-		return nil, false
-	}
-	s.once.Do(func() { fmt.Println("stalled") })
-	select {} // a fault in flight when the pager dies
-}
-
 func helperPager(sock string) int {
 	l, err := Listen(sock)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	p, err := New(&stallStore{n: 100}, nil)
+	p, err := New(Config{})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
+	// Answer the first faults, then block every later one: a fault in
+	// flight when the pager dies.
+	var mu sync.Mutex
+	left := 100
+	var once sync.Once
+	p.testStall = func() {
+		mu.Lock()
+		left--
+		n := left
+		mu.Unlock()
+		if n >= 0 {
+			return
+		}
+		once.Do(func() { fmt.Println("stalled") })
+		select {}
+	}
 	fmt.Println("listening")
-	p.Serve(l)
+	p.Serve(l, 0)
 	return 0
 }

@@ -1,32 +1,48 @@
 // Package pager serves the page faults of programs running under the onebox
-// LD_PRELOAD shim (memory/shim): the local pager core of memory expansion.
+// LD_PRELOAD shim (memory/shim): the local pager of memory expansion.
 //
 // A program started with ONEBOX_PAGER_SOCK set connects to the pager's unix
 // socket and hands over its userfaultfd; every large block it allocates is a
-// memfd registered for MISSING faults, and the pager gets that memfd too (an
-// alias mapping, for copy-out in a later slice). The pager fills each first
-// touch of a page with UFFDIO_COPY from a Store, or UFFDIO_ZEROPAGE when the
-// store has no such page.
+// memfd registered for MISSING and write-protect faults, and the pager gets
+// that memfd too. Each block is reserved in the cluster memory pool
+// (pool.Pages) when it is registered: a full pool fails the allocation with
+// ENOMEM.
 //
-// The pager must run in another process than the programs it serves (the
-// agent): a Go process must never fault on memory its own goroutines have to
-// fill (see machine-facts.md). There is no cluster pool yet: pages come from
-// the Store given to New, and nothing is evicted.
+// Paging: the pager keeps at most a local limit of each process's block pages
+// resident. A fault on a page fills it with UFFDIO_COPY from the pool (or
+// zeros for a page never written), write-protected unless the access is a
+// write, so the first write raises a WP fault that marks the page dirty.
+// Sequential faults grow a prefetch window: one pool Load and one UFFDIO_COPY
+// fill up to 1 MiB of following pages. Over the limit, victims are taken in
+// fault order with a second chance for pages written since (clock-like);
+// dirty ones are write-protected, copied out of the memfd with pread and
+// stored in the pool in batches, then every victim's page is punched out of
+// the memfd (fallocate PUNCH_HOLE): the next access is a MISSING fault again.
+// Clean pages whose copy is in the pool are just punched.
+//
+// Copy-out reads the memfd with pread rather than through a mapping: a read
+// of a hole through a mapping would allocate a zero page in the file, which
+// the program would then see in place of its pooled data; pread of a hole
+// allocates nothing. The agent process itself never maps or touches a
+// program's registered memory, so no goroutine can fault on memory this pager
+// must fill (machine-facts.md: that deadlocks the Go runtime).
+//
+// fork: before the program forks, the shim asks for a snapshot. The pager
+// stores the dirty resident pages, write-protects them, and freezes each
+// block's pool pages: the parent's later evictions go to a new pool region,
+// the child inherits the frozen ones (reference counted) and fills its own
+// fresh blocks from them. Neither sees the other's later writes.
+// madvise(DONTNEED/REMOVE/FREE): the shim asks the pager to punch the range
+// and forget its pool pages, so it reads back as zeros.
 //
 // If the pager goes away, the shim notices its socket hang up and stops the
 // program ("onebox: memory pager gone; stopping to avoid reading wrong data")
 // rather than letting it hang or read zero pages. The program keeps its own
 // uffd open, so the kernel never zero-fills behind the pager's back.
-//
-// Not handled yet, and needed before pages are evicted: fork (no
-// UFFD_FEATURE_EVENT_FORK: the child's copy of a block is unregistered and
-// shared with the parent, not copy-on-write), mremap and madvise(DONTNEED)
-// of a block, a restarted agent taking a program back (it is stopped
-// instead), and programs that close every descriptor (the watchdog sees its
-// socket go and stops them).
 package pager
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -36,72 +52,93 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/onebox-project/onebox/memory/pool"
 )
 
-// RegionID names one registered block: the client connection and the block's
-// start address in the program.
-type RegionID struct {
-	Client uint64
-	Start  uint64
-}
-
-// Store holds pages that must be put back when a program touches them again.
-// Get returns the page at offset (a multiple of the page size) of region, of
-// exactly PageSize bytes, or false when the page was never stored: it is then
-// zero-filled, which is what a fresh allocation holds.
-type Store interface {
-	Get(region RegionID, offset uint64) ([]byte, bool)
-}
-
-// Forgetter is implemented by stores that drop a region's pages when the
-// program frees the block.
-type Forgetter interface {
-	Forget(region RegionID)
-}
-
-// PageSize is the unit of faults and of Store pages.
+// PageSize is the unit of faults and of pool pages.
 var PageSize = os.Getpagesize()
+
+// Config configures a Pager.
+type Config struct {
+	// Pool keeps evicted pages and accounts block reservations. Nil: an
+	// unbounded pool.Local in this process.
+	Pool pool.Pages
+	// Owner prefixes the pool owners of this pager's programs; unique in the
+	// cluster (the node's name). Default "local".
+	Owner string
+	// Timeout bounds each pool operation; a program whose page cannot be
+	// fetched or stored in time is stopped. Default 30 s.
+	Timeout time.Duration
+	// Logf receives one line per dropped program; nil discards.
+	Logf func(format string, args ...any)
+}
 
 // Stats are the pager's counters since New.
 type Stats struct {
-	Clients uint64 // connections that sent their userfaultfd
-	Regions uint64 // blocks registered
-	Faults  uint64 // page faults served
-	Copies  uint64 // ... of which from the Store (UFFDIO_COPY)
-	Zeroed  uint64 // ... of which zero-filled (UFFDIO_ZEROPAGE)
-	Dropped uint64 // clients dropped on an error
+	Clients   uint64 // connections that sent their userfaultfd
+	Live      uint64 // ... still connected
+	Regions   uint64 // blocks registered
+	Faults    uint64 // MISSING faults served
+	Copies    uint64 // pages filled with UFFDIO_COPY (faults and prefetch)
+	Loaded    uint64 // ... of which came from the pool
+	Prefetch  uint64 // ... of which were prefetched, not faulted
+	Remote    uint64 // faults that loaded from the pool
+	WPFaults  uint64 // write-protect faults (a clean page written)
+	Evicted   uint64 // pages punched out of memory
+	Stored    uint64 // ... of which were dirty and stored in the pool first
+	Discarded uint64 // pages discarded by madvise
+	Forks     uint64 // fork snapshots
+	Denied    uint64 // registrations refused: pool full
+	Dropped   uint64 // clients dropped on an error
+	Resident  uint64 // pages of blocks resident now
+	Pooled    uint64 // pages with a copy in the pool now
 }
 
-// ErrClosed is returned by Serve after Close.
+// ErrClosed is returned by Serve after Close or once its listener is closed.
 var ErrClosed = errors.New("pager: closed")
 
 // Pager serves page faults for the programs connected to it.
 type Pager struct {
-	store Store
-	logf  func(format string, args ...any)
+	cfg Config
 
 	stopR, stopW *os.File // Close closes stopW: every client's poll wakes
 	wg           sync.WaitGroup
 	nextID       atomic.Uint64
 
-	clients, regions, faults, copies, zeroed, dropped atomic.Uint64
+	clients, live, regions, faults, copies, loaded, prefetch, remote atomic.Uint64
+	wpFaults, evicted, stored, discarded, forks, denied, dropped     atomic.Uint64
+	resident, pooled                                                 atomic.Int64
 
-	mu       sync.Mutex
-	closed   bool              // guarded by mu
-	listener *net.UnixListener // guarded by mu
+	// testStall, when set, is called before each fault is filled (tests).
+	testStall func()
+
+	mu        sync.Mutex
+	closed    bool                      // guarded by mu
+	listeners map[*net.UnixListener]int // guarded by mu
+	snaps     map[uint64]*snapshot      // fork snapshots not yet adopted; guarded by mu
 }
 
-// New returns a pager that fills faults from store (nil: zero pages only).
-// logf receives one line per dropped client; nil discards.
-func New(store Store, logf func(format string, args ...any)) (*Pager, error) {
-	if logf == nil {
-		logf = func(string, ...any) {}
+// New returns a pager.
+func New(cfg Config) (*Pager, error) {
+	if cfg.Pool == nil {
+		cfg.Pool = pool.NewLocal(0)
+	}
+	if cfg.Owner == "" {
+		cfg.Owner = "local"
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 30 * time.Second
+	}
+	if cfg.Logf == nil {
+		cfg.Logf = func(string, ...any) {}
 	}
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("pager: stop pipe: %w", err)
 	}
-	return &Pager{store: store, logf: logf, stopR: r, stopW: w}, nil
+	return &Pager{cfg: cfg, stopR: r, stopW: w, listeners: map[*net.UnixListener]int{},
+		snaps: map[uint64]*snapshot{}}, nil
 }
 
 // Listen creates the pager socket at path (SOCK_SEQPACKET), mode 0600. Put
@@ -119,16 +156,28 @@ func Listen(path string) (*net.UnixListener, error) {
 	return l, nil
 }
 
-// Serve accepts programs on l until Close; it returns ErrClosed then.
-func (p *Pager) Serve(l *net.UnixListener) error {
+// Serve accepts programs on l until Close or until l is closed; it returns
+// ErrClosed then. Each process connected through l keeps at most
+// localMemory bytes of its blocks resident (0: no limit, nothing evicted).
+// Processes already connected go on after l is closed, until they exit.
+func (p *Pager) Serve(l *net.UnixListener, localMemory uint64) error {
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
 		l.Close()
 		return ErrClosed
 	}
-	p.listener = l
+	p.listeners[l]++
 	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		delete(p.listeners, l)
+		p.mu.Unlock()
+	}()
+	limit := int(localMemory / uint64(PageSize))
+	if localMemory > 0 && limit < minLimit {
+		limit = minLimit
+	}
 	backoff := 5 * time.Millisecond
 	for {
 		c, err := l.AcceptUnix()
@@ -136,11 +185,11 @@ func (p *Pager) Serve(l *net.UnixListener) error {
 			p.mu.Lock()
 			closed := p.closed
 			p.mu.Unlock()
-			if closed {
+			if closed || errors.Is(err, net.ErrClosed) {
 				return ErrClosed
 			}
 			// Running out of descriptors must not end the pager: retry.
-			p.logf("pager: accept: %v; retrying in %v", err, backoff)
+			p.cfg.Logf("pager: accept: %v; retrying in %v", err, backoff)
 			time.Sleep(backoff)
 			backoff = min(2*backoff, time.Second)
 			continue
@@ -150,11 +199,11 @@ func (p *Pager) Serve(l *net.UnixListener) error {
 		f, err := c.File()
 		c.Close()
 		if err != nil {
-			p.logf("pager: client descriptor: %v", err)
+			p.cfg.Logf("pager: client descriptor: %v", err)
 			continue
 		}
 		if cred, err := unix.GetsockoptUcred(int(f.Fd()), unix.SOL_SOCKET, unix.SO_PEERCRED); err != nil || int(cred.Uid) != os.Geteuid() {
-			p.logf("pager: refused a peer of another user (%+v, %v)", cred, err)
+			p.cfg.Logf("pager: refused a peer of another user (%+v, %v)", cred, err)
 			f.Close()
 			continue
 		}
@@ -166,7 +215,9 @@ func (p *Pager) Serve(l *net.UnixListener) error {
 		}
 		p.wg.Add(1)
 		p.mu.Unlock()
-		cl := &client{p: p, id: p.nextID.Add(1), sockf: f, sock: int(f.Fd()), uffd: -1}
+		id := p.nextID.Add(1)
+		cl := &client{p: p, id: id, owner: fmt.Sprintf("%s/p%d", p.cfg.Owner, id), limit: limit,
+			sockf: f, sock: int(f.Fd()), uffd: -1}
 		go func() {
 			defer p.wg.Done()
 			cl.run()
@@ -174,9 +225,10 @@ func (p *Pager) Serve(l *net.UnixListener) error {
 	}
 }
 
-// Close stops the pager: it closes the listener, wakes every client loop,
-// waits for them to release their userfaultfd, memfds and sockets, and
-// returns. Programs still running see their socket hang up and stop.
+// Close stops the pager: it closes the listeners, wakes every client loop,
+// waits for them to release their userfaultfd, memfds, sockets and pool
+// pages, and returns. Programs still running see their socket hang up and
+// stop.
 func (p *Pager) Close() error {
 	p.mu.Lock()
 	if p.closed {
@@ -184,21 +236,34 @@ func (p *Pager) Close() error {
 		return nil
 	}
 	p.closed = true
-	l := p.listener
-	p.mu.Unlock()
-	if l != nil {
+	for l := range p.listeners {
 		l.Close()
 	}
+	p.mu.Unlock()
 	p.stopW.Close()
 	p.wg.Wait()
+	p.mu.Lock()
+	for tok, s := range p.snaps {
+		delete(p.snaps, tok)
+		s.release(p)
+	}
+	p.mu.Unlock()
 	return p.stopR.Close()
 }
 
 // Stats returns the counters.
 func (p *Pager) Stats() Stats {
 	return Stats{
-		Clients: p.clients.Load(), Regions: p.regions.Load(), Faults: p.faults.Load(),
-		Copies: p.copies.Load(), Zeroed: p.zeroed.Load(),
-		Dropped: p.dropped.Load(),
+		Clients: p.clients.Load(), Live: p.live.Load(), Regions: p.regions.Load(),
+		Faults: p.faults.Load(), Copies: p.copies.Load(), Loaded: p.loaded.Load(),
+		Prefetch: p.prefetch.Load(), Remote: p.remote.Load(), WPFaults: p.wpFaults.Load(),
+		Evicted: p.evicted.Load(), Stored: p.stored.Load(), Discarded: p.discarded.Load(),
+		Forks: p.forks.Load(), Denied: p.denied.Load(), Dropped: p.dropped.Load(),
+		Resident: uint64(max(p.resident.Load(), 0)), Pooled: uint64(max(p.pooled.Load(), 0)),
 	}
+}
+
+// ctx bounds one pool operation.
+func (p *Pager) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), p.cfg.Timeout)
 }

@@ -5,15 +5,22 @@ import (
 	"fmt"
 )
 
-// The shim's messages (struct obx_msg in memory/shim/onebox_shim.c): one
-// SOCK_SEQPACKET message of 24 bytes in host byte order, with a descriptor
-// attached for opHello (the userfaultfd) and opRegister (the block's memfd).
+// The shim's messages (struct obx_msg and struct obx_reply in
+// memory/shim/onebox_shim.c), one SOCK_SEQPACKET message each, host byte
+// order. A request is 24 bytes, with a descriptor attached for opHello (the
+// userfaultfd) and opRegister (the block's memfd). opHello, opRegister,
+// opDiscard and opFork get a 16-byte reply: an errno value (0: done; ENOMEM:
+// the pool cannot hold the block) and a value (opFork: the snapshot token).
 const (
-	opHello      = 1
-	opRegister   = 2
-	opUnregister = 3
+	opHello      = 1 // start: the fork token this process inherits, 0 for none
+	opRegister   = 2 // a block [start, start+len) and its memfd
+	opUnregister = 3 // the block at start is freed (no reply)
+	opDiscard    = 4 // madvise(DONTNEED) of [start, start+len)
+	opFork       = 5 // snapshot the blocks before fork; reply: the token
+	opForkAbort  = 6 // start: the token of a fork that failed (no reply)
 
-	msgSize = 24
+	msgSize   = 24
+	replySize = 16
 )
 
 type msg struct {
@@ -31,8 +38,20 @@ func parseMsg(b []byte) (msg, error) {
 		start: binary.NativeEndian.Uint64(b[8:16]),
 		len:   binary.NativeEndian.Uint64(b[16:24]),
 	}
-	if m.op < opHello || m.op > opUnregister {
+	if m.op < opHello || m.op > opForkAbort {
 		return msg{}, fmt.Errorf("pager: unknown op %d", m.op)
 	}
 	return m, nil
+}
+
+// wantsReply tells which requests the shim waits on.
+func wantsReply(op uint32) bool {
+	return op == opHello || op == opRegister || op == opDiscard || op == opFork
+}
+
+func encodeReply(errno int32, val uint64) []byte {
+	b := make([]byte, replySize)
+	binary.NativeEndian.PutUint32(b[0:4], uint32(errno))
+	binary.NativeEndian.PutUint64(b[8:16], val)
+	return b
 }

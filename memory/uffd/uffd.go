@@ -20,6 +20,15 @@ const (
 	IoctlZero  = 0xc020aa04
 	IoctlWake  = 0x8010aa02
 	IoctlUnreg = 0x8010aa01
+	IoctlWP    = 0xc018aa06
+
+	// Features asked for in UFFDIO_API (the shim asks; listed for tests).
+	FeatureMissingShmem = 1 << 5
+	FeatureWPShmem      = 1 << 12
+
+	// CopyModeWP maps a filled page write-protected: its first write
+	// then raises a WP fault (dirty tracking).
+	CopyModeWP = 1 << 1
 
 	EventPagefault = 0x12
 	EventFork      = 0x13

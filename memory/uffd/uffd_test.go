@@ -20,6 +20,7 @@ func TestStructSizes(t *testing.T) {
 		{"uffdio_zeropage", unsafe.Sizeof(zeroArg{}), 32},
 		{"uffdio_api", unsafe.Sizeof(apiArg{}), 24},
 		{"uffdio_range", unsafe.Sizeof(rangeArg{}), 16},
+		{"uffdio_writeprotect", unsafe.Sizeof(wpArg{}), 24},
 	} {
 		if c.got != c.want {
 			t.Errorf("sizeof(%s) = %d, want %d", c.name, c.got, c.want)
@@ -36,6 +37,7 @@ func TestStructSizes(t *testing.T) {
 		{"UFFDIO_API", IoctlAPI, 24},
 		{"UFFDIO_WAKE", IoctlWake, 16},
 		{"UFFDIO_UNREGISTER", IoctlUnreg, 16},
+		{"UFFDIO_WRITEPROTECT", IoctlWP, 24},
 	} {
 		if got := (c.req >> 16) & 0x3fff; got != c.size {
 			t.Errorf("%s encodes size %d, want %d", c.name, got, c.size)

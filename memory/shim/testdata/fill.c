@@ -50,6 +50,18 @@ int main(int argc, char **argv)
 	for (uint64_t seed = 0; seed < 3; seed++)
 		printf("pass %llu sum %016llx\n", (unsigned long long)seed,
 		       (unsigned long long)fill_sum(a, n, seed));
+	/* Random order: every page once, read-modify-write, then a sum. */
+	size_t pages = bytes / 4096, w = 4096 / sizeof(uint64_t);
+	uint64_t x = 88172645463325252ULL;
+	for (size_t k = 0; k < pages; k++) {
+		x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+		size_t pg = x % pages;
+		a[pg * w + (x >> 32) % w] += x;
+	}
+	uint64_t h = 0xcbf29ce484222325ULL;
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ a[i]) * 0x100000001b3ULL;
+	printf("random sum %016llx\n", (unsigned long long)h);
 
 	unsigned char *c = calloc(16, 1 << 20);
 	size_t nz = 0;

@@ -1,0 +1,568 @@
+package pager
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sort"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/onebox-project/onebox/memory/pool"
+	"github.com/onebox-project/onebox/memory/uffd"
+)
+
+// Page states (region.state).
+const (
+	stResident = 1 << iota // in the memfd, mapped by the program
+	stDirty                // resident and written since its pool copy (write-enabled)
+	stInPool               // the pool holds its data at srcs[where]
+	stQueued               // in the client's fifo
+	stRef                  // written since it was queued: a second chance
+)
+
+const (
+	noSrc     = 0xffff // where[i] of a page with no pool copy
+	maxSrcs   = noSrc - 1
+	maxWindow = 256 // pages: largest prefetch and eviction batch (1 MiB)
+	minLimit  = 64  // pages: the smallest local limit honoured
+)
+
+// src is one pool region holding pages of blocks. A block's own src takes
+// its evictions; at fork it is frozen and shared (reference counted) by the
+// parent and the child, and the parent gets a new own src.
+type src struct {
+	r    pool.Region
+	n    uint64 // bytes, for Drop
+	refs atomic.Int32
+}
+
+func (p *Pager) newSrc(n uint64) *src {
+	s := &src{r: pool.Region{Owner: p.cfg.Owner, ID: p.nextID.Add(1)}, n: n}
+	s.refs.Store(1)
+	return s
+}
+
+func (s *src) unref(p *Pager) {
+	if s.refs.Add(-1) != 0 {
+		return
+	}
+	ctx, cancel := p.ctx()
+	defer cancel()
+	if err := p.cfg.Pool.Drop(ctx, s.r, 0, s.n); err != nil {
+		p.cfg.Logf("pager: drop pool region %v: %v", s.r, err)
+	}
+}
+
+// region is one block of a process, as registered by the shim.
+type region struct {
+	start, len uint64
+	memfd      int
+	srcs       []*src
+	own        int      // index in srcs of the src evictions go to
+	state      []uint8  // per page
+	where      []uint16 // per page: index in srcs of its pool copy, or noSrc
+	next       int      // page after the last fill: sequential detection
+	window     int      // prefetch window, pages
+	dead       bool     // released: fifo entries are stale
+}
+
+func newRegion(p *Pager, start, n uint64, memfd int, from *snapBlock) *region {
+	np := int(n / uint64(PageSize))
+	r := &region{start: start, len: n, memfd: memfd, state: make([]uint8, np), window: 1}
+	if from == nil {
+		r.srcs = []*src{p.newSrc(n)}
+		r.where = make([]uint16, np)
+		for i := range r.where {
+			r.where[i] = noSrc
+		}
+		return r
+	}
+	r.srcs = append(from.srcs, p.newSrc(n))
+	r.own = len(r.srcs) - 1
+	r.where = from.where
+	pooled := 0
+	for i, w := range r.where {
+		if w != noSrc {
+			r.state[i] = stInPool
+			pooled++
+		}
+	}
+	p.pooled.Add(int64(pooled))
+	return r
+}
+
+// release forgets a freed block: its pool pages, its memfd.
+func (c *client) release(r *region) {
+	res, pooled := 0, 0
+	for _, s := range r.state {
+		if s&stResident != 0 {
+			res++
+		}
+		if s&stInPool != 0 {
+			pooled++
+		}
+	}
+	c.resident -= res
+	c.p.resident.Add(-int64(res))
+	c.p.pooled.Add(-int64(pooled))
+	r.dead = true
+	unix.Close(r.memfd)
+	for _, s := range r.srcs {
+		s.unref(c.p)
+	}
+	r.srcs = nil
+}
+
+// copyIn fills [pg, pg+n) of r in the program with buf, write-protected
+// unless writable. It returns how many pages it filled (the run stops at a
+// page already present), or errGone.
+func (c *client) copyIn(r *region, pg, n int, buf []byte, writable bool) (int, error) {
+	ps := uint64(PageSize)
+	var mode uint64 = uffd.CopyModeWP
+	if writable {
+		mode = 0
+	}
+	addr := r.start + uint64(pg)*ps
+	for tries := 0; ; tries++ {
+		done, err := uffd.CopyMode(c.uffd, addr, buf[:n*PageSize], mode)
+		switch err {
+		case nil:
+			return n, nil
+		case unix.EEXIST:
+			return done / PageSize, unix.EEXIST
+		case unix.EAGAIN: // the mm is changing: try again, not for ever
+			if done >= PageSize {
+				return done / PageSize, nil
+			}
+			if tries < 1000 {
+				runtime.Gosched()
+				continue
+			}
+			return 0, fmt.Errorf("fill page %#x: %w after %d tries", addr, err, tries)
+		case unix.ESRCH: // the program's mm is gone: it exited
+			return 0, errGone
+		case unix.ENOENT:
+			// The range is no longer registered (freed while a thread
+			// touched it: a use after free). Wake the thread: its retry
+			// faults as it would without onebox.
+			uffd.Wake(c.uffd, addr, ps)
+			return 0, unix.ENOENT
+		default:
+			return 0, fmt.Errorf("fill page %#x: %w", addr, err)
+		}
+	}
+}
+
+// fill serves a MISSING fault on page pg of r, with the pages after it when
+// the faults run sequentially.
+func (c *client) fill(r *region, pg int, write bool) error {
+	ps := uint64(PageSize)
+	c.p.faults.Add(1)
+	if r.state[pg]&stResident != 0 { // a second fault on a page just filled
+		uffd.Wake(c.uffd, r.start+uint64(pg)*ps, ps)
+		return nil
+	}
+	if pg == r.next && pg > 0 {
+		r.window = min(2*r.window, maxWindow)
+	} else {
+		r.window = 1
+	}
+	n := min(r.window, len(r.state)-pg)
+	if c.limit > 0 {
+		n = min(n, max(1, c.limit/4))
+	}
+	for k := 1; k < n; k++ {
+		if r.state[pg+k]&stResident != 0 {
+			n = k
+			break
+		}
+	}
+	if c.fillBuf == nil {
+		c.fillBuf = make([]byte, maxWindow*PageSize)
+	}
+	buf := c.fillBuf[:n*PageSize]
+	loaded, err := c.load(r, pg, n, buf)
+	if err != nil {
+		return err
+	}
+	if loaded > 0 {
+		c.p.remote.Add(1)
+	}
+	done, err := c.copyIn(r, pg, n, buf, write)
+	if done == 0 && err == unix.EEXIST {
+		// Present but not known to us: treat it as written.
+		uffd.Wake(c.uffd, r.start+uint64(pg)*ps, ps)
+		done, err = 1, nil
+	}
+	switch {
+	case err == unix.ENOENT:
+		return nil
+	case err != nil && err != unix.EEXIST:
+		return err
+	}
+	st := uint8(stResident)
+	if write || err == unix.EEXIST {
+		st |= stDirty
+	}
+	for k := pg; k < pg+done; k++ {
+		r.state[k] = r.state[k]&(stInPool|stQueued) | st
+		if r.state[k]&stQueued == 0 {
+			r.state[k] |= stQueued
+			c.fifo = append(c.fifo, pageRef{r, int32(k)})
+		}
+	}
+	r.next = pg + done
+	c.resident += done
+	c.p.resident.Add(int64(done))
+	c.p.copies.Add(uint64(done))
+	c.p.prefetch.Add(uint64(done - 1))
+	c.p.loaded.Add(uint64(min(loaded, done)))
+	if c.limit > 0 && c.resident > c.limit {
+		slack := max(1, min(c.limit/16, maxWindow))
+		return c.evict(c.resident - c.limit + slack)
+	}
+	return nil
+}
+
+// load fills buf with pages [pg, pg+n) of r: pool copies where there are,
+// zeros elsewhere. It returns how many came from the pool.
+func (c *client) load(r *region, pg, n int, buf []byte) (int, error) {
+	loaded := 0
+	for k := pg; k < pg+n; {
+		w := r.where[k]
+		e := k + 1
+		for e < pg+n && r.where[e] == w {
+			e++
+		}
+		b := buf[(k-pg)*PageSize : (e-pg)*PageSize]
+		if w == noSrc {
+			clear(b)
+		} else {
+			ctx, cancel := c.p.ctx()
+			err := c.p.cfg.Pool.Load(ctx, r.srcs[w].r, uint64(k)*uint64(PageSize), b)
+			cancel()
+			if err != nil {
+				return 0, fmt.Errorf("load %d pages from the pool: %w", e-k, err)
+			}
+			loaded += e - k
+		}
+		k = e
+	}
+	return loaded, nil
+}
+
+// wpFault: a write to a clean (write-protected) page. It becomes dirty.
+func (c *client) wpFault(r *region, pg int) error {
+	c.p.wpFaults.Add(1)
+	ps := uint64(PageSize)
+	addr := r.start + uint64(pg)*ps
+	if r.state[pg]&stResident == 0 {
+		// Evicted since the write trapped: its retry is a MISSING fault.
+		uffd.Wake(c.uffd, addr, ps)
+		return nil
+	}
+	r.state[pg] |= stDirty | stRef
+	switch err := uffd.WriteProtect(c.uffd, addr, ps, false); err {
+	case nil:
+		return nil
+	case unix.ESRCH:
+		return errGone
+	case unix.ENOENT:
+		uffd.Wake(c.uffd, addr, ps)
+		return nil
+	default:
+		return fmt.Errorf("unprotect %#x: %w", addr, err)
+	}
+}
+
+// protect write-protects [pg, pg+n) of r so a copy-out sees its last write.
+// ENOENT (the block is being freed) reports false: skip it.
+func (c *client) protect(r *region, pg, n int) (bool, error) {
+	ps := uint64(PageSize)
+	switch err := uffd.WriteProtect(c.uffd, r.start+uint64(pg)*ps, uint64(n)*ps, true); err {
+	case nil:
+		return true, nil
+	case unix.ESRCH:
+		return false, errGone
+	case unix.ENOENT:
+		return false, nil
+	default:
+		return false, fmt.Errorf("write-protect %#x: %w", r.start+uint64(pg)*ps, err)
+	}
+}
+
+// storeRun write-protects the dirty run [pg, pg+n) of r, copies it out of the
+// memfd and stores it in r's own pool src; the pages become clean.
+func (c *client) storeRun(r *region, pg, n int) error {
+	ok, err := c.protect(r, pg, n)
+	if !ok {
+		return err
+	}
+	if c.outBuf == nil {
+		c.outBuf = make([]byte, maxWindow*PageSize)
+	}
+	ps := uint64(PageSize)
+	for k := pg; k < pg+n; {
+		m := min(n-(k-pg), maxWindow)
+		b := c.outBuf[:m*PageSize]
+		if err := preadFull(r.memfd, b, int64(uint64(k)*ps)); err != nil {
+			return fmt.Errorf("copy out of block %#x: %w", r.start, err)
+		}
+		ctx, cancel := c.p.ctx()
+		err := c.p.cfg.Pool.Store(ctx, r.srcs[r.own].r, uint64(k)*ps, b)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("store %d pages in the pool: %w", m, err)
+		}
+		for j := k; j < k+m; j++ {
+			if r.state[j]&stInPool == 0 {
+				c.p.pooled.Add(1)
+			}
+			r.state[j] = r.state[j]&^(stDirty|stRef) | stInPool
+			r.where[j] = uint16(r.own)
+		}
+		c.p.stored.Add(uint64(m))
+		k += m
+	}
+	return nil
+}
+
+func preadFull(fd int, b []byte, off int64) error {
+	for len(b) > 0 {
+		n, err := unix.Pread(fd, b, off)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return errors.New("short read")
+		}
+		b, off = b[n:], off+int64(n)
+	}
+	return nil
+}
+
+func punch(fd int, off, n uint64) error {
+	return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n))
+}
+
+// evict takes n resident pages out of memory, oldest fill first, giving
+// pages written since they were queued a second chance.
+func (c *client) evict(n int) error {
+	v := c.victims[:0]
+	for len(v) < n && c.fifoHead < len(c.fifo) {
+		ref := c.fifo[c.fifoHead]
+		c.fifo[c.fifoHead] = pageRef{}
+		c.fifoHead++
+		r, i := ref.r, int(ref.i)
+		switch {
+		case r.dead:
+		case r.state[i]&stResident == 0:
+			r.state[i] &^= stQueued
+		case r.state[i]&stRef != 0:
+			r.state[i] &^= stRef
+			c.fifo = append(c.fifo, ref)
+		default:
+			r.state[i] &^= stQueued
+			v = append(v, ref)
+		}
+	}
+	if c.fifoHead > 1024 && c.fifoHead > len(c.fifo)/2 {
+		c.fifo = append(c.fifo[:0], c.fifo[c.fifoHead:]...)
+		c.fifoHead = 0
+	}
+	sort.Slice(v, func(a, b int) bool {
+		if v[a].r != v[b].r {
+			return v[a].r.start < v[b].r.start
+		}
+		return v[a].i < v[b].i
+	})
+	ps := uint64(PageSize)
+	for a := 0; a < len(v); {
+		r := v[a].r
+		e := a + 1
+		for e < len(v) && v[e].r == r && v[e].i == v[e-1].i+1 {
+			e++
+		}
+		pg, cnt := int(v[a].i), e-a
+		// Dirty pages go to the pool first, in runs.
+		for k := pg; k < pg+cnt; {
+			if r.state[k]&stDirty == 0 {
+				k++
+				continue
+			}
+			d := k + 1
+			for d < pg+cnt && r.state[d]&stDirty != 0 {
+				d++
+			}
+			if err := c.storeRun(r, k, d-k); err != nil {
+				return err
+			}
+			k = d
+		}
+		if err := punch(r.memfd, uint64(pg)*ps, uint64(cnt)*ps); err != nil {
+			return fmt.Errorf("punch block %#x: %w", r.start, err)
+		}
+		for k := pg; k < pg+cnt; k++ {
+			r.state[k] &^= stResident | stDirty | stRef
+		}
+		c.resident -= cnt
+		c.p.resident.Add(-int64(cnt))
+		c.p.evicted.Add(uint64(cnt))
+		a = e
+	}
+	c.victims = v[:0]
+	return nil
+}
+
+// discard: madvise(DONTNEED) of [start, start+n): the pages read back as
+// zeros; their pool copies are forgotten.
+func (c *client) discard(start, n uint64) error {
+	ps := uint64(PageSize)
+	if start%ps != 0 || start+n < start {
+		return fmt.Errorf("bad discard %#x+%#x", start, n)
+	}
+	end := start + (n+ps-1)&^(ps-1)
+	for _, r := range c.regs {
+		a, b := max(start, r.start), min(end, r.start+r.len)
+		if a >= b {
+			continue
+		}
+		if err := punch(r.memfd, a-r.start, b-a); err != nil {
+			return fmt.Errorf("punch block %#x: %w", r.start, err)
+		}
+		res, pooled := 0, 0
+		for k := int((a - r.start) / ps); k < int((b-r.start)/ps); k++ {
+			if r.state[k]&stResident != 0 {
+				res++
+			}
+			if r.state[k]&stInPool != 0 {
+				pooled++
+			}
+			r.state[k] &= stQueued
+			r.where[k] = noSrc
+		}
+		c.resident -= res
+		c.p.resident.Add(-int64(res))
+		c.p.pooled.Add(-int64(pooled))
+		c.p.discarded.Add((b - a) / ps)
+		ctx, cancel := c.p.ctx()
+		err := c.p.cfg.Pool.Drop(ctx, r.srcs[r.own].r, a-r.start, b-a)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("drop from the pool: %w", err)
+		}
+	}
+	return nil
+}
+
+// snapshot is the memory a forked child starts from: each block's pool
+// pages, frozen at the fork.
+type snapshot struct {
+	parent   uint64 // client id of the parent
+	owner    string // the child's pool owner
+	reserved uint64 // bytes reserved under owner
+	blocks   []*snapBlock
+}
+
+type snapBlock struct {
+	start, len uint64
+	srcs       []*src   // one reference each, given to the child's region
+	where      []uint16 // per page
+	taken      bool
+}
+
+// take hands the child the block registered at start, once.
+func (s *snapshot) take(start, n uint64) *snapBlock {
+	for _, b := range s.blocks {
+		if !b.taken && b.start == start && b.len == n {
+			b.taken = true
+			return b
+		}
+	}
+	return nil
+}
+
+// releaseBlocks drops the references of blocks never taken.
+func (s *snapshot) releaseBlocks(p *Pager) {
+	for _, b := range s.blocks {
+		if !b.taken {
+			b.taken = true
+			for _, x := range b.srcs {
+				x.unref(p)
+			}
+		}
+	}
+}
+
+// release undoes a snapshot no child adopted.
+func (s *snapshot) release(p *Pager) {
+	s.releaseBlocks(p)
+	p.cfg.Pool.Release(s.owner, s.reserved)
+}
+
+// fork snapshots the blocks before the program forks: dirty resident pages
+// are stored (and become clean, write-protected), every block's pool pages
+// are frozen for the child, and the parent's later evictions go to new pool
+// regions. The reply carries the token the child says hello with.
+func (c *client) fork() (unix.Errno, uint64, error) {
+	var total uint64
+	for _, r := range c.regs {
+		if len(r.srcs) >= maxSrcs {
+			return unix.ENOMEM, 0, nil
+		}
+		total += r.len
+	}
+	id := c.p.nextID.Add(1)
+	s := &snapshot{parent: c.id, owner: fmt.Sprintf("%s/p%d", c.p.cfg.Owner, id), reserved: total}
+	if total > 0 {
+		ctx, cancel := c.p.ctx()
+		err := c.p.cfg.Pool.Reserve(ctx, s.owner, total)
+		cancel()
+		if err != nil {
+			c.p.denied.Add(1)
+			return unix.ENOMEM, 0, nil
+		}
+	}
+	for _, r := range c.regs {
+		for k := 0; k < len(r.state); {
+			if r.state[k]&stDirty == 0 {
+				k++
+				continue
+			}
+			d := k + 1
+			for d < len(r.state) && r.state[d]&stDirty != 0 {
+				d++
+			}
+			if err := c.storeRun(r, k, d-k); err != nil {
+				s.release(c.p)
+				return 0, 0, err
+			}
+			k = d
+		}
+		b := &snapBlock{start: r.start, len: r.len, srcs: append([]*src(nil), r.srcs...),
+			where: append([]uint16(nil), r.where...)}
+		for _, x := range b.srcs {
+			x.refs.Add(1)
+		}
+		s.blocks = append(s.blocks, b)
+		r.srcs = append(r.srcs, c.p.newSrc(r.len))
+		r.own = len(r.srcs) - 1
+	}
+	c.p.mu.Lock()
+	c.p.snaps[id] = s
+	live := c.snaps[:0] // forget the tokens children adopted
+	for _, t := range c.snaps {
+		if c.p.snaps[t] != nil {
+			live = append(live, t)
+		}
+	}
+	c.snaps = append(live, id)
+	c.p.mu.Unlock()
+	c.p.forks.Add(1)
+	return 0, id, nil
+}
