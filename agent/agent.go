@@ -65,6 +65,7 @@ type Agent struct {
 
 	proc       *procState
 	cfs        *cfsState
+	svc        *svcState
 	lock       *os.File // flock on DATA_DIR/lock: one agent per data directory
 	mux        *transport.Mux
 	controlLn  net.Listener // the mux's control-protocol connections
