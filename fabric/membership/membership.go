@@ -47,6 +47,9 @@ const (
 	TagFabric  = "fabric"
 	TagCluster = "cid"
 	TagVersion = "v"
+	// TagCordon is "1" on a node that takes no new or moved processes
+	// ('onebox drain', 'onebox cordon'); absent otherwise.
+	TagCordon = "cordon"
 )
 
 // Member is one node of the cluster.
@@ -57,6 +60,8 @@ type Member struct {
 	ClusterID  string `json:"cluster_id"`
 	Version    string `json:"version"`
 	Status     Status `json:"status"`
+	// Cordoned: the node takes no new or moved processes (TagCordon).
+	Cordoned bool `json:"cordoned,omitempty"`
 }
 
 // Config of the membership layer.
@@ -85,6 +90,7 @@ type Membership struct {
 	done   chan struct{}
 	stop   sync.Once // closes done; Shutdown may be called more than once, concurrently
 	wg     sync.WaitGroup
+	tagMu  sync.Mutex // serialises SetTag's read-modify-write of the tags
 }
 
 // New starts gossiping. The node is alone until Join is called (or the
@@ -248,12 +254,15 @@ func fromSerf(sm serf.Member) Member {
 		Name:       sm.Name,
 		GossipAddr: net.JoinHostPort(sm.Addr.String(), strconv.Itoa(int(sm.Port))),
 		FabricAddr: t.FabricAddr, ClusterID: t.ClusterID, Version: t.Version,
-		Status: st,
+		Status: st, Cordoned: t.Cordoned,
 	}
 }
 
 // Tags are the decoded gossip tags of a member.
-type Tags struct{ FabricAddr, ClusterID, Version string }
+type Tags struct {
+	FabricAddr, ClusterID, Version string
+	Cordoned                       bool
+}
 
 // ParseTags decodes the tags a member gossiped. Tags come from the network
 // (from members, but a buggy or older member must not confuse us), so bad
@@ -274,7 +283,29 @@ func ParseTags(tags map[string]string) Tags {
 	if v := tags[TagVersion]; len(v) <= 64 && printable(v) {
 		t.Version = v
 	}
+	t.Cordoned = tags[TagCordon] == "1"
 	return t
+}
+
+// SetTag sets one of this node's gossiped tags (an empty value removes
+// it) and gossips the change; the other members see it within a second or
+// so. Serf limits all tags of a node to 512 bytes.
+func (m *Membership) SetTag(key, value string) error {
+	m.tagMu.Lock()
+	defer m.tagMu.Unlock()
+	tags := map[string]string{}
+	for k, v := range m.serf.LocalMember().Tags {
+		tags[k] = v
+	}
+	if value == "" {
+		delete(tags, key)
+	} else {
+		tags[key] = value
+	}
+	if err := m.serf.SetTags(tags); err != nil {
+		return fmt.Errorf("membership: set tag %s: %w", key, err)
+	}
+	return nil
 }
 
 func isHex(s string) bool {
