@@ -1,0 +1,886 @@
+// Package cluster is the memory pool spread over the cluster: it
+// implements pool.Pages on top of other nodes' page servers
+// (memory/pageserver), reached over the page protocol (memory/pageproto).
+//
+// The owner side decides and remembers where pages live. A region is cut
+// into chunks of ChunkSize; the first store into a chunk places it on
+// Replicas live nodes chosen by rendezvous hashing of (owner, region,
+// chunk) (never this node, never a failed one), and later stores go to
+// the same nodes. Loads read one copy and fall back to the others. A
+// background loop drops copies on nodes that failed, left or restarted,
+// and copies each under-replicated chunk from a survivor to a new node
+// until every chunk has Replicas copies again.
+package cluster
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"math/bits"
+	"math/rand/v2"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/onebox-project/onebox/memory/pageproto"
+	"github.com/onebox-project/onebox/memory/pool"
+)
+
+// ChunkPages is how many pages a chunk holds: the unit of placement and
+// repair (its pages are tracked in one 64-bit mask).
+const ChunkPages = 64
+
+// ChunkSize is the bytes of a chunk.
+const ChunkSize = ChunkPages * pool.PageSize
+
+// Member is a node as the membership layer sees it.
+type Member struct {
+	Name  string
+	Alive bool // alive or suspect; failed, leaving and left nodes are not
+}
+
+// Options configure a Pool.
+type Options struct {
+	// Self is this node's name: its own pages are not placed on it
+	// (a copy there dies with the program), unless IncludeSelf.
+	Self        string
+	IncludeSelf bool
+	// Replicas is how many copies of each page to keep (default 2).
+	Replicas int
+	// Dial opens a connection to node's page server (mutual TLS, ALPN
+	// onebox-page/1, the certificate checked to be node's).
+	Dial func(ctx context.Context, node string) (net.Conn, error)
+	// Members lists the cluster's nodes.
+	Members func() []Member
+	// ConnsPerNode is how many pipelined connections to keep per node
+	// (default 1; see docs/memory-pool.md for the measurement).
+	ConnsPerNode int
+	// Timeout bounds each dial and each request's wait (default 3s).
+	Timeout time.Duration
+	// RepairInterval is how often placements are checked (default 500ms).
+	RepairInterval time.Duration
+	Logger         *slog.Logger
+}
+
+// holder is one copy of a chunk: the node and the server instance that
+// took it (a restarted server lost it).
+type holder struct {
+	node     string
+	instance uint64
+}
+
+type chunk struct {
+	mu      sync.RWMutex
+	holders []holder      // guarded by mu
+	pages   atomic.Uint64 // bit i: page i stored
+}
+
+type nodeClient struct {
+	name string
+
+	mu       sync.Mutex
+	conns    []*conn   // guarded by mu
+	next     int       // guarded by mu
+	instance uint64    // the server's instance last seen; guarded by mu
+	capacity uint64    // guarded by mu
+	failedAt time.Time // last dial or connection failure; guarded by mu
+}
+
+// Pool is the replicated cluster pool. Safe for concurrent use.
+type Pool struct {
+	opts     Options
+	instance uint64
+	log      *slog.Logger
+
+	mu      sync.Mutex
+	nodes   map[string]*nodeClient            // guarded by mu
+	regions map[pool.Region]map[uint64]*chunk // chunks by index; guarded by mu
+	res     map[string]map[string]uint64      // reserved bytes by owner, node; guarded by mu
+	closed  bool                              // guarded by mu
+
+	under    atomic.Uint64 // pages with fewer copies than Replicas
+	lost     atomic.Uint64 // pages with no copy left
+	repaired atomic.Uint64 // bytes copied by repair
+	passes   atomic.Uint64 // repair passes done
+
+	kick    chan struct{}
+	stop    chan struct{}
+	closed2 chan struct{}
+}
+
+var _ pool.Pages = (*Pool)(nil)
+
+// New starts a Pool and its repair loop.
+func New(opts Options) (*Pool, error) {
+	if opts.Dial == nil || opts.Members == nil {
+		return nil, errors.New("cluster: Dial and Members are required")
+	}
+	if opts.Replicas == 0 {
+		opts.Replicas = 2
+	}
+	if opts.Replicas < 1 || opts.Replicas > 16 {
+		return nil, fmt.Errorf("cluster: %d replicas: want 1 to 16", opts.Replicas)
+	}
+	if opts.ConnsPerNode <= 0 {
+		opts.ConnsPerNode = 1
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = 3 * time.Second
+	}
+	if opts.RepairInterval <= 0 {
+		opts.RepairInterval = 500 * time.Millisecond
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	p := &Pool{opts: opts, instance: rand.Uint64() | 1, log: opts.Logger,
+		nodes: map[string]*nodeClient{}, regions: map[pool.Region]map[uint64]*chunk{}, res: map[string]map[string]uint64{},
+		kick: make(chan struct{}, 1), stop: make(chan struct{}), closed2: make(chan struct{})}
+	go p.repairLoop()
+	return p, nil
+}
+
+// Close stops the repair loop and closes every connection. Pages stay on
+// the servers (DropOwner forgets them).
+func (p *Pool) Close() error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.closed = true
+	nodes := p.nodes
+	p.mu.Unlock()
+	close(p.stop)
+	<-p.closed2
+	for _, nc := range nodes {
+		nc.mu.Lock()
+		for _, c := range nc.conns {
+			if c != nil {
+				c.close(errors.New("pool closed"))
+			}
+		}
+		nc.mu.Unlock()
+	}
+	return nil
+}
+
+// Replicas is the configured number of copies.
+func (p *Pool) Replicas() int { return p.opts.Replicas }
+
+func (p *Pool) node(name string) *nodeClient {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	nc := p.nodes[name]
+	if nc == nil {
+		nc = &nodeClient{name: name, conns: make([]*conn, p.opts.ConnsPerNode)}
+		p.nodes[name] = nc
+	}
+	return nc
+}
+
+// conn returns a working connection to node, dialing if needed.
+func (p *Pool) conn(ctx context.Context, node string) (*conn, error) {
+	nc := p.node(node)
+	nc.mu.Lock()
+	defer nc.mu.Unlock()
+	i := nc.next % len(nc.conns)
+	nc.next++
+	if c := nc.conns[i]; c != nil && c.broken() == nil {
+		return c, nil
+	}
+	dctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	raw, err := p.opts.Dial(dctx, node)
+	if err == nil {
+		var c *conn
+		if c, err = dialConn(dctx, node, raw, p.instance, p.opts.Timeout); err == nil {
+			if nc.instance != 0 && nc.instance != c.stat.Instance {
+				p.log.Info("memory pool: page server restarted; its copies are gone", "node", node)
+				p.kickRepair()
+			}
+			nc.instance, nc.capacity = c.stat.Instance, c.stat.Capacity
+			nc.conns[i] = c
+			return c, nil
+		}
+	} else {
+		err = fmt.Errorf("cluster: dial %s: %w", node, err)
+	}
+	nc.failedAt = time.Now()
+	return nil, err
+}
+
+func (p *Pool) noteFailure(node string, err error) {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return
+	}
+	var se *StatusError
+	if errors.As(err, &se) {
+		return // the node answered
+	}
+	nc := p.node(node)
+	nc.mu.Lock()
+	nc.failedAt = time.Now()
+	nc.mu.Unlock()
+	p.kickRepair()
+}
+
+// failedRecently is a node to try last and not to place on.
+func (p *Pool) failedRecently(node string) bool {
+	nc := p.node(node)
+	nc.mu.Lock()
+	defer nc.mu.Unlock()
+	return time.Since(nc.failedAt) < 5*time.Second
+}
+
+func (p *Pool) kickRepair() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// rendezvous orders candidate nodes for a chunk (highest score first).
+func rendezvous(r pool.Region, idx uint64, nodes []string) []string {
+	h := fnv.New64a()
+	h.Write([]byte(r.Owner))
+	var b [16]byte
+	for i := range 8 {
+		b[i], b[8+i] = byte(r.ID>>(8*i)), byte(idx>>(8*i))
+	}
+	h.Write(b[:])
+	base := h.Sum64()
+	type scored struct {
+		n string
+		s uint64
+	}
+	sc := make([]scored, len(nodes))
+	for i, n := range nodes {
+		hn := fnv.New64a()
+		hn.Write([]byte(n))
+		sc[i] = scored{n, mix(base ^ hn.Sum64())}
+	}
+	slices.SortFunc(sc, func(a, b scored) int { return cmp.Compare(b.s, a.s) })
+	out := make([]string, len(sc))
+	for i, s := range sc {
+		out[i] = s.n
+	}
+	return out
+}
+
+// mix is splitmix64's finaliser.
+func mix(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	return x ^ x>>31
+}
+
+// candidates are the nodes pages may be placed on now: alive, not this
+// node (unless IncludeSelf), not failing to answer.
+func (p *Pool) candidates() []string {
+	var out []string
+	for _, m := range p.opts.Members() {
+		if !m.Alive || (m.Name == p.opts.Self && !p.opts.IncludeSelf) {
+			continue
+		}
+		out = append(out, m.Name)
+	}
+	return out
+}
+
+func (p *Pool) aliveSet() map[string]bool {
+	alive := map[string]bool{}
+	for _, m := range p.opts.Members() {
+		if m.Alive {
+			alive[m.Name] = true
+		}
+	}
+	return alive
+}
+
+func checkPages(off uint64, n int) error {
+	if off%pool.PageSize != 0 || n%pool.PageSize != 0 {
+		return fmt.Errorf("cluster: offset %d or length %d is not a whole number of pages", off, n)
+	}
+	if len := uint64(n); off+len < off || off+len > pageproto.MaxDrop {
+		return fmt.Errorf("cluster: range %d+%d is beyond the largest region (%d bytes)", off, n, uint64(pageproto.MaxDrop))
+	}
+	return nil
+}
+
+func checkOwner(o string) error {
+	if o == "" || len(o) > pageproto.MaxOwner {
+		return fmt.Errorf("cluster: owner %q: want 1 to %d bytes", o, pageproto.MaxOwner)
+	}
+	return nil
+}
+
+// piece is the part of a request inside one chunk.
+type piece struct {
+	idx  uint64
+	off  uint64 // in the region
+	data []byte
+	mask uint64 // its pages in the chunk's mask
+}
+
+func pieces(off uint64, data []byte) []piece {
+	var out []piece
+	for len(data) > 0 {
+		idx := off / ChunkSize
+		n := min(uint64(len(data)), (idx+1)*ChunkSize-off)
+		first := (off % ChunkSize) / pool.PageSize
+		np := n / pool.PageSize
+		mask := ^uint64(0)
+		if np < 64 {
+			mask = (uint64(1)<<np - 1) << first
+		}
+		out = append(out, piece{idx: idx, off: off, data: data[:n], mask: mask})
+		off += n
+		data = data[n:]
+	}
+	return out
+}
+
+// each runs f on every piece, concurrently when there are several.
+func each(ps []piece, f func(piece) error) error {
+	if len(ps) == 1 {
+		return f(ps[0])
+	}
+	errs := make([]error, len(ps))
+	var wg sync.WaitGroup
+	for i := range ps {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = f(ps[i])
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+func (p *Pool) chunk(r pool.Region, idx uint64, create bool) *chunk {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m := p.regions[r]
+	if m == nil {
+		if !create {
+			return nil
+		}
+		m = map[uint64]*chunk{}
+		p.regions[r] = m
+	}
+	ch := m[idx]
+	if ch == nil && create {
+		ch = &chunk{}
+		m[idx] = ch
+	}
+	return ch
+}
+
+// Store implements pool.Pages. It returns once every current holder of the
+// pages took them, or, if some could not, once at least one did (the
+// repair loop then restores the other copies).
+func (p *Pool) Store(ctx context.Context, r pool.Region, off uint64, data []byte) error {
+	if err := checkPages(off, len(data)); err != nil {
+		return err
+	}
+	if err := checkOwner(r.Owner); err != nil {
+		return err
+	}
+	return each(pieces(off, data), func(pc piece) error { return p.storePiece(ctx, r, pc) })
+}
+
+func (p *Pool) storePiece(ctx context.Context, r pool.Region, pc piece) error {
+	ch := p.chunk(r, pc.idx, true)
+	ch.mu.RLock()
+	if len(ch.holders) == 0 {
+		ch.mu.RUnlock()
+		ch.mu.Lock()
+		defer ch.mu.Unlock()
+		if len(ch.holders) == 0 {
+			return p.place(ctx, r, pc, ch)
+		}
+		stale, err := p.storeHolders(ctx, r, pc, ch)
+		ch.holders = slices.DeleteFunc(ch.holders, func(h holder) bool { return slices.Contains(stale, h) })
+		return err
+	}
+	stale, err := p.storeHolders(ctx, r, pc, ch)
+	ch.mu.RUnlock()
+	if len(stale) > 0 {
+		// Holders that missed this store must not serve the chunk again.
+		ch.mu.Lock()
+		ch.holders = slices.DeleteFunc(ch.holders, func(h holder) bool { return slices.Contains(stale, h) })
+		ch.mu.Unlock()
+	}
+	return err
+}
+
+// storeHolders writes pc to every holder of ch. It returns the holders
+// that missed it, unless all did (then every holder still has the same
+// older contents, so all are kept and the store fails).
+// Preconditions: ch.mu is held (read or write).
+func (p *Pool) storeHolders(ctx context.Context, r pool.Region, pc piece, ch *chunk) ([]holder, error) {
+	hs := ch.holders
+	errs := make([]error, len(hs))
+	if len(hs) == 1 {
+		errs[0] = p.storeOn(ctx, hs[0], r, pc.off, pc.data)
+	} else {
+		var wg sync.WaitGroup
+		for i, h := range hs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs[i] = p.storeOn(ctx, h, r, pc.off, pc.data)
+			}()
+		}
+		wg.Wait()
+	}
+	var stale []holder
+	for i, err := range errs {
+		if err != nil {
+			stale = append(stale, hs[i])
+		}
+	}
+	if len(stale) == len(hs) {
+		err := fmt.Errorf("cluster: store of %d bytes at %d of %s/%d: %w", len(pc.data), pc.off, r.Owner, r.ID, errors.Join(errs...))
+		if allFull(errs) {
+			err = fmt.Errorf("%w: %w", pool.ErrFull, err)
+		}
+		return nil, err
+	}
+	ch.pages.Or(pc.mask)
+	if len(stale) > 0 {
+		p.kickRepair()
+	}
+	return stale, nil
+}
+
+func (p *Pool) storeOn(ctx context.Context, h holder, r pool.Region, off uint64, data []byte) error {
+	c, err := p.conn(ctx, h.node)
+	if err == nil && c.stat.Instance != h.instance {
+		err = fmt.Errorf("cluster: node %s restarted since it took the chunk", h.node)
+	}
+	if err == nil {
+		_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpStore, Region: r.ID, Offset: off}, r.Owner, data, nil)
+	}
+	if err != nil {
+		p.noteFailure(h.node, err)
+	}
+	return err
+}
+
+// place chooses ch's holders and stores pc on them.
+// Preconditions: ch.mu is held for writing and ch has no holders.
+func (p *Pool) place(ctx context.Context, r pool.Region, pc piece, ch *chunk) error {
+	var cands []string
+	for _, n := range rendezvous(r, pc.idx, p.candidates()) {
+		if !p.failedRecently(n) {
+			cands = append(cands, n)
+		}
+	}
+	var errs []error
+	var got []holder
+	for len(cands) > 0 && len(got) < p.opts.Replicas {
+		try := cands[:min(len(cands), p.opts.Replicas-len(got))]
+		cands = cands[len(try):]
+		res := make([]holder, len(try))
+		es := make([]error, len(try))
+		var wg sync.WaitGroup
+		for i, n := range try {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c, err := p.conn(ctx, n)
+				if err == nil {
+					_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpStore, Region: r.ID, Offset: pc.off}, r.Owner, pc.data, nil)
+				}
+				if err != nil {
+					p.noteFailure(n, err)
+					es[i] = err
+					return
+				}
+				res[i] = holder{n, c.stat.Instance}
+			}()
+		}
+		wg.Wait()
+		for i := range try {
+			if es[i] == nil {
+				got = append(got, res[i])
+			} else {
+				errs = append(errs, es[i])
+			}
+		}
+	}
+	if len(got) == 0 {
+		if len(errs) == 0 {
+			return fmt.Errorf("%w: no live node donates memory to the pool", pool.ErrFull)
+		}
+		if allFull(errs) {
+			return fmt.Errorf("%w: %w", pool.ErrFull, errors.Join(errs...))
+		}
+		return fmt.Errorf("cluster: no node took the pages: %w", errors.Join(errs...))
+	}
+	ch.holders = got
+	ch.pages.Or(pc.mask)
+	if len(got) < p.opts.Replicas {
+		p.kickRepair()
+	}
+	return nil
+}
+
+func allFull(errs []error) bool {
+	for _, err := range errs {
+		var se *StatusError
+		if !errors.As(err, &se) || se.Status != pageproto.StatusFull {
+			return false
+		}
+	}
+	return true
+}
+
+// Load implements pool.Pages.
+func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte) error {
+	if err := checkPages(off, len(data)); err != nil {
+		return err
+	}
+	if err := checkOwner(r.Owner); err != nil {
+		return err
+	}
+	return each(pieces(off, data), func(pc piece) error { return p.loadPiece(ctx, r, pc) })
+}
+
+func (p *Pool) loadPiece(ctx context.Context, r pool.Region, pc piece) error {
+	ch := p.chunk(r, pc.idx, false)
+	if ch == nil || ch.pages.Load()&pc.mask == 0 {
+		clear(pc.data)
+		return nil
+	}
+	ch.mu.RLock()
+	hs := slices.Clone(ch.holders)
+	ch.mu.RUnlock()
+	if len(hs) == 0 {
+		return fmt.Errorf("cluster: pages at %d of %s/%d are lost: every node that held them failed", pc.off, r.Owner, r.ID)
+	}
+	if len(hs) > 1 {
+		// Nodes that failed lately go last.
+		slices.SortStableFunc(hs, func(a, b holder) int {
+			fa, fb := p.failedRecently(a.node), p.failedRecently(b.node)
+			switch {
+			case fa == fb:
+				return 0
+			case fb:
+				return -1
+			}
+			return 1
+		})
+	}
+	var errs []error
+	for _, h := range hs {
+		c, err := p.conn(ctx, h.node)
+		if err == nil && c.stat.Instance != h.instance {
+			err = fmt.Errorf("cluster: node %s restarted since it took the chunk", h.node)
+		}
+		if err == nil {
+			_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpLoad, Region: r.ID, Offset: pc.off, Arg: uint64(len(pc.data))}, r.Owner, nil, pc.data)
+		}
+		if err == nil {
+			return nil
+		}
+		p.noteFailure(h.node, err)
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return fmt.Errorf("cluster: load of %d bytes at %d of %s/%d: no copy answered: %w", len(pc.data), pc.off, r.Owner, r.ID, errors.Join(errs...))
+}
+
+// Drop implements pool.Pages.
+func (p *Pool) Drop(ctx context.Context, r pool.Region, off, n uint64) error {
+	if err := checkPages(off, int(n)); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	first, last := off/ChunkSize, (off+n-1)/ChunkSize
+	nodes := map[string]bool{}
+	p.mu.Lock()
+	m := p.regions[r]
+	for idx, ch := range m {
+		if idx < first || idx > last {
+			continue
+		}
+		lo, hi := max(off, idx*ChunkSize), min(off+n, (idx+1)*ChunkSize)
+		np := (hi - lo) / pool.PageSize
+		mask := ^uint64(0)
+		if np < 64 {
+			mask = (uint64(1)<<np - 1) << ((lo % ChunkSize) / pool.PageSize)
+		}
+		ch.mu.RLock()
+		for _, h := range ch.holders {
+			nodes[h.node] = true
+		}
+		ch.mu.RUnlock()
+		if ch.pages.And(^mask)&^mask == 0 {
+			delete(m, idx)
+		}
+	}
+	if len(m) == 0 {
+		delete(p.regions, r)
+	}
+	p.mu.Unlock()
+	return p.toNodes(ctx, nodes, pageproto.Header{Op: pageproto.OpDrop, Region: r.ID, Offset: off, Arg: n}, r.Owner)
+}
+
+// toNodes sends one request to each node, concurrently. Nodes that are
+// not alive are skipped (what they held is gone with them, or dropped
+// when they come back as a new instance).
+func (p *Pool) toNodes(ctx context.Context, nodes map[string]bool, h pageproto.Header, owner string) error {
+	alive := p.aliveSet()
+	var mu sync.Mutex
+	var errs []error
+	var wg sync.WaitGroup
+	for n := range nodes {
+		if !alive[n] {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := p.conn(ctx, n)
+			if err == nil {
+				_, _, err = c.do(ctx, h, owner, nil, nil)
+			}
+			if err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// DropOwner implements pool.Pages.
+func (p *Pool) DropOwner(ctx context.Context, owner string) error {
+	if err := checkOwner(owner); err != nil {
+		return err
+	}
+	nodes := map[string]bool{}
+	p.mu.Lock()
+	for r, m := range p.regions {
+		if r.Owner != owner {
+			continue
+		}
+		for _, ch := range m {
+			ch.mu.RLock()
+			for _, h := range ch.holders {
+				nodes[h.node] = true
+			}
+			ch.mu.RUnlock()
+		}
+		delete(p.regions, r)
+	}
+	for n := range p.res[owner] {
+		nodes[n] = true
+	}
+	delete(p.res, owner)
+	p.mu.Unlock()
+	return p.toNodes(ctx, nodes, pageproto.Header{Op: pageproto.OpDropOwner}, owner)
+}
+
+// Stat asks node for its account.
+func (p *Pool) Stat(ctx context.Context, node string) (pageproto.Stat, error) {
+	c, err := p.conn(ctx, node)
+	if err != nil {
+		return pageproto.Stat{}, err
+	}
+	_, msg, err := c.do(ctx, pageproto.Header{Op: pageproto.OpStat}, "", nil, nil)
+	if err != nil {
+		return pageproto.Stat{}, err
+	}
+	return pageproto.ParseStat(msg)
+}
+
+// Reserve implements pool.Pages: it reserves n bytes on each of
+// min(Replicas, live nodes) distinct nodes' worth of capacity, spread
+// over the nodes with the most room, or fails with pool.ErrFull.
+func (p *Pool) Reserve(ctx context.Context, owner string, n uint64) error {
+	if err := checkOwner(owner); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	type room struct {
+		node  string
+		free  uint64
+		donor bool
+	}
+	cands := p.candidates()
+	rooms := make([]room, len(cands))
+	var wg sync.WaitGroup
+	for i, node := range cands {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rooms[i].node = node
+			if st, err := p.Stat(ctx, node); err == nil && st.Capacity > 0 {
+				rooms[i].donor = true
+				rooms[i].free = st.Capacity - min(st.Capacity, st.Reserved)
+			}
+		}()
+	}
+	wg.Wait()
+	// Copies go on distinct nodes: as many as there are nodes donating
+	// memory, up to Replicas (full ones count: they make the pool full).
+	donors := 0
+	for _, r := range rooms {
+		if r.donor {
+			donors++
+		}
+	}
+	rooms = slices.DeleteFunc(rooms, func(r room) bool { return r.free == 0 })
+	slices.SortFunc(rooms, func(a, b room) int { return cmp.Compare(b.free, a.free) })
+	copies := uint64(min(p.opts.Replicas, donors))
+	var total uint64
+	for _, r := range rooms {
+		total += min(r.free, n)
+	}
+	if copies == 0 || total < n*copies {
+		return fmt.Errorf("%w: %d bytes in %d copies asked, %d bytes free on %d nodes", pool.ErrFull, n, p.opts.Replicas, total, len(rooms))
+	}
+	// Each node holds at most one copy of a page, so at most n of it.
+	need := n * copies
+	plan := map[string]uint64{}
+	for _, r := range rooms {
+		take := min(r.free, n, need)
+		if take > 0 {
+			plan[r.node] = take
+			need -= take
+		}
+	}
+	done := map[string]uint64{}
+	var err error
+	for node, b := range plan {
+		var c *conn
+		if c, err = p.conn(ctx, node); err == nil {
+			_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpReserve, Arg: b}, owner, nil, nil)
+		}
+		if err != nil {
+			break
+		}
+		done[node] = b
+	}
+	if err != nil {
+		for node, b := range done {
+			p.releaseOn(node, owner, b)
+		}
+		return fmt.Errorf("%w: %w", pool.ErrFull, err)
+	}
+	p.mu.Lock()
+	if p.res[owner] == nil {
+		p.res[owner] = map[string]uint64{}
+	}
+	for node, b := range done {
+		p.res[owner][node] += b
+	}
+	p.mu.Unlock()
+	return nil
+}
+
+// Release implements pool.Pages (n bytes of one copy's worth, as
+// reserved).
+func (p *Pool) Release(owner string, n uint64) {
+	p.mu.Lock()
+	need := n * uint64(p.opts.Replicas)
+	plan := map[string]uint64{}
+	for node, b := range p.res[owner] {
+		take := min(b, need, n) // as reserved: at most one copy per node
+		if take == 0 {
+			continue
+		}
+		plan[node] = take
+		need -= take
+		if p.res[owner][node] -= take; p.res[owner][node] == 0 {
+			delete(p.res[owner], node)
+		}
+	}
+	if len(p.res[owner]) == 0 {
+		delete(p.res, owner)
+	}
+	p.mu.Unlock()
+	for node, b := range plan {
+		p.releaseOn(node, owner, b)
+	}
+}
+
+func (p *Pool) releaseOn(node, owner string, b uint64) {
+	ctx, cancel := context.WithTimeout(context.Background(), p.opts.Timeout)
+	defer cancel()
+	c, err := p.conn(ctx, node)
+	if err == nil {
+		_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpRelease, Arg: b}, owner, nil, nil)
+	}
+	if err != nil {
+		p.log.Debug("memory pool: release", "node", node, "owner", owner, "err", err)
+	}
+}
+
+// Stats is the owner side's account.
+type Stats struct {
+	Replicas             int
+	Chunks               int
+	Pages                uint64            // distinct pages stored by this node's owners
+	UnderReplicatedPages uint64            // pages with fewer copies than Replicas
+	LostPages            uint64            // pages with no copy left
+	RepairedBytes        uint64            // copied by repair since start
+	ReservedBytes        uint64            // reserved by this node's owners, all copies
+	NodeBytes            map[string]uint64 // bytes of copies placed per node
+}
+
+// Stats returns the owner side's account.
+func (p *Pool) Stats() Stats {
+	s := Stats{Replicas: p.opts.Replicas, UnderReplicatedPages: p.under.Load(), LostPages: p.lost.Load(),
+		RepairedBytes: p.repaired.Load(), NodeBytes: map[string]uint64{}}
+	for _, ch := range p.allChunks() {
+		np := uint64(bits.OnesCount64(ch.pages.Load()))
+		s.Chunks++
+		s.Pages += np
+		ch.mu.RLock()
+		for _, h := range ch.holders {
+			s.NodeBytes[h.node] += np * pool.PageSize
+		}
+		ch.mu.RUnlock()
+	}
+	p.mu.Lock()
+	for _, m := range p.res {
+		for _, b := range m {
+			s.ReservedBytes += b
+		}
+	}
+	p.mu.Unlock()
+	return s
+}
+
+func (p *Pool) allChunks() []*chunk {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []*chunk
+	for _, m := range p.regions {
+		for _, ch := range m {
+			out = append(out, ch)
+		}
+	}
+	return out
+}

@@ -1,0 +1,367 @@
+package cluster_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/onebox-project/onebox/fabric/pki"
+	"github.com/onebox-project/onebox/memory/cluster"
+	"github.com/onebox-project/onebox/memory/cluster/clustertest"
+	"github.com/onebox-project/onebox/memory/pageproto"
+	"github.com/onebox-project/onebox/memory/pool"
+)
+
+func start(t *testing.T, nodes int, capacity uint64, opts cluster.Options) (*clustertest.Cluster, *cluster.Pool) {
+	t.Helper()
+	names := make([]string, nodes)
+	for i := range names {
+		names[i] = fmt.Sprintf("n%d", i+1)
+	}
+	c, err := clustertest.Start(names, capacity)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	p, err := c.NewPool(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return c, p
+}
+
+func random(n int, seed uint64) []byte {
+	b := make([]byte, n)
+	r := rand.New(rand.NewPCG(seed, seed))
+	for i := 0; i < n; i += 8 {
+		v := r.Uint64()
+		for j := 0; j < 8 && i+j < n; j++ {
+			b[i+j] = byte(v >> (8 * j))
+		}
+	}
+	return b
+}
+
+func used(c *clustertest.Cluster, skip ...string) (total uint64, holders int) {
+	for _, n := range c.Nodes {
+		if len(skip) > 0 && n.Name == skip[0] {
+			continue
+		}
+		if u := n.Server.Stat().Used; u > 0 {
+			total += u
+			holders++
+		}
+	}
+	return
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Pages stored through the pool read back the same, in 2 copies on 2
+// different nodes; what was never stored or was dropped reads as zeros.
+func TestStoreLoadTwoCopies(t *testing.T) {
+	c, p := start(t, 3, 64<<20, cluster.Options{})
+	ctx := context.Background()
+	r := pool.Region{Owner: "n9/1", ID: 7}
+	data := random(1<<20+3*pool.PageSize, 1)
+	off := uint64(cluster.ChunkSize - 2*pool.PageSize) // spans 6 chunks, unaligned
+	if err := p.Store(ctx, r, off, data); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(data))
+	if err := p.Load(ctx, r, off, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("load: %v, equal %v", err, bytes.Equal(got, data))
+	}
+	if total, _ := used(c); total != 2*uint64(len(data)) {
+		t.Fatalf("servers hold %d bytes, want 2 copies of %d", total, len(data))
+	}
+	st := p.Stats()
+	for node, b := range st.NodeBytes {
+		if b > uint64(len(data)) {
+			t.Fatalf("node %s holds %d bytes of %d: two copies on one node", node, b, len(data))
+		}
+	}
+	if st.Pages != uint64(len(data))/pool.PageSize || st.UnderReplicatedPages != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+	// A page in the middle, unaligned to chunks; then zeros elsewhere.
+	one := make([]byte, pool.PageSize)
+	if err := p.Load(ctx, r, off+cluster.ChunkSize, one); err != nil || !bytes.Equal(one, data[cluster.ChunkSize:cluster.ChunkSize+pool.PageSize]) {
+		t.Fatalf("one page: %v", err)
+	}
+	if err := p.Load(ctx, pool.Region{Owner: "n9/1", ID: 8}, 0, one); err != nil || !bytes.Equal(one, make([]byte, pool.PageSize)) {
+		t.Fatalf("never stored: %v, not zeros", err)
+	}
+	// Drop two pages inside; they read as zeros, the rest stays.
+	if err := p.Drop(ctx, r, off+pool.PageSize, 2*pool.PageSize); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Load(ctx, r, off, got); err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Clone(data)
+	clear(want[pool.PageSize : 3*pool.PageSize])
+	if !bytes.Equal(got, want) {
+		t.Fatal("after drop: wrong bytes")
+	}
+	if total, _ := used(c); total != 2*uint64(len(data)-2*pool.PageSize) {
+		t.Fatalf("after drop servers hold %d bytes", total)
+	}
+	if err := p.DropOwner(ctx, "n9/1"); err != nil {
+		t.Fatal(err)
+	}
+	if total, _ := used(c); total != 0 {
+		t.Fatalf("after DropOwner servers hold %d bytes", total)
+	}
+	if err := p.Load(ctx, r, off, got); err != nil || !bytes.Equal(got, make([]byte, len(got))) {
+		t.Fatal("after DropOwner: not zeros")
+	}
+}
+
+// Bad arguments are refused before anything is sent.
+func TestBadArguments(t *testing.T) {
+	_, p := start(t, 2, 1<<20, cluster.Options{})
+	ctx := context.Background()
+	for name, err := range map[string]error{
+		"unaligned offset": p.Store(ctx, pool.Region{Owner: "o"}, 100, make([]byte, pool.PageSize)),
+		"partial page":     p.Load(ctx, pool.Region{Owner: "o"}, 0, make([]byte, 100)),
+		"no owner":         p.Store(ctx, pool.Region{}, 0, make([]byte, pool.PageSize)),
+		"huge drop":        p.Drop(ctx, pool.Region{Owner: "o"}, 0, 1<<62),
+	} {
+		if err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+// With 2 nodes and 2 replicas, losing one leaves every page with one
+// copy: loads go on from the survivor, and the pages are counted as
+// under-replicated since no node can take the second copy.
+func TestNodeLossUnderReplicated(t *testing.T) {
+	c, p := start(t, 2, 64<<20, cluster.Options{RepairInterval: 50 * time.Millisecond})
+	ctx := context.Background()
+	r := pool.Region{Owner: "o", ID: 1}
+	data := random(512<<10, 2)
+	if err := p.Store(ctx, r, 0, data); err != nil {
+		t.Fatal(err)
+	}
+	c.Kill("n1")
+	got := make([]byte, len(data))
+	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("load after losing n1: %v", err)
+	}
+	waitFor(t, "under-replicated pages counted", func() bool { return p.Under() == uint64(len(data))/pool.PageSize })
+	// A store still succeeds on the one copy left.
+	if err := p.Store(ctx, r, 0, data[:pool.PageSize]); err != nil {
+		t.Fatal(err)
+	}
+	c.Kill("n2")
+	waitFor(t, "lost pages counted", func() bool { return p.Stats().LostPages == uint64(len(data))/pool.PageSize })
+	if err := p.Load(ctx, r, 0, got); err == nil {
+		t.Fatal("load with every copy gone: no error")
+	}
+}
+
+// Losing a node of 4: loads go on, and the repair loop copies what it
+// held from the survivors to the others until every page has 2 copies.
+func TestNodeLossRepaired(t *testing.T) {
+	c, p := start(t, 4, 64<<20, cluster.Options{RepairInterval: 50 * time.Millisecond})
+	ctx := context.Background()
+	r := pool.Region{Owner: "o", ID: 1}
+	data := random(4<<20, 3)
+	if err := p.Store(ctx, r, 0, data); err != nil {
+		t.Fatal(err)
+	}
+	victim := ""
+	for node, b := range p.Stats().NodeBytes {
+		if victim == "" || b > p.Stats().NodeBytes[victim] {
+			victim = node
+		}
+	}
+	held := c.Node(victim).Server.Stat().Used
+	c.Kill(victim)
+	got := make([]byte, len(data))
+	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("load after losing %s: %v", victim, err)
+	}
+	waitFor(t, "repair", func() bool {
+		total, _ := used(c, victim)
+		return p.Under() == 0 && total == 2*uint64(len(data))
+	})
+	st := p.Stats()
+	if st.RepairedBytes != held || st.NodeBytes[victim] != 0 {
+		t.Fatalf("repaired %d bytes, %s held %d; stats %+v", st.RepairedBytes, victim, held, st)
+	}
+	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("load after repair: %v", err)
+	}
+	// Lose another: still everything readable, repaired again.
+	for node := range st.NodeBytes {
+		c.Kill(node)
+		break
+	}
+	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("load after the second loss: %v", err)
+	}
+}
+
+// Reservations beyond the donated capacity fail with pool.ErrFull, as do
+// stores beyond it; released capacity can be reserved again.
+func TestFull(t *testing.T) {
+	c, p := start(t, 2, 1<<20, cluster.Options{})
+	ctx := context.Background()
+	if err := p.Reserve(ctx, "a", 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Reserve(ctx, "b", pool.PageSize); !errors.Is(err, pool.ErrFull) {
+		t.Fatalf("reserve beyond capacity: %v, want ErrFull", err)
+	}
+	p.Release("a", 512<<10)
+	if err := p.Reserve(ctx, "b", 512<<10); err != nil {
+		t.Fatalf("reserve after release: %v", err)
+	}
+	if err := p.DropOwner(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range c.Nodes {
+		if st := n.Server.Stat(); st.Reserved != 512<<10 {
+			t.Fatalf("%s: %d reserved, want 512 KiB", n.Name, st.Reserved)
+		}
+	}
+	r := pool.Region{Owner: "a", ID: 1}
+	if err := p.Store(ctx, r, 0, make([]byte, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	err := p.Store(ctx, r, 1<<20, make([]byte, pool.PageSize))
+	if !errors.Is(err, pool.ErrFull) {
+		t.Fatalf("store beyond capacity: %v, want ErrFull", err)
+	}
+	if total, _ := used(c); total != 2<<20 {
+		t.Fatalf("servers hold %d bytes after a refused store", total)
+	}
+}
+
+// Many goroutines on one pipelined connection per node get their own
+// pages back.
+func TestConcurrentPipelined(t *testing.T) {
+	_, p := start(t, 3, 256<<20, cluster.Options{})
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	for g := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := pool.Region{Owner: "o", ID: uint64(g % 4)}
+			for i := range 50 {
+				off := uint64(g*1000+i) * pool.PageSize
+				data := random(pool.PageSize*(1+i%3), uint64(g*1000+i))
+				if err := p.Store(ctx, r, off, data); err != nil {
+					errs <- err
+					return
+				}
+				got := make([]byte, len(data))
+				if err := p.Load(ctx, r, off, got); err != nil || !bytes.Equal(got, data) {
+					errs <- fmt.Errorf("goroutine %d load %d: %v, equal %v", g, i, err, bytes.Equal(got, data))
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+}
+
+// Garbage, truncated and oversized frames on the page port are answered
+// with StatusBadFrame and the connection is closed; a client of another
+// cluster never gets that far.
+func TestGarbageFrames(t *testing.T) {
+	c, _ := start(t, 1, 1<<20, cluster.Options{})
+	cfg, err := c.ClientTLS("intruder")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hello := pageproto.AppendFrame(nil, pageproto.Header{Op: pageproto.OpHello, ID: 1, Arg: 5}, "", nil)
+	big := pageproto.Header{Op: pageproto.OpStore, ID: 2}
+	bigHdr := make([]byte, pageproto.HeaderSize)
+	big.OwnerLen, big.Length = 1, pageproto.MaxPayload+1
+	big.Put(bigHdr)
+	trunc := pageproto.AppendFrame(nil, pageproto.Header{Op: pageproto.OpStore, ID: 2}, "o", make([]byte, pageproto.PageSize))
+	for name, send := range map[string][]byte{
+		"garbage":          []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n" + string(make([]byte, 64))),
+		"no hello":         pageproto.AppendFrame(nil, pageproto.Header{Op: pageproto.OpLoad, ID: 1, Arg: pageproto.PageSize}, "o", nil),
+		"oversized":        append(bytes.Clone(hello), bigHdr...),
+		"truncated":        append(bytes.Clone(hello), trunc[:len(trunc)-100]...),
+		"truncated header": append(bytes.Clone(hello), trunc[:20]...),
+		"unaligned":        append(bytes.Clone(hello), pageproto.AppendFrame(nil, pageproto.Header{Op: pageproto.OpLoad, ID: 2, Offset: 5, Arg: pageproto.PageSize}, "o", nil)...),
+	} {
+		t.Run(name, func(t *testing.T) {
+			conn, err := tls.Dial("tcp", c.Nodes[0].Addr, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(15 * time.Second))
+			if _, err := conn.Write(send); err != nil {
+				t.Fatal(err)
+			}
+			conn.CloseWrite()
+			var st pageproto.Status
+			var msg []byte
+			for {
+				h, p, err := pageproto.ReadFrame(conn, nil)
+				if err == io.EOF {
+					break
+				}
+				if err != nil {
+					t.Fatalf("reading responses: %v", err)
+				}
+				st, msg = pageproto.Status(h.Arg), p
+			}
+			if st != pageproto.StatusBadFrame || !bytes.Contains(msg, []byte("bad frame")) {
+				t.Fatalf("last response %v %q, want bad_frame then the connection closed", st, msg)
+			}
+			t.Logf("%s: %s", name, msg)
+		})
+	}
+	// Another cluster's certificate: refused in the handshake.
+	other, err := pki.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := clustertest.NodeCert(other, "n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := pki.ClientTLS(cert, other.Cert)
+	bad.NextProtos = []string{pki.ProtoPage}
+	bad.InsecureSkipVerify, bad.VerifyPeerCertificate = true, nil
+	if conn, err := tls.Dial("tcp", c.Nodes[0].Addr, bad); err == nil {
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		conn.Write(hello)
+		if _, _, err := pageproto.ReadFrame(conn, nil); err == nil {
+			t.Fatal("a client of another cluster was served")
+		}
+		conn.Close()
+	}
+}

@@ -1,0 +1,192 @@
+// Package clustertest runs page servers in this process, each behind its
+// own fabric mux on a loopback port with real mutual TLS (a throwaway
+// cluster CA and node certificates), so tests and 'onebox bench pool' can
+// exercise memory/cluster over the same path agents use, and kill nodes.
+package clustertest
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+
+	"github.com/onebox-project/onebox/fabric/pki"
+	"github.com/onebox-project/onebox/fabric/transport"
+	"github.com/onebox-project/onebox/memory/cluster"
+	"github.com/onebox-project/onebox/memory/pageserver"
+)
+
+// Node is one page server.
+type Node struct {
+	Name   string
+	Addr   string
+	Server *pageserver.Server
+
+	cert   tls.Certificate
+	mux    *transport.Mux
+	cancel context.CancelFunc
+	stop   sync.Once
+}
+
+// Cluster is a set of page servers and the identities to reach them.
+type Cluster struct {
+	CA    *pki.CA
+	Nodes []*Node
+
+	mu     sync.Mutex
+	alive  map[string]bool            // guarded by mu
+	certs  map[string]tls.Certificate // client identities; guarded by mu
+	byName map[string]*Node
+}
+
+// NodeCert makes a certificate for node signed by ca.
+func NodeCert(ca *pki.CA, node string) (tls.Certificate, error) {
+	key, err := pki.NewNodeKey()
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	csr, err := pki.NewCSR(key, node)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	der, err := ca.SignNode(csr, node, []net.IP{net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der, ca.Cert.Raw}, PrivateKey: key}, nil
+}
+
+// Start starts one page server of capacity bytes per name, on 127.0.0.1.
+func Start(names []string, capacity uint64) (*Cluster, error) {
+	ca, err := pki.NewCA()
+	if err != nil {
+		return nil, err
+	}
+	c := &Cluster{CA: ca, alive: map[string]bool{}, certs: map[string]tls.Certificate{}, byName: map[string]*Node{}}
+	for _, name := range names {
+		cert, err := NodeCert(ca, name)
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		log := slog.New(slog.DiscardHandler)
+		n := &Node{Name: name, Addr: ln.Addr().String(), Server: pageserver.New(capacity, log), cert: cert}
+		n.mux = transport.NewMux(ln, pki.ServerTLS(cert, ca.Cert), log, nil)
+		n.mux.Handle(pki.ProtoPage, n.Server.ServeConn)
+		ctx, cancel := context.WithCancel(context.Background())
+		n.cancel = cancel
+		go n.mux.Serve(ctx)
+		c.Nodes = append(c.Nodes, n)
+		c.byName[name] = n
+		c.alive[name] = true
+		c.certs[name] = cert
+	}
+	return c, nil
+}
+
+// Node returns the named node, or nil.
+func (c *Cluster) Node(name string) *Node { return c.byName[name] }
+
+// Members is the membership view: every node, alive until Kill.
+func (c *Cluster) Members() []cluster.Member {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]cluster.Member, 0, len(c.Nodes))
+	for _, n := range c.Nodes {
+		out = append(out, cluster.Member{Name: n.Name, Alive: c.alive[n.Name]})
+	}
+	return out
+}
+
+// SetAlive changes what Members says of node (a membership verdict
+// without touching the server).
+func (c *Cluster) SetAlive(node string, alive bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.alive[node] = alive
+}
+
+// Kill stops node's server and mux (its pages are gone) and marks it
+// failed.
+func (c *Cluster) Kill(node string) {
+	n := c.byName[node]
+	c.SetAlive(node, false)
+	n.stop.Do(func() {
+		n.cancel()
+		n.mux.Close()
+		n.Server.Close()
+	})
+}
+
+// ClientTLS is the TLS configuration of a member named self dialing a
+// page server.
+func (c *Cluster) ClientTLS(self string) (*tls.Config, error) {
+	c.mu.Lock()
+	cert, ok := c.certs[self]
+	c.mu.Unlock()
+	if !ok {
+		var err error
+		if cert, err = NodeCert(c.CA, self); err != nil {
+			return nil, err
+		}
+		c.mu.Lock()
+		c.certs[self] = cert
+		c.mu.Unlock()
+	}
+	cfg := pki.ClientTLS(cert, c.CA.Cert)
+	cfg.NextProtos = []string{pki.ProtoPage}
+	return cfg, nil
+}
+
+// Dialer returns a cluster.Options.Dial for a member named self.
+func (c *Cluster) Dialer(self string) (func(ctx context.Context, node string) (net.Conn, error), error) {
+	cfg, err := c.ClientTLS(self)
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context, node string) (net.Conn, error) {
+		n := c.byName[node]
+		if n == nil {
+			return nil, fmt.Errorf("clustertest: no node %s", node)
+		}
+		d := tls.Dialer{Config: cfg}
+		conn, err := d.DialContext(ctx, "tcp", n.Addr)
+		if err != nil {
+			return nil, err
+		}
+		if got := pki.PeerName(conn.(*tls.Conn).ConnectionState()); got != node {
+			conn.Close()
+			return nil, fmt.Errorf("clustertest: %s presented %q", n.Addr, got)
+		}
+		return conn, nil
+	}, nil
+}
+
+// NewPool returns a cluster.Pool for a member named opts.Self (default
+// "client", which serves nothing), with Dial and Members filled in.
+func (c *Cluster) NewPool(opts cluster.Options) (*cluster.Pool, error) {
+	if opts.Self == "" {
+		opts.Self = "client"
+	}
+	d, err := c.Dialer(opts.Self)
+	if err != nil {
+		return nil, err
+	}
+	opts.Dial = d
+	opts.Members = c.Members
+	return cluster.New(opts)
+}
+
+// Close stops every server.
+func (c *Cluster) Close() {
+	for _, n := range c.Nodes {
+		c.Kill(n.Name)
+	}
+}

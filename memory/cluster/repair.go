@@ -1,0 +1,234 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/bits"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/onebox-project/onebox/memory/pageproto"
+	"github.com/onebox-project/onebox/memory/pool"
+)
+
+// repairWorkers is how many chunks are re-replicated at once.
+const repairWorkers = 4
+
+// Under returns the pages with fewer copies than Replicas, as of the last
+// repair pass, less what was repaired since.
+func (p *Pool) Under() uint64 { return p.under.Load() }
+
+// Passes counts repair passes (tests wait for one after a change).
+func (p *Pool) Passes() uint64 { return p.passes.Load() }
+
+func (p *Pool) repairLoop() {
+	defer close(p.closed2)
+	t := time.NewTicker(p.opts.RepairInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-t.C:
+		case <-p.kick:
+		}
+		p.repairPass()
+	}
+}
+
+type repairJob struct {
+	key   chunkRef
+	ch    *chunk
+	pages uint64
+}
+
+type chunkRef struct {
+	r   pool.Region
+	idx uint64
+}
+
+// repairPass drops copies on nodes that are gone (failed, left, or
+// restarted since they took the chunk), counts the pages left with fewer
+// copies than Replicas, and copies those chunks to new nodes.
+func (p *Pool) repairPass() {
+	alive := p.aliveSet()
+	instances := map[string]uint64{}
+	p.mu.Lock()
+	var refs []repairJob
+	for r, m := range p.regions {
+		for idx, ch := range m {
+			refs = append(refs, repairJob{key: chunkRef{r, idx}, ch: ch})
+		}
+	}
+	for name, nc := range p.nodes {
+		nc.mu.Lock()
+		instances[name] = nc.instance
+		nc.mu.Unlock()
+	}
+	p.mu.Unlock()
+	gone := func(h holder) bool {
+		inst := instances[h.node]
+		return !alive[h.node] || (inst != 0 && inst != h.instance)
+	}
+	var under, lost uint64
+	var jobs []repairJob
+	for _, j := range refs {
+		ch := j.ch
+		np := uint64(bits.OnesCount64(ch.pages.Load()))
+		ch.mu.RLock()
+		stale := slices.ContainsFunc(ch.holders, gone)
+		ch.mu.RUnlock()
+		if stale {
+			ch.mu.Lock()
+			before := len(ch.holders)
+			ch.holders = slices.DeleteFunc(ch.holders, gone)
+			if before > 0 && len(ch.holders) == 0 {
+				p.log.Error("memory pool: every copy of a chunk is gone", "owner", j.key.r.Owner, "region", j.key.r.ID, "offset", j.key.idx*ChunkSize)
+			}
+			ch.mu.Unlock()
+		}
+		ch.mu.RLock()
+		n := len(ch.holders)
+		ch.mu.RUnlock()
+		switch {
+		case np == 0:
+		case n == 0:
+			lost += np
+		case n < p.opts.Replicas:
+			under += np
+			j.pages = np
+			jobs = append(jobs, j)
+		}
+	}
+	p.under.Store(under)
+	p.lost.Store(lost)
+	p.passes.Add(1)
+	if len(jobs) == 0 {
+		return
+	}
+	cands := p.candidates()
+	work := make(chan repairJob)
+	var wg sync.WaitGroup
+	for range min(repairWorkers, len(jobs)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range work {
+				if err := p.repairChunk(j, cands); err != nil {
+					p.log.Debug("memory pool: repair", "owner", j.key.r.Owner, "region", j.key.r.ID, "chunk", j.key.idx, "err", err)
+				}
+			}
+		}()
+	}
+	for _, j := range jobs {
+		select {
+		case work <- j:
+		case <-p.stop:
+		}
+	}
+	close(work)
+	wg.Wait()
+}
+
+// repairChunk copies one chunk's pages from a holder to new nodes until
+// it has Replicas copies.
+func (p *Pool) repairChunk(j repairJob, cands []string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*p.opts.Timeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-p.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	ch := j.ch
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	need := p.opts.Replicas - len(ch.holders)
+	mask := ch.pages.Load()
+	if need <= 0 || mask == 0 || len(ch.holders) == 0 {
+		return nil
+	}
+	buf := make([]byte, ChunkSize)
+	off := j.key.idx * ChunkSize
+	var errs []error
+	read := false
+	for _, h := range ch.holders {
+		c, err := p.conn(ctx, h.node)
+		if err == nil && c.stat.Instance != h.instance {
+			err = fmt.Errorf("node %s restarted", h.node)
+		}
+		if err == nil {
+			_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpLoad, Region: j.key.r.ID, Offset: off, Arg: ChunkSize}, j.key.r.Owner, nil, buf)
+		}
+		if err == nil {
+			read = true
+			break
+		}
+		p.noteFailure(h.node, err)
+		errs = append(errs, err)
+	}
+	if !read {
+		return fmt.Errorf("no holder answered: %w", errors.Join(errs...))
+	}
+	for _, n := range rendezvous(j.key.r, j.key.idx, cands) {
+		if need == 0 {
+			break
+		}
+		if slices.ContainsFunc(ch.holders, func(h holder) bool { return h.node == n }) || p.failedRecently(n) {
+			continue
+		}
+		c, err := p.conn(ctx, n)
+		if err != nil {
+			continue
+		}
+		// Only the pages that exist: runs of set bits.
+		ok := true
+		for m := mask; m != 0; {
+			lo := bits.TrailingZeros64(m)
+			hi := lo + bits.TrailingZeros64(^(m >> lo))
+			if hi > 64 {
+				hi = 64
+			}
+			_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpStore, Region: j.key.r.ID, Offset: off + uint64(lo)*pool.PageSize},
+				j.key.r.Owner, buf[lo*pool.PageSize:hi*pool.PageSize], nil)
+			if err != nil {
+				p.noteFailure(n, err)
+				ok = false
+				break
+			}
+			if hi == 64 {
+				m = 0
+			} else {
+				m &^= (uint64(1)<<(hi-lo) - 1) << lo
+			}
+		}
+		if !ok {
+			// Forget partial copies on that node.
+			_, _, _ = c.do(ctx, pageproto.Header{Op: pageproto.OpDrop, Region: j.key.r.ID, Offset: off, Arg: ChunkSize}, j.key.r.Owner, nil, nil)
+			continue
+		}
+		ch.holders = append(ch.holders, holder{n, c.stat.Instance})
+		need--
+		p.repaired.Add(j.pages * pool.PageSize)
+	}
+	if need == 0 {
+		subClamp(&p.under, j.pages)
+		return nil
+	}
+	return fmt.Errorf("%d more copies needed, no node could take them", need)
+}
+
+// subClamp subtracts n from a, stopping at zero.
+func subClamp(a *atomic.Uint64, n uint64) {
+	for {
+		v := a.Load()
+		if a.CompareAndSwap(v, v-min(v, n)) {
+			return
+		}
+	}
+}

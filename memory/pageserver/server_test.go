@@ -1,0 +1,82 @@
+package pageserver
+
+import (
+	"bytes"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/onebox-project/onebox/memory/pageproto"
+)
+
+// client speaks the protocol over a pipe as node peer.
+type client struct {
+	t  *testing.T
+	c  net.Conn
+	id uint64
+}
+
+func dial(t *testing.T, s *Server, peer string, instance uint64) *client {
+	a, b := net.Pipe()
+	names := map[net.Conn]string{b: peer}
+	s.PeerName = func(c net.Conn) string { return names[c] }
+	go s.ServeConn(b)
+	t.Cleanup(func() { a.Close() })
+	cl := &client{t: t, c: a}
+	if st, _ := cl.do(pageproto.Header{Op: pageproto.OpHello, Arg: instance}, "", nil); st != pageproto.StatusOK {
+		t.Fatalf("hello: %v", st)
+	}
+	return cl
+}
+
+func (cl *client) do(h pageproto.Header, owner string, data []byte) (pageproto.Status, []byte) {
+	cl.t.Helper()
+	cl.id++
+	h.ID = cl.id
+	cl.c.SetDeadline(time.Now().Add(5 * time.Second))
+	go cl.c.Write(pageproto.AppendFrame(nil, h, owner, data))
+	rh, p, err := pageproto.ReadFrame(cl.c, nil)
+	if err != nil || rh.ID != h.ID || rh.Op != h.Op|pageproto.RespBit {
+		cl.t.Fatalf("%v: response %+v, %v", h.Op, rh, err)
+	}
+	return pageproto.Status(rh.Arg), p
+}
+
+func TestPeersIsolatedAndRestartDrops(t *testing.T) {
+	s := New(4*pageproto.PageSize, nil)
+	page := bytes.Repeat([]byte{1}, pageproto.PageSize)
+	n1 := dial(t, s, "n1", 11)
+	if st, _ := n1.do(pageproto.Header{Op: pageproto.OpStore, Region: 1}, "o", page); st != pageproto.StatusOK {
+		t.Fatal(st)
+	}
+	load := pageproto.Header{Op: pageproto.OpLoad, Region: 1, Arg: pageproto.PageSize}
+	if _, p := n1.do(load, "o", nil); !bytes.Equal(p, page) {
+		t.Fatal("n1 does not read its page back")
+	}
+	n2 := dial(t, s, "n2", 22)
+	if _, p := n2.do(load, "o", nil); !bytes.Equal(p, make([]byte, pageproto.PageSize)) {
+		t.Fatal("n2 reads n1's page")
+	}
+	// Capacity: 4 pages; n1 holds 1, so 4 more is refused whole.
+	if st, msg := n2.do(pageproto.Header{Op: pageproto.OpStore, Region: 1}, "o", make([]byte, 4*pageproto.PageSize)); st != pageproto.StatusFull {
+		t.Fatalf("store beyond capacity: %v %s", st, msg)
+	}
+	if st := s.Stat(); st.Used != pageproto.PageSize {
+		t.Fatalf("used %d after a refused store", st.Used)
+	}
+	// Overwriting a held page needs no new room.
+	if st, _ := n1.do(pageproto.Header{Op: pageproto.OpStore, Region: 1}, "o", page); st != pageproto.StatusOK {
+		t.Fatal(st)
+	}
+	if st, _ := n1.do(pageproto.Header{Op: pageproto.OpReserve, Arg: 3 * pageproto.PageSize}, "o", nil); st != pageproto.StatusOK {
+		t.Fatal(st)
+	}
+	if st, _ := n2.do(pageproto.Header{Op: pageproto.OpReserve, Arg: 2 * pageproto.PageSize}, "o", nil); st != pageproto.StatusFull {
+		t.Fatalf("reserve beyond capacity: %v", st)
+	}
+	// n1 comes back as a new instance: its pages and reservations go.
+	dial(t, s, "n1", 12)
+	if st := s.Stat(); st.Used != 0 || st.Reserved != 0 {
+		t.Fatalf("after n1 restarted: %+v", st)
+	}
+}
