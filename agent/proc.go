@@ -517,6 +517,8 @@ func (p *procState) pickNode(ctx context.Context, spec stream.Spec) (membership.
 		}
 		m, _ := p.member(best)
 		return m, nil
+	case spec.Node != "" && !p.a.schedulable(spec.Node):
+		return self, fmt.Errorf("node %s is cordoned (drained): it takes no new processes; 'onebox uncordon %s' makes it schedulable again", spec.Node, spec.Node)
 	case spec.Node == "" || spec.Node == self.Name:
 		return self, nil
 	}
