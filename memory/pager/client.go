@@ -35,6 +35,13 @@ type client struct {
 
 	fillBuf, outBuf []byte
 	victims         []pageRef
+
+	// Readahead of a sequential stream, done while the uffd is idle:
+	// pages [raNext, raEnd) of raRegion, write-enabled if raWrite (the
+	// stream writes).
+	raRegion      *region
+	raNext, raEnd int
+	raWrite       bool
 }
 
 type pageRef struct {
@@ -322,6 +329,15 @@ func (c *client) serve(buf []byte) error {
 	var idleSince time.Time
 	for {
 		n, err := unix.Read(c.uffd, buf)
+		if err == unix.EAGAIN && c.raRegion != nil {
+			// Idle: fill the pages a sequential stream will touch next,
+			// while the program works on those it has.
+			if err := c.readahead(); err != nil {
+				return err
+			}
+			idleSince = time.Time{}
+			continue
+		}
 		if err == unix.EAGAIN {
 			// A program touching new memory faults again within
 			// microseconds; going back to poll costs a cross-CPU wake-up

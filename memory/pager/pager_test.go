@@ -59,7 +59,7 @@ func FuzzParseMsg(f *testing.F) {
 // TestWireSizes: the Go side of the protocol matches the shim's structs,
 // whose sizes the C compiler asserts (_Static_assert in onebox_shim.c).
 func TestWireSizes(t *testing.T) {
-	src, err := os.ReadFile("../shim/onebox_shim.c")
+	src, err := os.ReadFile("../shim/c/onebox_shim.c")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +103,7 @@ func cc(t *testing.T, args ...string) {
 // buildShim compiles the shim into a temporary directory.
 func buildShim(t *testing.T) string {
 	shim := filepath.Join(t.TempDir(), "onebox_shim.so")
-	cc(t, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-o", shim, "../shim/onebox_shim.c", "-ldl", "-lpthread")
+	cc(t, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-o", shim, "../shim/c/onebox_shim.c", "-ldl", "-lpthread")
 	return shim
 }
 

@@ -6,7 +6,7 @@ import (
 )
 
 // The shim's messages (struct obx_msg and struct obx_reply in
-// memory/shim/onebox_shim.c), one SOCK_SEQPACKET message each, host byte
+// memory/shim/c/onebox_shim.c), one SOCK_SEQPACKET message each, host byte
 // order. A request is 24 bytes, with a descriptor attached for opHello (the
 // userfaultfd) and opRegister (the block's memfd). opHello, opRegister,
 // opDiscard and opFork get a 16-byte reply: an errno value (0: done; ENOMEM:

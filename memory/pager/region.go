@@ -25,8 +25,9 @@ const (
 const (
 	noSrc     = 0xffff // where[i] of a page with no pool copy
 	maxSrcs   = noSrc - 1
-	maxWindow = 256 // pages: largest prefetch and eviction batch (1 MiB)
-	minLimit  = 64  // pages: the smallest local limit honoured
+	maxWindow = 256  // pages: largest prefetch and eviction batch (1 MiB)
+	raPages   = 4096 // pages: how far readahead runs past a sequential fault (16 MiB)
+	minLimit  = 64   // pages: the smallest local limit honoured
 )
 
 // src is one pool region holding pages of blocks. A block's own src takes
@@ -164,12 +165,74 @@ func (c *client) fill(r *region, pg int, write bool) error {
 		uffd.Wake(c.uffd, r.start+uint64(pg)*ps, ps)
 		return nil
 	}
-	if pg == r.next && pg > 0 {
+	seq := pg == r.next && pg > 0
+	if seq {
 		r.window = min(2*r.window, maxWindow)
 	} else {
 		r.window = 1
 	}
-	n := min(r.window, len(r.state)-pg)
+	done, loaded, err := c.fillRun(r, pg, r.window, write)
+	if err != nil {
+		return err
+	}
+	if loaded > 0 {
+		c.p.remote.Add(1)
+	}
+	c.p.prefetch.Add(uint64(max(done-1, 0)))
+	if seq && r.window >= 16 {
+		// A stream: read further ahead while the program is busy.
+		dist := raPages
+		if c.limit > 0 {
+			dist = min(dist, c.limit/2)
+		}
+		c.raRegion, c.raNext, c.raEnd, c.raWrite = r, pg+done, min(pg+done+dist, len(r.state)), write
+	} else if c.raRegion == r {
+		c.raRegion = nil
+	}
+	return c.limitResident()
+}
+
+// readahead fills the next chunk of the sequential stream being read.
+func (c *client) readahead() error {
+	r := c.raRegion
+	if r.dead || c.raNext >= c.raEnd {
+		c.raRegion = nil
+		return nil
+	}
+	if r.state[c.raNext]&stResident != 0 {
+		c.raNext++
+		return nil
+	}
+	done, _, err := c.fillRun(r, c.raNext, min(maxWindow, c.raEnd-c.raNext), c.raWrite)
+	if err != nil {
+		return err
+	}
+	if done == 0 {
+		c.raRegion = nil
+		return nil
+	}
+	c.p.prefetch.Add(uint64(done))
+	c.raNext += done
+	r.next = c.raNext // the fault past it is still the same stream
+	return c.limitResident()
+}
+
+// limitResident evicts down to the local limit (with some slack, so
+// eviction runs in batches).
+func (c *client) limitResident() error {
+	if c.limit > 0 && c.resident > c.limit {
+		slack := max(1, min(c.limit/16, maxWindow))
+		return c.evict(c.resident - c.limit + slack)
+	}
+	return nil
+}
+
+// fillRun fills up to n pages from pg of r that are not resident (it stops
+// at the first resident one), write-enabled and dirty if write. It returns
+// the pages filled and how many came from the pool.
+func (c *client) fillRun(r *region, pg, n int, write bool) (int, int, error) {
+	ps := uint64(PageSize)
+	n = min(n, len(r.state)-pg)
 	if c.limit > 0 {
 		n = min(n, max(1, c.limit/4))
 	}
@@ -185,22 +248,19 @@ func (c *client) fill(r *region, pg int, write bool) error {
 	buf := c.fillBuf[:n*PageSize]
 	loaded, err := c.load(r, pg, n, buf)
 	if err != nil {
-		return err
-	}
-	if loaded > 0 {
-		c.p.remote.Add(1)
+		return 0, 0, err
 	}
 	done, err := c.copyIn(r, pg, n, buf, write)
 	if done == 0 && err == unix.EEXIST {
 		// Present but not known to us: treat it as written.
 		uffd.Wake(c.uffd, r.start+uint64(pg)*ps, ps)
-		done, err = 1, nil
+		done = 1
 	}
 	switch {
 	case err == unix.ENOENT:
-		return nil
+		return 0, 0, nil
 	case err != nil && err != unix.EEXIST:
-		return err
+		return 0, 0, err
 	}
 	st := uint8(stResident)
 	if write || err == unix.EEXIST {
@@ -217,13 +277,8 @@ func (c *client) fill(r *region, pg int, write bool) error {
 	c.resident += done
 	c.p.resident.Add(int64(done))
 	c.p.copies.Add(uint64(done))
-	c.p.prefetch.Add(uint64(done - 1))
 	c.p.loaded.Add(uint64(min(loaded, done)))
-	if c.limit > 0 && c.resident > c.limit {
-		slack := max(1, min(c.limit/16, maxWindow))
-		return c.evict(c.resident - c.limit + slack)
-	}
-	return nil
+	return done, loaded, nil
 }
 
 // load fills buf with pages [pg, pg+n) of r: pool copies where there are,
