@@ -287,6 +287,9 @@ func printNodes(out interface{ Write([]byte) (int, error) }, nr api.NodesRespons
 	fmt.Fprintln(w, "NAME\tADDRESS\tSTATUS\tCPUS\tMEM TOTAL\tMEM FREE\tPOOL DONATED\tPOOL USED\tLOAD\tUPTIME\tAGE\tVERSION")
 	for _, n := range nr.Nodes {
 		status := string(n.Status)
+		if n.Cordoned {
+			status += ",cordoned" // kubectl's Ready,SchedulingDisabled
+		}
 		if n.Stale {
 			status += " (stale " + n.InfoAge + ")"
 		}
