@@ -65,6 +65,7 @@ type Agent struct {
 
 	proc       *procState
 	cfs        *cfsState
+	mem        *memState
 	svc        *svcState
 	lock       *os.File // flock on DATA_DIR/lock: one agent per data directory
 	mux        *transport.Mux
@@ -567,7 +568,7 @@ func (a *Agent) Self() api.NodeInfo {
 		Name: a.id.Node, ClusterID: a.id.ClusterID, Version: a.cfg.Version,
 		FabricAddr: a.fabricAddr(), GossipAddr: a.members.LocalAddr(),
 		Started: a.started, Resources: a.refreshResources(),
-		Pool:    api.Pool{DonatedBytes: uint64(a.cfg.DonateMemory)},
+		Pool:    api.Pool{DonatedBytes: uint64(a.cfg.DonateMemory), UsedBytes: a.memUsed()},
 		Exports: exports,
 	}
 }

@@ -102,6 +102,6 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descMem, prometheus.GaugeValue, float64(r.MemFreeBytes), "free")
 	ch <- prometheus.MustNewConstMetric(descLoad, prometheus.GaugeValue, r.Load1)
 	ch <- prometheus.MustNewConstMetric(descPool, prometheus.GaugeValue, float64(a.cfg.DonateMemory), "donated")
-	ch <- prometheus.MustNewConstMetric(descPool, prometheus.GaugeValue, 0, "used")
+	ch <- prometheus.MustNewConstMetric(descPool, prometheus.GaugeValue, float64(a.memUsed()), "used")
 	ch <- prometheus.MustNewConstMetric(descUp, prometheus.GaugeValue, float64(a.started.Unix()))
 }

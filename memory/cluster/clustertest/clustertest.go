@@ -8,8 +8,10 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 
 	"github.com/onebox-project/onebox/fabric/pki"
@@ -28,12 +30,14 @@ type Node struct {
 	mux    *transport.Mux
 	cancel context.CancelFunc
 	stop   sync.Once
+	plain  net.Listener
 }
 
 // Cluster is a set of page servers and the identities to reach them.
 type Cluster struct {
 	CA    *pki.CA
 	Nodes []*Node
+	plain bool
 
 	mu     sync.Mutex
 	alive  map[string]bool            // guarded by mu
@@ -59,12 +63,21 @@ func NodeCert(ca *pki.CA, node string) (tls.Certificate, error) {
 }
 
 // Start starts one page server of capacity bytes per name, on 127.0.0.1.
-func Start(names []string, capacity uint64) (*Cluster, error) {
+func Start(names []string, capacity uint64) (*Cluster, error) { return start(names, capacity, false) }
+
+// StartPlain is Start without TLS: plain TCP, the peer named by a line
+// the dialer sends first. For measuring what TLS costs only; agents never
+// serve pages without mutual TLS.
+func StartPlain(names []string, capacity uint64) (*Cluster, error) {
+	return start(names, capacity, true)
+}
+
+func start(names []string, capacity uint64, plain bool) (*Cluster, error) {
 	ca, err := pki.NewCA()
 	if err != nil {
 		return nil, err
 	}
-	c := &Cluster{CA: ca, alive: map[string]bool{}, certs: map[string]tls.Certificate{}, byName: map[string]*Node{}}
+	c := &Cluster{CA: ca, plain: plain, alive: map[string]bool{}, certs: map[string]tls.Certificate{}, byName: map[string]*Node{}}
 	for _, name := range names {
 		cert, err := NodeCert(ca, name)
 		if err != nil {
@@ -78,11 +91,17 @@ func Start(names []string, capacity uint64) (*Cluster, error) {
 		}
 		log := slog.New(slog.DiscardHandler)
 		n := &Node{Name: name, Addr: ln.Addr().String(), Server: pageserver.New(capacity, log), cert: cert}
-		n.mux = transport.NewMux(ln, pki.ServerTLS(cert, ca.Cert), log, nil)
-		n.mux.Handle(pki.ProtoPage, n.Server.ServeConn)
 		ctx, cancel := context.WithCancel(context.Background())
 		n.cancel = cancel
-		go n.mux.Serve(ctx)
+		if plain {
+			n.plain = ln
+			n.Server.PeerName = func(c net.Conn) string { return plainPeer(c) }
+			go servePlain(ln, n.Server)
+		} else {
+			n.mux = transport.NewMux(ln, pki.ServerTLS(cert, ca.Cert), log, nil)
+			n.mux.Handle(pki.ProtoPage, n.Server.ServeConn)
+			go n.mux.Serve(ctx)
+		}
 		c.Nodes = append(c.Nodes, n)
 		c.byName[name] = n
 		c.alive[name] = true
@@ -120,7 +139,11 @@ func (c *Cluster) Kill(node string) {
 	c.SetAlive(node, false)
 	n.stop.Do(func() {
 		n.cancel()
-		n.mux.Close()
+		if n.mux != nil {
+			n.mux.Close()
+		} else {
+			n.plain.Close()
+		}
 		n.Server.Close()
 	})
 }
@@ -156,6 +179,22 @@ func (c *Cluster) Dialer(self string) (func(ctx context.Context, node string) (n
 		if n == nil {
 			return nil, fmt.Errorf("clustertest: no node %s", node)
 		}
+		if c.plain {
+			var d net.Dialer
+			conn, err := d.DialContext(ctx, "tcp", n.Addr)
+			if err != nil {
+				return nil, err
+			}
+			// The name, padded to a fixed size: the server's stand-in for
+			// a certificate.
+			var b [64]byte
+			copy(b[:], self)
+			if _, err := conn.Write(b[:]); err != nil {
+				conn.Close()
+				return nil, err
+			}
+			return conn, nil
+		}
 		d := tls.Dialer{Config: cfg}
 		conn, err := d.DialContext(ctx, "tcp", n.Addr)
 		if err != nil {
@@ -188,5 +227,35 @@ func (c *Cluster) NewPool(opts cluster.Options) (*cluster.Pool, error) {
 func (c *Cluster) Close() {
 	for _, n := range c.Nodes {
 		c.Kill(n.Name)
+	}
+}
+
+// plainConn carries the peer name a plain dialer announced.
+type plainConn struct {
+	net.Conn
+	peer string
+}
+
+func plainPeer(c net.Conn) string {
+	if pc, ok := c.(*plainConn); ok {
+		return pc.peer
+	}
+	return ""
+}
+
+func servePlain(ln net.Listener, s *pageserver.Server) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			var b [64]byte
+			if _, err := io.ReadFull(c, b[:]); err != nil {
+				c.Close()
+				return
+			}
+			s.ServeConn(&plainConn{Conn: c, peer: strings.TrimRight(string(b[:]), "\x00")})
+		}()
 	}
 }

@@ -1,0 +1,474 @@
+// Package poolbench measures the memory pool ('onebox bench pool'): page
+// loads and stores through the replicated pool (memory/cluster) against
+// raw 4 KiB round trips over plain TCP and TLS measured in the same run,
+// batched throughput, and the re-replication rate after a node loss. Page
+// servers run in this process on loopback behind real fabric muxes.
+package poolbench
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"slices"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"github.com/onebox-project/onebox/fabric/pki"
+	"github.com/onebox-project/onebox/memory/cluster"
+	"github.com/onebox-project/onebox/memory/cluster/clustertest"
+	"github.com/onebox-project/onebox/memory/pool"
+)
+
+// Options of a run.
+type Options struct {
+	Rounds      int    // round trips per latency measure (default 5000)
+	RepairBytes uint64 // stored before a node is killed (default 256 MiB)
+	Conns       int    // connections per node for throughput; 0 compares 1 and 2
+	Log         io.Writer
+}
+
+// Latency is one latency measure.
+type Latency struct {
+	Name     string  `json:"name"`
+	P50us    float64 `json:"p50_us"`
+	P99us    float64 `json:"p99_us"`
+	VsTCP    float64 `json:"p50_vs_tcp_rtt"`
+	VsTLS    float64 `json:"p50_vs_tls_rtt"`
+	Baseline bool    `json:"baseline,omitempty"`
+}
+
+// Throughput is one throughput measure.
+type Throughput struct {
+	Name     string  `json:"name"`
+	Batch    int     `json:"batch_bytes"`
+	InFlight int     `json:"in_flight"`
+	Conns    int     `json:"conns_per_node"`
+	GBps     float64 `json:"gb_per_s"`
+	VsRaw    float64 `json:"vs_raw_tls"` // ratio to the raw TLS fetch of the same batch
+	Baseline bool    `json:"baseline,omitempty"`
+}
+
+// Result of a run.
+type Result struct {
+	Latencies   []Latency    `json:"latencies"`
+	Throughputs []Throughput `json:"throughputs"`
+	// Repair: bytes re-replicated after a node holding copies was killed,
+	// and the rate from the kill until every page had 2 copies again.
+	RepairBytes   uint64  `json:"repair_bytes"`
+	RepairSeconds float64 `json:"repair_seconds"`
+	RepairGBps    float64 `json:"repair_gb_per_s"`
+}
+
+func (o *Options) logf(format string, args ...any) {
+	if o.Log != nil {
+		fmt.Fprintf(o.Log, format+"\n", args...)
+	}
+}
+
+// Run measures.
+func Run(ctx context.Context, opts Options) (*Result, error) {
+	if opts.Rounds == 0 {
+		opts.Rounds = 5000
+	}
+	if opts.RepairBytes == 0 {
+		opts.RepairBytes = 256 << 20
+	}
+	res := &Result{}
+	c, err := clustertest.Start([]string{"n1", "n2", "n3"}, 8<<30)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	plain, err := clustertest.StartPlain([]string{"n1", "n2", "n3"}, 8<<30)
+	if err != nil {
+		return nil, err
+	}
+	defer plain.Close()
+	tlsCfg, err := c.ClientTLS("client")
+	if err != nil {
+		return nil, err
+	}
+
+	// Baselines: a 64-byte request answered by 4 KiB, one connection.
+	opts.logf("raw round trips (tcp, tls)")
+	tcpRTT, err := rawLatency(ctx, nil, opts.Rounds)
+	if err != nil {
+		return nil, err
+	}
+	tlsRTT, err := rawLatency(ctx, c, opts.Rounds)
+	if err != nil {
+		return nil, err
+	}
+	tcpL := latency("tcp round trip 4KiB", tcpRTT)
+	tlsL := latency("tls round trip 4KiB", tlsRTT)
+	tcpL.Baseline, tlsL.Baseline = true, true
+	res.Latencies = append(res.Latencies, tcpL, tlsL)
+
+	for _, v := range []struct {
+		name string
+		c    *clustertest.Cluster
+	}{{"pool load 4KiB (tls)", c}, {"pool load 4KiB (plain tcp)", plain}} {
+		opts.logf("%s", v.name)
+		load, store, err := poolLatency(ctx, v.c, opts.Rounds)
+		if err != nil {
+			return nil, err
+		}
+		res.Latencies = append(res.Latencies, latency(v.name, load))
+		if v.c == c {
+			res.Latencies = append(res.Latencies, latency("pool store 4KiB, 2 copies (tls)", store))
+		}
+	}
+	for i := range res.Latencies {
+		l := &res.Latencies[i]
+		l.VsTCP, l.VsTLS = l.P50us/tcpL.P50us, l.P50us/tlsL.P50us
+	}
+
+	// Throughput: raw TLS fetches, then pool loads and stores.
+	conns := []int{1, 2}
+	if opts.Conns > 0 {
+		conns = []int{opts.Conns}
+	}
+	raw := map[int]float64{}
+	for _, batch := range []int{64 << 10, 2 << 20} {
+		opts.logf("raw fetch %d KiB", batch>>10)
+		for _, cl := range []*clustertest.Cluster{nil, c} {
+			gbps, err := rawThroughput(ctx, cl, batch, tlsCfg)
+			if err != nil {
+				return nil, err
+			}
+			name := "raw tcp fetch"
+			if cl != nil {
+				name = "raw tls fetch"
+				raw[batch] = gbps
+			}
+			res.Throughputs = append(res.Throughputs, Throughput{Name: name, Batch: batch, InFlight: 1, Conns: 1, GBps: gbps, Baseline: true})
+		}
+		for _, nc := range conns {
+			for _, inflight := range []int{1, 4} {
+				for _, op := range []string{"load", "store"} {
+					opts.logf("pool %s %d KiB, %d in flight, %d conns", op, batch>>10, inflight, nc)
+					gbps, err := poolThroughput(ctx, c, op, batch, inflight, nc)
+					if err != nil {
+						return nil, err
+					}
+					res.Throughputs = append(res.Throughputs, Throughput{Name: "pool " + op, Batch: batch, InFlight: inflight, Conns: nc, GBps: gbps})
+				}
+			}
+		}
+	}
+	for i := range res.Throughputs {
+		t := &res.Throughputs[i]
+		if r := raw[t.Batch]; r > 0 {
+			t.VsRaw = t.GBps / r
+		}
+	}
+
+	opts.logf("repair after a node loss (%d MiB stored in 2 copies on 4 nodes)", opts.RepairBytes>>20)
+	if err := repairRate(ctx, opts.RepairBytes, res); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+func latency(name string, d []time.Duration) Latency {
+	slices.Sort(d)
+	us := func(q float64) float64 { return float64(d[int(q*float64(len(d)-1))]) / 1e3 }
+	return Latency{Name: name, P50us: us(0.5), P99us: us(0.99)}
+}
+
+// rawServer answers each 64-byte request (its first 8 bytes: the size
+// wanted) with that many bytes.
+func rawServer(ln net.Listener, cfg *tls.Config) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		if cfg != nil {
+			c = tls.Server(c, cfg)
+		}
+		go func() {
+			defer c.Close()
+			var req [64]byte
+			var out []byte
+			for {
+				if _, err := io.ReadFull(c, req[:]); err != nil {
+					return
+				}
+				n := binary.BigEndian.Uint64(req[:])
+				if n > 16<<20 {
+					return
+				}
+				if uint64(cap(out)) < n {
+					out = make([]byte, n)
+				}
+				if _, err := c.Write(out[:n]); err != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+// rawConn starts a raw server (TLS when c is not nil, with the cluster's
+// certificates) and dials it.
+func rawConn(c *clustertest.Cluster) (net.Conn, func(), error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, nil, err
+	}
+	var scfg, ccfg *tls.Config
+	if c != nil {
+		cert, err := clustertest.NodeCert(c.CA, "raw")
+		if err != nil {
+			ln.Close()
+			return nil, nil, err
+		}
+		scfg = pki.ServerTLS(cert, c.CA.Cert)
+		if ccfg, err = c.ClientTLS("client"); err != nil {
+			ln.Close()
+			return nil, nil, err
+		}
+	}
+	go rawServer(ln, scfg)
+	var conn net.Conn
+	if ccfg != nil {
+		conn, err = tls.Dial("tcp", ln.Addr().String(), ccfg)
+	} else {
+		conn, err = net.Dial("tcp", ln.Addr().String())
+	}
+	if err != nil {
+		ln.Close()
+		return nil, nil, err
+	}
+	return conn, func() { conn.Close(); ln.Close() }, nil
+}
+
+func rawLatency(ctx context.Context, c *clustertest.Cluster, rounds int) ([]time.Duration, error) {
+	conn, done, err := rawConn(c)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	conn.SetDeadline(time.Now().Add(5 * time.Minute))
+	var req [64]byte
+	binary.BigEndian.PutUint64(req[:], pool.PageSize)
+	buf := make([]byte, pool.PageSize)
+	out := make([]time.Duration, 0, rounds)
+	for i := range rounds + rounds/10 {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		t := time.Now()
+		if _, err := conn.Write(req[:]); err != nil {
+			return nil, err
+		}
+		if _, err := io.ReadFull(conn, buf); err != nil {
+			return nil, err
+		}
+		if i >= rounds/10 { // the first tenth warms up
+			out = append(out, time.Since(t))
+		}
+	}
+	return out, nil
+}
+
+func rawThroughput(ctx context.Context, c *clustertest.Cluster, batch int, _ *tls.Config) (float64, error) {
+	conn, done, err := rawConn(c)
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	conn.SetDeadline(time.Now().Add(5 * time.Minute))
+	var req [64]byte
+	binary.BigEndian.PutUint64(req[:], uint64(batch))
+	buf := make([]byte, batch)
+	total := uint64(0)
+	var start time.Time
+	for i := 0; total < 1<<30 || time.Since(start) < time.Second; i++ {
+		if ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
+		if i == 4 {
+			start, total = time.Now(), 0
+		}
+		if _, err := conn.Write(req[:]); err != nil {
+			return 0, err
+		}
+		if _, err := io.ReadFull(conn, buf); err != nil {
+			return 0, err
+		}
+		total += uint64(batch)
+		if i > 4 && time.Since(start) > 3*time.Second {
+			break
+		}
+	}
+	return float64(total) / time.Since(start).Seconds() / 1e9, nil
+}
+
+func poolLatency(ctx context.Context, c *clustertest.Cluster, rounds int) (load, store []time.Duration, err error) {
+	p, err := c.NewPool(cluster.Options{})
+	if err != nil {
+		return nil, nil, err
+	}
+	defer p.Close()
+	r := pool.Region{Owner: "bench/lat", ID: 1}
+	defer p.DropOwner(context.Background(), r.Owner)
+	const pages = 1024
+	page := make([]byte, pool.PageSize)
+	for i := range pages {
+		page[0] = byte(i)
+		t := time.Now()
+		if err := p.Store(ctx, r, uint64(i)*pool.PageSize, page); err != nil {
+			return nil, nil, err
+		}
+		store = append(store, time.Since(t))
+	}
+	for i := range rounds / 4 { // more stores, over the same pages
+		t := time.Now()
+		if err := p.Store(ctx, r, uint64(i%pages)*pool.PageSize, page); err != nil {
+			return nil, nil, err
+		}
+		store = append(store, time.Since(t))
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range rounds + rounds/10 {
+		off := uint64(rng.IntN(pages)) * pool.PageSize
+		t := time.Now()
+		if err := p.Load(ctx, r, off, page); err != nil {
+			return nil, nil, err
+		}
+		if i >= rounds/10 {
+			load = append(load, time.Since(t))
+		}
+	}
+	return load, store, nil
+}
+
+func poolThroughput(ctx context.Context, c *clustertest.Cluster, op string, batch, inflight, conns int) (float64, error) {
+	p, err := c.NewPool(cluster.Options{ConnsPerNode: conns})
+	if err != nil {
+		return 0, err
+	}
+	defer p.Close()
+	owner := fmt.Sprintf("bench/tp-%s-%d-%d-%d", op, batch, inflight, conns)
+	defer p.DropOwner(context.Background(), owner)
+	const span = 64 << 20 // the working set: a region of 64 MiB
+	data := make([]byte, span)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	r := pool.Region{Owner: owner, ID: 1}
+	if err := p.Store(ctx, r, 0, data); err != nil {
+		return 0, err
+	}
+	var mu sync.Mutex
+	var total uint64
+	var firstErr error
+	stop := time.Now().Add(2 * time.Second)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for g := range inflight {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, batch)
+			n := uint64(0)
+			for i := g; time.Now().Before(stop); i += inflight {
+				off := uint64(i*batch) % span
+				var err error
+				if op == "load" {
+					err = p.Load(ctx, r, off, buf)
+				} else {
+					err = p.Store(ctx, r, off, data[off:off+uint64(batch)])
+				}
+				if err != nil {
+					mu.Lock()
+					firstErr = err
+					mu.Unlock()
+					return
+				}
+				n += uint64(batch)
+			}
+			mu.Lock()
+			total += n
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return 0, firstErr
+	}
+	return float64(total) / time.Since(start).Seconds() / 1e9, nil
+}
+
+func repairRate(ctx context.Context, size uint64, res *Result) error {
+	c, err := clustertest.Start([]string{"n1", "n2", "n3", "n4"}, 8<<30)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	p, err := c.NewPool(cluster.Options{RepairInterval: 10 * time.Millisecond})
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	r := pool.Region{Owner: "bench/repair", ID: 1}
+	buf := make([]byte, 2<<20)
+	for i := range buf {
+		buf[i] = byte(i * 13)
+	}
+	for off := uint64(0); off < size; off += uint64(len(buf)) {
+		if err := p.Store(ctx, r, off, buf[:min(uint64(len(buf)), size-off)]); err != nil {
+			return err
+		}
+	}
+	victim, most := "", uint64(0)
+	for node, b := range p.Stats().NodeBytes {
+		if b > most {
+			victim, most = node, b
+		}
+	}
+	before := p.Stats().RepairedBytes
+	start := time.Now()
+	c.Kill(victim)
+	deadline := start.Add(10 * time.Minute)
+	for {
+		st := p.Stats()
+		if st.RepairedBytes-before >= most && st.UnderReplicatedPages == 0 {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("poolbench: repair did not finish: %+v", st)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	res.RepairSeconds = time.Since(start).Seconds()
+	res.RepairBytes = p.Stats().RepairedBytes - before
+	res.RepairGBps = float64(res.RepairBytes) / res.RepairSeconds / 1e9
+	return nil
+}
+
+// Print writes the result as tables.
+func (r *Result) Print(w io.Writer) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "LATENCY\tP50\tP99\tP50 / TCP RTT\tP50 / TLS RTT")
+	for _, l := range r.Latencies {
+		fmt.Fprintf(tw, "%s\t%.1f us\t%.1f us\t%.2fx\t%.2fx\n", l.Name, l.P50us, l.P99us, l.VsTCP, l.VsTLS)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "THROUGHPUT\tBATCH\tIN FLIGHT\tCONNS/NODE\tGB/s\t/ RAW TLS")
+	for _, t := range r.Throughputs {
+		fmt.Fprintf(tw, "%s\t%d KiB\t%d\t%d\t%.2f\t%.2fx\n", t.Name, t.Batch>>10, t.InFlight, t.Conns, t.GBps, t.VsRaw)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	fmt.Fprintf(w, "REPAIR  %d MiB re-replicated in %.2f s after a node loss: %.2f GB/s\n", r.RepairBytes>>20, r.RepairSeconds, r.RepairGBps)
+}
