@@ -101,6 +101,9 @@ type svcState struct {
 
 	gidMu sync.Mutex
 	gids  map[string]gidLoc // GID → node it runs on; guarded by gidMu
+
+	tlsOnce sync.Once
+	tls     *tls.Config
 }
 
 type gidLoc struct {
@@ -463,9 +466,7 @@ func (s *svcState) fabric(ctx context.Context, node string, req wire.Request) (n
 	if err != nil {
 		return nil, err
 	}
-	cfg := s.a.id.ClientTLS()
-	cfg.NextProtos = []string{pki.ProtoService}
-	d := tls.Dialer{Config: cfg, NetDialer: &net.Dialer{KeepAliveConfig: net.KeepAliveConfig{
+	d := tls.Dialer{Config: s.tlsConfig(), NetDialer: &net.Dialer{KeepAliveConfig: net.KeepAliveConfig{
 		Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3}}}
 	c, err := d.DialContext(ctx, "tcp", m.FabricAddr)
 	if err != nil {
@@ -485,6 +486,23 @@ func (s *svcState) fabric(ctx context.Context, node string, req wire.Request) (n
 		return nil, err
 	}
 	return c, nil
+}
+
+// tlsConfig is the client configuration of service streams. It keeps
+// TLS 1.3 session tickets: a new connection to a node seen recently
+// resumes instead of a full handshake (no certificate signature and
+// verification), which is most of the cost of opening a connection
+// through a service address. A ticket only resumes a session whose
+// certificates were verified in a full handshake, and the peer's name
+// is still checked on every connection.
+func (s *svcState) tlsConfig() *tls.Config {
+	s.tlsOnce.Do(func() {
+		cfg := s.a.id.ClientTLS()
+		cfg.NextProtos = []string{pki.ProtoService}
+		cfg.ClientSessionCache = tls.NewLRUClientSessionCache(256)
+		s.tls = cfg
+	})
+	return s.tls
 }
 
 // local connects to a port of this node for a request (the target side):
