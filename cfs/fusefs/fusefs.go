@@ -385,6 +385,7 @@ var (
 	_ fs.NodeFsyncer    = (*entry)(nil)
 	_ fs.NodeReadlinker = (*entry)(nil)
 	_ fs.NodeSymlinker  = (*entry)(nil)
+	_ fs.NodeLinker     = (*entry)(nil)
 )
 
 // maxDepth bounds walks up the inode tree: a path of MaxPath bytes has at
@@ -615,7 +616,19 @@ func (e *entry) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, 
 	}
 	fh := &fileHandle{c: e.c, gen: gen, h: hr.Handle}
 	addOpen(e.EmbeddedInode(), fh)
-	return fh, 0, 0
+	return fh, openFlags(flags), 0
+}
+
+// openFlags are the FUSE flags of a file opened with flags. Appends skip
+// the page cache (direct I/O): through it, a write that crosses a page
+// boundary goes to the node as two requests, and an append from another
+// node can land between them. Direct, each write(2) of up to MaxIO bytes
+// is one request, which the node appends whole (O_APPEND).
+func openFlags(flags uint32) uint32 {
+	if flags&syscall.O_APPEND != 0 {
+		return fuse.FOPEN_DIRECT_IO
+	}
+	return 0
 }
 
 func (e *entry) Create(ctx context.Context, name string, flags, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
@@ -637,7 +650,7 @@ func (e *entry) Create(ctx context.Context, name string, flags, mode uint32, out
 		return nil, nil, 0, errno
 	}
 	addOpen(n, fh)
-	return n, fh, 0, 0
+	return n, fh, openFlags(flags), 0
 }
 
 func (e *entry) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
@@ -684,21 +697,35 @@ func (e *entry) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
 	return d.Data, 0
 }
 
-func (e *entry) Unlink(ctx context.Context, name string) syscall.Errno {
-	p, errno := e.childPath(name)
-	if errno != 0 {
-		return errno
+// childID is the identity (on its node) of the child name as the kernel
+// knows it: the file it checked permissions against before an unlink,
+// rmdir, rename or link (for a sticky directory, the owner decides). Zero
+// if the kernel had no inode for it.
+func (e *entry) childID(name string) (dev, ino uint64) {
+	if ch := e.GetChild(name); ch != nil {
+		if ce, ok := ch.Operations().(*entry); ok {
+			return ce.dev, ce.ino
+		}
 	}
-	_, errno = e.c.Call(ctx, proto.OpUnlink, &proto.PathReq{Export: e.export, Path: p}, nil)
-	return errno
+	return 0, 0
+}
+
+func (e *entry) Unlink(ctx context.Context, name string) syscall.Errno {
+	return e.remove(ctx, proto.OpUnlink, name)
 }
 
 func (e *entry) Rmdir(ctx context.Context, name string) syscall.Errno {
+	return e.remove(ctx, proto.OpRmdir, name)
+}
+
+func (e *entry) remove(ctx context.Context, op proto.Op, name string) syscall.Errno {
 	p, errno := e.childPath(name)
 	if errno != 0 {
 		return errno
 	}
-	_, errno = e.c.Call(ctx, proto.OpRmdir, &proto.PathReq{Export: e.export, Path: p}, nil)
+	r := proto.RemoveReq{Export: e.export, Path: p}
+	r.Dev, r.Ino = e.childID(name)
+	_, errno = e.c.Call(ctx, op, &r, nil)
 	return errno
 }
 
@@ -715,8 +742,33 @@ func (e *entry) Rename(ctx context.Context, name string, newParent fs.InodeEmbed
 	if errno != 0 {
 		return errno
 	}
-	_, errno = e.c.Call(ctx, proto.OpRename, &proto.RenameReq{Export: e.export, From: from, To: to, Flags: flags}, nil)
+	r := proto.RenameReq{Export: e.export, From: from, To: to, Flags: flags}
+	r.Dev, r.Ino = e.childID(name)
+	r.ToDev, r.ToIno = np.childID(newName)
+	_, errno = e.c.Call(ctx, proto.OpRename, &r, nil)
 	return errno
+}
+
+// Link gives the file target (an entry of the same export) the new name
+// name in this directory: a hard link on the node.
+func (e *entry) Link(ctx context.Context, target fs.InodeEmbedder, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	te, ok := target.(*entry)
+	if !ok || te.c != e.c || te.export != e.export {
+		return nil, syscall.EXDEV
+	}
+	from, ok := te.path()
+	if !ok {
+		return nil, syscall.ESTALE
+	}
+	to, errno := e.childPath(name)
+	if errno != 0 {
+		return nil, errno
+	}
+	var a proto.Attr
+	if _, errno := e.c.Call(ctx, proto.OpLink, &proto.LinkReq{Export: e.export, From: from, To: to, Dev: te.dev, Ino: te.ino}, &a); errno != 0 {
+		return nil, errno
+	}
+	return e.newChild(ctx, &a, out)
 }
 
 func (e *entry) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
@@ -747,12 +799,19 @@ type fileHandle struct {
 }
 
 var (
-	_ fs.FileReader   = (*fileHandle)(nil)
-	_ fs.FileWriter   = (*fileHandle)(nil)
-	_ fs.FileFsyncer  = (*fileHandle)(nil)
-	_ fs.FileReleaser = (*fileHandle)(nil)
-	_ fs.FileFlusher  = (*fileHandle)(nil)
+	_ fs.FileReader    = (*fileHandle)(nil)
+	_ fs.FileWriter    = (*fileHandle)(nil)
+	_ fs.FileFsyncer   = (*fileHandle)(nil)
+	_ fs.FileReleaser  = (*fileHandle)(nil)
+	_ fs.FileFlusher   = (*fileHandle)(nil)
+	_ fs.FileAllocater = (*fileHandle)(nil)
 )
+
+// Allocate is fallocate(2) on the owning node (posix_fallocate, and
+// punching holes).
+func (f *fileHandle) Allocate(ctx context.Context, off, size uint64, mode uint32) syscall.Errno {
+	return f.c.CallOn(ctx, f.gen, proto.OpFallocate, &proto.FallocateReq{Handle: f.h, Offset: off, Length: size, Mode: mode}, nil)
+}
 
 func (f *fileHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	var d proto.Data

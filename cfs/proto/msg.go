@@ -308,19 +308,100 @@ func (m *SetattrReq) decode(d *dec) {
 	}
 }
 
-// RenameReq renames within one export.
-type RenameReq struct {
+// RemoveReq unlinks a file or removes a directory. Dev and Ino, if Ino is
+// non-zero, are the identity of what the client checked (for a sticky
+// directory, its owner): another file at Path by now gets ESTALE.
+type RemoveReq struct {
 	Export   string
-	From, To string
-	Flags    uint32 // renameat2(2) flags
+	Path     string
+	Dev, Ino uint64
 }
 
-func (m *RenameReq) encode(e *enc) { e.str(m.Export); e.str(m.From); e.str(m.To); e.u32(m.Flags) }
+func (m *RemoveReq) encode(e *enc) { e.str(m.Export); e.str(m.Path); e.u64(m.Dev); e.u64(m.Ino) }
+func (m *RemoveReq) decode(d *dec) {
+	m.Export = d.str(MaxName)
+	m.Path = d.str(MaxPath)
+	m.Dev = d.u64()
+	m.Ino = d.u64()
+}
+
+// RenameReq renames within one export. Dev and Ino identify the file the
+// client checked at From, ToDev and ToIno the one it knew at To (the one
+// replaced); zero Ino: not checked. Another file there gets ESTALE.
+type RenameReq struct {
+	Export       string
+	From, To     string
+	Flags        uint32 // renameat2(2) flags
+	Dev, Ino     uint64
+	ToDev, ToIno uint64
+}
+
+func (m *RenameReq) encode(e *enc) {
+	e.str(m.Export)
+	e.str(m.From)
+	e.str(m.To)
+	e.u32(m.Flags)
+	e.u64(m.Dev)
+	e.u64(m.Ino)
+	e.u64(m.ToDev)
+	e.u64(m.ToIno)
+}
+
 func (m *RenameReq) decode(d *dec) {
 	m.Export = d.str(MaxName)
 	m.From = d.str(MaxPath)
 	m.To = d.str(MaxPath)
 	m.Flags = d.u32()
+	m.Dev = d.u64()
+	m.Ino = d.u64()
+	m.ToDev = d.u64()
+	m.ToIno = d.u64()
+}
+
+// LinkReq makes To a new name (a hard link) of the file at From, which
+// must be the file Dev, Ino if Ino is non-zero.
+type LinkReq struct {
+	Export   string
+	From, To string
+	Dev, Ino uint64
+}
+
+func (m *LinkReq) encode(e *enc) {
+	e.str(m.Export)
+	e.str(m.From)
+	e.str(m.To)
+	e.u64(m.Dev)
+	e.u64(m.Ino)
+}
+func (m *LinkReq) decode(d *dec) {
+	m.Export = d.str(MaxName)
+	m.From = d.str(MaxPath)
+	m.To = d.str(MaxPath)
+	m.Dev = d.u64()
+	m.Ino = d.u64()
+}
+
+// FallocateReq is fallocate(2) on an open handle.
+type FallocateReq struct {
+	Handle         uint64
+	Offset, Length uint64
+	Mode           uint32
+}
+
+func (m *FallocateReq) encode(e *enc) {
+	e.u64(m.Handle)
+	e.u64(m.Offset)
+	e.u64(m.Length)
+	e.u32(m.Mode)
+}
+func (m *FallocateReq) decode(d *dec) {
+	m.Handle = d.u64()
+	m.Offset = d.u64()
+	m.Length = d.u64()
+	m.Mode = d.u32()
+	if d.err == nil && (m.Offset > 1<<63-1 || m.Length > 1<<63-1) {
+		d.fail("fallocate out of range")
+	}
 }
 
 // Statfs answers OpStatfs.

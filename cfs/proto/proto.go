@@ -43,25 +43,27 @@ type Op uint8
 // client's kernel resolves it. Symlinks in the components before the last
 // are followed as long as they stay inside the export.
 const (
-	OpExports  Op = iota + 1 // Empty → ExportList
-	OpGetattr                // PathReq → Attr
-	OpOpendir                // PathReq → HandleReply
-	OpReaddir                // HandleReq → DirList (empty: end)
-	OpOpen                   // OpenReq → HandleReply
-	OpCreate                 // OpenReq → HandleReply (with Attr)
-	OpRead                   // IOReq → Data
-	OpWrite                  // IOReq → Count
-	OpFsync                  // IOReq (Size 1: data only) → Empty
-	OpClose                  // HandleReq → Empty
-	OpFstat                  // HandleReq → Attr
-	OpSetattr                // SetattrReq → Attr
-	OpMkdir                  // OpenReq → Attr
-	OpUnlink                 // PathReq → Empty
-	OpRmdir                  // PathReq → Empty
-	OpRename                 // RenameReq → Empty
-	OpStatfs                 // PathReq → Statfs
-	OpReadlink               // PathReq → Data (the link's target)
-	OpSymlink                // SymlinkReq → Attr
+	OpExports   Op = iota + 1 // Empty → ExportList
+	OpGetattr                 // PathReq → Attr
+	OpOpendir                 // PathReq → HandleReply
+	OpReaddir                 // HandleReq → DirList (empty: end)
+	OpOpen                    // OpenReq → HandleReply
+	OpCreate                  // OpenReq → HandleReply (with Attr)
+	OpRead                    // IOReq → Data
+	OpWrite                   // IOReq → Count
+	OpFsync                   // IOReq (Size 1: data only) → Empty
+	OpClose                   // HandleReq → Empty
+	OpFstat                   // HandleReq → Attr
+	OpSetattr                 // SetattrReq → Attr
+	OpMkdir                   // OpenReq → Attr
+	OpUnlink                  // RemoveReq → Empty
+	OpRmdir                   // RemoveReq → Empty
+	OpRename                  // RenameReq → Empty
+	OpStatfs                  // PathReq → Statfs
+	OpReadlink                // PathReq → Data (the link's target)
+	OpSymlink                 // SymlinkReq → Attr
+	OpLink                    // LinkReq → Attr (the file's, one more link)
+	OpFallocate               // FallocateReq → Empty
 	opEnd
 )
 
@@ -73,7 +75,7 @@ func (op Op) Valid() bool { return op >= OpExports && op < opEnd }
 
 func (op Op) String() string {
 	names := [...]string{"", "exports", "getattr", "opendir", "readdir", "open", "create", "read", "write",
-		"fsync", "close", "fstat", "setattr", "mkdir", "unlink", "rmdir", "rename", "statfs", "readlink", "symlink"}
+		"fsync", "close", "fstat", "setattr", "mkdir", "unlink", "rmdir", "rename", "statfs", "readlink", "symlink", "link", "fallocate"}
 	if op&ReplyBit != 0 {
 		return (op &^ ReplyBit).String() + "-reply"
 	}

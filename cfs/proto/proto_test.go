@@ -26,7 +26,10 @@ func messages() []Msg {
 		&Attr{Ino: 3, Mode: 0o40755},
 		&DirList{Dev: 2049, Entries: []DirEntry{{Name: "x", Mode: 0o100000, Ino: 1}, {Name: "dir", Mode: 0o40000, Ino: 2}}},
 		&SetattrReq{Export: "e", Path: "p", Valid: SetMode | SetMtime, Mode: 0o600, Mtime: ts, Dev: 1, Ino: 2},
-		&RenameReq{Export: "e", From: "a", To: "b/c", Flags: 1},
+		&RenameReq{Export: "e", From: "a", To: "b/c", Flags: 1, Dev: 1, Ino: 2, ToDev: 1, ToIno: 3},
+		&RemoveReq{Export: "e", Path: "a/b", Dev: 1, Ino: 2},
+		&LinkReq{Export: "e", From: "a", To: "b/c", Dev: 1, Ino: 2},
+		&FallocateReq{Handle: 3, Offset: 4096, Length: 1 << 20, Mode: 1},
 		&Statfs{Blocks: 10, Bfree: 5, Bavail: 4, Files: 100, Ffree: 50, Bsize: 4096, NameLen: 255, Frsize: 4096},
 	}
 }

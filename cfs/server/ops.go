@@ -205,8 +205,11 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		owner(fd, &r)
 		return fstat(fd)
 	case proto.OpUnlink, proto.OpRmdir:
-		var r proto.PathReq
-		e, errno := cn.pathReq(b, &r, true)
+		var r proto.RemoveReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		e, errno := cn.export(r.Export, r.Path, true)
 		if errno != 0 {
 			return errno, nil
 		}
@@ -214,7 +217,12 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if op == proto.OpRmdir {
 			flags = unix.AT_REMOVEDIR
 		}
-		return e.atParent(r.Path, func(dfd int, name string) error { return unix.Unlinkat(dfd, name, flags) }), nil
+		return e.atParent(r.Path, func(dfd int, name string) error {
+			if errno := sameAt(dfd, name, r.Dev, r.Ino); errno != 0 {
+				return errno
+			}
+			return unix.Unlinkat(dfd, name, flags)
+		}), nil
 	case proto.OpRename:
 		var r proto.RenameReq
 		if proto.Unmarshal(b, &r) != nil {
@@ -232,11 +240,96 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		}
 		return e.atParent(r.From, func(fdfd int, fname string) error {
 			return errnoErr(e.atParent(r.To, func(tdfd int, tname string) error {
+				if errno := sameAt(fdfd, fname, r.Dev, r.Ino); errno != 0 {
+					return errno
+				}
+				if errno := sameAt(tdfd, tname, r.ToDev, r.ToIno); errno != 0 && errno != unix.ENOENT {
+					return errno
+				}
 				return unix.Renameat2(fdfd, fname, tdfd, tname, uint(r.Flags))
 			}))
 		}), nil
+	case proto.OpLink:
+		var r proto.LinkReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		e, errno := cn.export(r.Export, r.From, true)
+		if errno != 0 {
+			return errno, nil
+		}
+		if _, errno := cn.export(r.Export, r.To, true); errno != 0 {
+			return errno, nil
+		}
+		if r.From == "" || r.To == "" {
+			return unix.EINVAL, nil
+		}
+		// The checked file itself gets the new name: linkat of its O_PATH
+		// descriptor (AT_EMPTY_PATH, which root may use), not of a path
+		// that could name another file by now.
+		pfd, st, errno := e.pathFD(r.From, r.Dev, r.Ino)
+		if errno != 0 {
+			return errno, nil
+		}
+		defer unix.Close(pfd)
+		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+			return unix.EPERM, nil
+		}
+		errno = e.atParent(r.To, func(dfd int, name string) error {
+			if unix.Geteuid() == 0 {
+				return unix.Linkat(pfd, "", dfd, name, unix.AT_EMPTY_PATH)
+			}
+			return unix.Linkat(unix.AT_FDCWD, "/proc/self/fd/"+strconv.Itoa(pfd), dfd, name, unix.AT_SYMLINK_FOLLOW)
+		})
+		if errno != 0 {
+			return errno, nil
+		}
+		return fstat(pfd)
+	case proto.OpFallocate:
+		var r proto.FallocateReq
+		if proto.Unmarshal(b, &r) != nil {
+			return unix.EINVAL, nil
+		}
+		if r.Mode&^fallocateModes != 0 {
+			return unix.EOPNOTSUPP, nil
+		}
+		h, release, errno := cn.acquire(r.Handle)
+		if errno != 0 {
+			return errno, nil
+		}
+		defer release()
+		if h.dir {
+			return unix.EISDIR, nil
+		}
+		if h.exp.ReadOnly {
+			return unix.EROFS, nil
+		}
+		return errnoOf(unix.Fallocate(h.fd, r.Mode, int64(r.Offset), int64(r.Length))), nil
 	}
 	return unix.ENOSYS, nil
+}
+
+// fallocateModes are the fallocate(2) modes passed on; others (collapse,
+// insert range, ...) are EOPNOTSUPP, as on a file system without them.
+const fallocateModes = unix.FALLOC_FL_KEEP_SIZE | unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_ZERO_RANGE
+
+// sameAt checks that name in dfd (not followed) is the file (dev, ino)
+// the client checked permissions against, if ino is non-zero: a file
+// swapped in since answers ESTALE, and the client's kernel looks the name
+// up again. (A swap between this check and the operation is not caught:
+// Linux has no unlink or rename by identity.)
+func sameAt(dfd int, name string, dev, ino uint64) unix.Errno {
+	if ino == 0 {
+		return 0
+	}
+	var st unix.Stat_t
+	if err := unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return errnoOf(err)
+	}
+	if st.Dev != dev || st.Ino != ino {
+		return unix.ESTALE
+	}
+	return 0
 }
 
 // testHookIO, set by tests only, runs between finding a handle and using

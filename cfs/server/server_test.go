@@ -102,7 +102,7 @@ func TestFSNoEscape(t *testing.T) {
 		if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: p + "/new", Flags: syscall.O_WRONLY, Mode: 0o644}, &hr); e != syscall.EACCES {
 			t.Errorf("create under %q: %v, want EACCES", p, e)
 		}
-		if e := call(t, c, proto.OpUnlink, &proto.PathReq{Export: "rw", Path: p + "/secret"}, nil); e != syscall.EACCES {
+		if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: p + "/secret"}, nil); e != syscall.EACCES {
 			t.Errorf("unlink under %q: %v, want EACCES", p, e)
 		}
 	}
@@ -150,8 +150,8 @@ func TestFSReadOnly(t *testing.T) {
 		"open rw":  call(t, c, proto.OpOpen, &proto.OpenReq{Export: "ro", Path: "f", Flags: syscall.O_RDWR}, &hr),
 		"trunc":    call(t, c, proto.OpOpen, &proto.OpenReq{Export: "ro", Path: "f", Flags: syscall.O_RDONLY | syscall.O_TRUNC}, &hr),
 		"mkdir":    call(t, c, proto.OpMkdir, &proto.OpenReq{Export: "ro", Path: "d", Mode: 0o755}, &a),
-		"unlink":   call(t, c, proto.OpUnlink, &proto.PathReq{Export: "ro", Path: "f"}, nil),
-		"rmdir":    call(t, c, proto.OpRmdir, &proto.PathReq{Export: "ro", Path: "f"}, nil),
+		"unlink":   call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "ro", Path: "f"}, nil),
+		"rmdir":    call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "ro", Path: "f"}, nil),
 		"rename":   call(t, c, proto.OpRename, &proto.RenameReq{Export: "ro", From: "f", To: "g"}, nil),
 		"setattr":  call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "ro", Path: "f", Valid: proto.SetSize}, &a),
 		"utimens":  call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "ro", Path: "f", Valid: proto.SetMtimeNow}, &a),
@@ -322,13 +322,13 @@ func TestFSSymlinksShownAsLinks(t *testing.T) {
 		t.Fatalf("readdir of data: %v %+v, want one symlink", e, l.Entries)
 	}
 	// rm -rf data: what rm sees is a link; unlinking it keeps the target.
-	if e := call(t, c, proto.OpRmdir, &proto.PathReq{Export: "rw", Path: "data/link"}, nil); e != syscall.ENOTDIR {
+	if e := call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "rw", Path: "data/link"}, nil); e != syscall.ENOTDIR {
 		t.Fatalf("rmdir of a link: %v, want ENOTDIR", e)
 	}
-	if e := call(t, c, proto.OpUnlink, &proto.PathReq{Export: "rw", Path: "data/link"}, nil); e != 0 {
+	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "data/link"}, nil); e != 0 {
 		t.Fatal(e)
 	}
-	if e := call(t, c, proto.OpRmdir, &proto.PathReq{Export: "rw", Path: "data"}, nil); e != 0 {
+	if e := call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "rw", Path: "data"}, nil); e != 0 {
 		t.Fatal(e)
 	}
 	if b, err := os.ReadFile(filepath.Join(rw, "important", "file")); err != nil || string(b) != "keep" {
@@ -436,7 +436,7 @@ func TestFSSetattrHandleAndIdentity(t *testing.T) {
 	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "f", Flags: syscall.O_RDWR, Mode: 0o644}, &hr); e != 0 {
 		t.Fatal(e)
 	}
-	if e := call(t, c, proto.OpUnlink, &proto.PathReq{Export: "rw", Path: "f"}, nil); e != 0 {
+	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "f"}, nil); e != 0 {
 		t.Fatal(e)
 	}
 	var a proto.Attr
@@ -500,5 +500,149 @@ func TestFSCreateOverExistingChecked(t *testing.T) {
 	}
 	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "secret", Flags: syscall.O_RDWR, Mode: 0o644}, &hr); e != 0 {
 		t.Fatalf("create over a file by root: %v", e)
+	}
+}
+
+// Unlink, rmdir, rename and link act only on the file the client checked
+// (Dev, Ino): a file swapped in at the name since is ESTALE and is left
+// alone.
+func TestFSRemoveRenameLinkIdentity(t *testing.T) {
+	c, rw, _ := setup(t)
+	attr := func(p string) proto.Attr {
+		t.Helper()
+		var a proto.Attr
+		if e := call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: p}, &a); e != 0 {
+			t.Fatalf("getattr %s: %v", p, e)
+		}
+		return a
+	}
+	swap := func(name string, dir bool) (old proto.Attr) {
+		t.Helper()
+		p := filepath.Join(rw, name)
+		os.RemoveAll(p)
+		if dir {
+			must(t, os.Mkdir(p, 0o755))
+		} else {
+			must(t, os.WriteFile(p, []byte("old"), 0o644))
+		}
+		old = attr(name)
+		must(t, os.Rename(p, p+".moved"))
+		if dir {
+			must(t, os.Mkdir(p, 0o700))
+		} else {
+			must(t, os.WriteFile(p, []byte("swapped in"), 0o600))
+		}
+		return old
+	}
+	old := swap("f", false)
+	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "f", Dev: old.Dev, Ino: old.Ino}, nil); e != syscall.ESTALE {
+		t.Errorf("unlink of a swapped file: %v, want ESTALE", e)
+	}
+	old = swap("d", true)
+	if e := call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "rw", Path: "d", Dev: old.Dev, Ino: old.Ino}, nil); e != syscall.ESTALE {
+		t.Errorf("rmdir of a swapped directory: %v, want ESTALE", e)
+	}
+	old = swap("r", false)
+	if e := call(t, c, proto.OpRename, &proto.RenameReq{Export: "rw", From: "r", To: "r2", Dev: old.Dev, Ino: old.Ino}, nil); e != syscall.ESTALE {
+		t.Errorf("rename of a swapped file: %v, want ESTALE", e)
+	}
+	must(t, os.WriteFile(filepath.Join(rw, "src"), []byte("src"), 0o644))
+	src := attr("src")
+	old = swap("dst", false)
+	if e := call(t, c, proto.OpRename, &proto.RenameReq{Export: "rw", From: "src", To: "dst", Dev: src.Dev, Ino: src.Ino, ToDev: old.Dev, ToIno: old.Ino}, nil); e != syscall.ESTALE {
+		t.Errorf("rename over a swapped target: %v, want ESTALE", e)
+	}
+	old = swap("l", false)
+	var a proto.Attr
+	if e := call(t, c, proto.OpLink, &proto.LinkReq{Export: "rw", From: "l", To: "l2", Dev: old.Dev, Ino: old.Ino}, &a); e != syscall.ESTALE {
+		t.Errorf("link of a swapped file: %v, want ESTALE", e)
+	}
+	for _, name := range []string{"f", "r", "dst", "l"} {
+		if b, err := os.ReadFile(filepath.Join(rw, name)); err != nil || string(b) != "swapped in" {
+			t.Errorf("swapped-in %s: %q %v", name, b, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(rw, "d")); err != nil {
+		t.Errorf("swapped-in directory removed: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(rw, "l2")); !os.IsNotExist(err) {
+		t.Errorf("link of a swapped file made l2: %v", err)
+	}
+
+	// With the right identity (and with none given) they work.
+	cur := attr("f")
+	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "f", Dev: cur.Dev, Ino: cur.Ino}, nil); e != 0 {
+		t.Errorf("unlink: %v", e)
+	}
+	cur = attr("dst")
+	if e := call(t, c, proto.OpRename, &proto.RenameReq{Export: "rw", From: "src", To: "dst", Dev: src.Dev, Ino: src.Ino, ToDev: cur.Dev, ToIno: cur.Ino}, nil); e != 0 {
+		t.Errorf("rename: %v", e)
+	}
+	if e := call(t, c, proto.OpRename, &proto.RenameReq{Export: "rw", From: "dst", To: "new", Dev: src.Dev, Ino: src.Ino, ToIno: 99}, nil); e != 0 {
+		t.Errorf("rename to a name the client thought taken, now free: %v", e)
+	}
+	if e := call(t, c, proto.OpLink, &proto.LinkReq{Export: "rw", From: "new", To: "d/hard", Dev: src.Dev, Ino: src.Ino}, &a); e != 0 || a.Nlink != 2 || a.Ino != src.Ino {
+		t.Errorf("link: %v %+v", e, a)
+	}
+	if b, err := os.ReadFile(filepath.Join(rw, "d", "hard")); err != nil || string(b) != "src" {
+		t.Errorf("hard link: %q %v", b, err)
+	}
+}
+
+// Links stay inside the export and off directories; fallocate passes the
+// modes a file system has and refuses the others.
+func TestFSLinkAndFallocate(t *testing.T) {
+	c, rw, ro := setup(t)
+	must(t, os.WriteFile(filepath.Join(rw, "f"), []byte("f"), 0o644))
+	must(t, os.Mkdir(filepath.Join(rw, "d"), 0o755))
+	must(t, os.Symlink("/tmp", filepath.Join(rw, "out")))
+	os.WriteFile(filepath.Join(ro, "g"), []byte("g"), 0o644)
+	var a proto.Attr
+	for _, tc := range []struct {
+		r    proto.LinkReq
+		want syscall.Errno
+	}{
+		{proto.LinkReq{Export: "rw", From: "f", To: "../f"}, syscall.EACCES},
+		{proto.LinkReq{Export: "rw", From: "f", To: "out/f"}, syscall.EACCES},
+		{proto.LinkReq{Export: "rw", From: "../etc/passwd", To: "p"}, syscall.EACCES},
+		{proto.LinkReq{Export: "rw", From: "d", To: "d2"}, syscall.EPERM},
+		{proto.LinkReq{Export: "rw", From: "", To: "root"}, syscall.EINVAL},
+		{proto.LinkReq{Export: "rw", From: "f", To: ""}, syscall.EINVAL},
+		{proto.LinkReq{Export: "ro", From: "g", To: "h"}, syscall.EROFS},
+		{proto.LinkReq{Export: "rw", From: "f", To: "f"}, syscall.EEXIST},
+	} {
+		if e := call(t, c, proto.OpLink, &tc.r, &a); e != tc.want {
+			t.Errorf("link %+v: %v, want %v", tc.r, e, tc.want)
+		}
+	}
+	if _, err := os.Lstat("/tmp/f"); err == nil {
+		t.Errorf("a link made outside the export")
+	}
+
+	var hr proto.HandleReply
+	if e := call(t, c, proto.OpOpen, &proto.OpenReq{Export: "rw", Path: "f", Flags: syscall.O_RDWR}, &hr); e != 0 {
+		t.Fatal(e)
+	}
+	if e := call(t, c, proto.OpFallocate, &proto.FallocateReq{Handle: hr.Handle, Offset: 0, Length: 1 << 20}, nil); e != 0 {
+		t.Errorf("fallocate: %v", e)
+	}
+	if st, _ := os.Stat(filepath.Join(rw, "f")); st.Size() != 1<<20 {
+		t.Errorf("size after fallocate of 1 MiB: %d", st.Size())
+	}
+	if e := call(t, c, proto.OpFallocate, &proto.FallocateReq{Handle: hr.Handle, Offset: 0, Length: 4096, Mode: 0x8 /* COLLAPSE_RANGE */}, nil); e != syscall.EOPNOTSUPP {
+		t.Errorf("fallocate collapse: %v, want EOPNOTSUPP", e)
+	}
+	if e := call(t, c, proto.OpOpen, &proto.OpenReq{Export: "ro", Path: "g"}, &hr); e != 0 {
+		t.Fatal(e)
+	}
+	if e := call(t, c, proto.OpFallocate, &proto.FallocateReq{Handle: hr.Handle, Length: 4096}, nil); e != syscall.EROFS {
+		t.Errorf("fallocate on a read-only export: %v, want EROFS", e)
+	}
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
 	}
 }
