@@ -286,15 +286,17 @@ func (s *balanceState) sample() (int, []loadbal.Sample, error) {
 	return cpus, samples, nil
 }
 
-// countRunnable adds to each group's sample the threads of its processes
-// that are in state R.
+// countRunnable adds to each sample the threads in state R of the
+// processes of its group (byGroup is keyed by the program's PID, which is
+// its group's id).
 func countRunnable(byGroup map[int]*loadbal.Sample) error {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return err
 	}
 	for _, e := range ents {
-		if _, err := strconv.Atoi(e.Name()); err != nil {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
 			continue
 		}
 		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
@@ -307,7 +309,11 @@ func countRunnable(byGroup map[int]*loadbal.Sample) error {
 		}
 		smp := byGroup[st.PGID]
 		if smp == nil {
-			continue
+			// A program restored by migration may not lead its group
+			// as seen from here: count the program itself.
+			if smp = byGroup[pid]; smp == nil {
+				continue
+			}
 		}
 		if st.Threads <= 1 {
 			if st.State == 'R' {
