@@ -84,11 +84,12 @@ type nodeClient struct {
 	name string
 
 	mu       sync.Mutex
-	conns    []*conn   // guarded by mu
-	next     int       // guarded by mu
-	instance uint64    // the server's instance last seen; guarded by mu
-	capacity uint64    // guarded by mu
-	failedAt time.Time // last dial or connection failure; guarded by mu
+	conns    []*conn // guarded by mu
+	next     int     // guarded by mu
+	instance uint64  // the server's instance last seen; guarded by mu
+	capacity uint64  // guarded by mu
+
+	failedAt atomic.Int64 // last dial or connection failure (Unix ns); not under mu, which a dial holds
 }
 
 // Pool is the replicated cluster pool. Safe for concurrent use.
@@ -211,7 +212,7 @@ func (p *Pool) conn(ctx context.Context, node string) (*conn, error) {
 	} else {
 		err = fmt.Errorf("cluster: dial %s: %w", node, err)
 	}
-	nc.failedAt = time.Now()
+	nc.failedAt.Store(time.Now().UnixNano())
 	return nil, err
 }
 
@@ -223,19 +224,13 @@ func (p *Pool) noteFailure(node string, err error) {
 	if errors.As(err, &se) {
 		return // the node answered
 	}
-	nc := p.node(node)
-	nc.mu.Lock()
-	nc.failedAt = time.Now()
-	nc.mu.Unlock()
+	p.node(node).failedAt.Store(time.Now().UnixNano())
 	p.kickRepair()
 }
 
 // failedRecently is a node to try last and not to place on.
 func (p *Pool) failedRecently(node string) bool {
-	nc := p.node(node)
-	nc.mu.Lock()
-	defer nc.mu.Unlock()
-	return time.Since(nc.failedAt) < 5*time.Second
+	return time.Now().UnixNano()-p.node(node).failedAt.Load() < int64(5*time.Second)
 }
 
 func (p *Pool) kickRepair() {

@@ -14,8 +14,11 @@ import (
 	"github.com/onebox-project/onebox/memory/pool"
 )
 
+// errNoTarget: no node can take another copy now.
+var errNoTarget = errors.New("no node to copy to")
+
 // repairWorkers is how many chunks are re-replicated at once.
-const repairWorkers = 4
+const repairWorkers = 8
 
 // Under returns the pages with fewer copies than Replicas, as of the last
 // repair pass, less what was repaired since.
@@ -110,6 +113,7 @@ func (p *Pool) repairPass() {
 		return
 	}
 	cands := p.candidates()
+	var full sync.Map // nodes that answered StatusFull this pass
 	work := make(chan repairJob)
 	var wg sync.WaitGroup
 	for range min(repairWorkers, len(jobs)) {
@@ -117,7 +121,7 @@ func (p *Pool) repairPass() {
 		go func() {
 			defer wg.Done()
 			for j := range work {
-				if err := p.repairChunk(j, cands); err != nil {
+				if err := p.repairChunk(j, cands, &full); err != nil && !errors.Is(err, errNoTarget) {
 					p.log.Debug("memory pool: repair", "owner", j.key.r.Owner, "region", j.key.r.ID, "chunk", j.key.idx, "err", err)
 				}
 			}
@@ -135,7 +139,7 @@ func (p *Pool) repairPass() {
 
 // repairChunk copies one chunk's pages from a holder to new nodes until
 // it has Replicas copies.
-func (p *Pool) repairChunk(j repairJob, cands []string) error {
+func (p *Pool) repairChunk(j repairJob, cands []string, full *sync.Map) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*p.opts.Timeout)
 	defer cancel()
 	go func() {
@@ -152,6 +156,20 @@ func (p *Pool) repairChunk(j repairJob, cands []string) error {
 	mask := ch.pages.Load()
 	if need <= 0 || mask == 0 || len(ch.holders) == 0 {
 		return nil
+	}
+	// Where to copy to, before reading anything: nodes that are alive,
+	// answer, do not hold the chunk, and were not found full this pass.
+	var targets []string
+	for _, n := range rendezvous(j.key.r, j.key.idx, cands) {
+		if slices.ContainsFunc(ch.holders, func(h holder) bool { return h.node == n }) || p.failedRecently(n) {
+			continue
+		}
+		if _, isFull := full.Load(n); !isFull {
+			targets = append(targets, n)
+		}
+	}
+	if len(targets) == 0 {
+		return errNoTarget
 	}
 	buf := make([]byte, ChunkSize)
 	off := j.key.idx * ChunkSize
@@ -175,12 +193,9 @@ func (p *Pool) repairChunk(j repairJob, cands []string) error {
 	if !read {
 		return fmt.Errorf("no holder answered: %w", errors.Join(errs...))
 	}
-	for _, n := range rendezvous(j.key.r, j.key.idx, cands) {
+	for _, n := range targets {
 		if need == 0 {
 			break
-		}
-		if slices.ContainsFunc(ch.holders, func(h holder) bool { return h.node == n }) || p.failedRecently(n) {
-			continue
 		}
 		c, err := p.conn(ctx, n)
 		if err != nil {
@@ -197,6 +212,10 @@ func (p *Pool) repairChunk(j repairJob, cands []string) error {
 			_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpStore, Region: j.key.r.ID, Offset: off + uint64(lo)*pool.PageSize},
 				j.key.r.Owner, buf[lo*pool.PageSize:hi*pool.PageSize], nil)
 			if err != nil {
+				var se *StatusError
+				if errors.As(err, &se) && se.Status == pageproto.StatusFull {
+					full.Store(n, true)
+				}
 				p.noteFailure(n, err)
 				ok = false
 				break

@@ -203,3 +203,58 @@ func TestMemPagePortRejectsGarbage(t *testing.T) {
 		t.Errorf("bad frames not counted")
 	}
 }
+
+// In the netns testbed, the link of a node holding copies is cut (the
+// node lives on, unreachable): reads fall back to the other copy within
+// the request timeout, and once membership declares the node failed its
+// copies are made again elsewhere.
+func TestMemPoolCutLink(t *testing.T) {
+	needNetns(t)
+	t.Parallel()
+	c := startCluster(t, testbed.Options{Nodes: 4, NetNS: true, DonateMemory: "64MiB"})
+	n1 := c.Nodes[0]
+	if r := probe(t, n1, "store", "--size", "16MiB", "--name", "cut"); r.code != 0 {
+		t.Fatalf("probe store: exit %d: %s", r.code, r.stderr)
+	}
+	var victim *testbed.Node
+	for _, n := range memJSON(t, n1).Nodes {
+		if n.UsedBytes > 0 && victim == nil {
+			victim = c.Node(n.Name)
+		}
+	}
+	if victim == nil {
+		t.Fatal("no node holds copies")
+	}
+	ctx := ctxT(t, 3*time.Minute)
+	if err := c.Cut(ctx, victim); err != nil {
+		t.Fatal(err)
+	}
+	if r := probe(t, n1, "verify", "--size", "16MiB", "--name", "cut"); r.code != 0 {
+		t.Fatalf("verify with %s cut off: exit %d: %s", victim.Name, r.code, r.stderr)
+	}
+	if err := c.WaitStatus(ctx, 60*time.Second, n1, victim.Name, membership.StatusFailed); err != nil {
+		t.Fatal(err)
+	}
+	err := testbed.WaitFor(ctx, time.Minute, "re-replication after the cut", func(context.Context) (bool, error) {
+		m := memJSON(t, n1)
+		used := uint64(0)
+		for _, n := range m.Nodes {
+			if n.Name != victim.Name && n.Error == "" {
+				used += n.UsedBytes
+			}
+		}
+		return m.UnderReplicatedPages == 0 && used == 2*16<<20, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := probe(t, n1, "verify", "--size", "16MiB", "--name", "cut"); r.code != 0 {
+		t.Fatalf("verify after re-replication: exit %d: %s", r.code, r.stderr)
+	}
+	if err := c.Heal(ctx, victim); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitAlive(ctx, n1, 4); err != nil {
+		t.Fatal(err)
+	}
+}
