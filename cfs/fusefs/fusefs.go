@@ -637,7 +637,7 @@ func (e *entry) Create(ctx context.Context, name string, flags, mode uint32, out
 		return nil, nil, 0, errno
 	}
 	var hr proto.HandleReply
-	r := proto.OpenReq{Export: e.export, Path: p, Flags: flags, Mode: mode}
+	r := proto.OpenReq{Export: e.export, Path: p, Flags: flags, Mode: mode, DirDev: e.dev, DirIno: e.ino}
 	r.UID, r.GID = caller(ctx)
 	gen, errno := e.c.Call(ctx, proto.OpCreate, &r, &hr)
 	if errno != 0 {
@@ -659,7 +659,7 @@ func (e *entry) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.E
 		return nil, errno
 	}
 	var a proto.Attr
-	r := proto.OpenReq{Export: e.export, Path: p, Mode: mode}
+	r := proto.OpenReq{Export: e.export, Path: p, Mode: mode, DirDev: e.dev, DirIno: e.ino}
 	r.UID, r.GID = caller(ctx)
 	if _, errno := e.c.Call(ctx, proto.OpMkdir, &r, &a); errno != 0 {
 		return nil, errno
@@ -677,7 +677,7 @@ func (e *entry) Symlink(ctx context.Context, target, name string, out *fuse.Entr
 		return nil, errno
 	}
 	var a proto.Attr
-	r := proto.SymlinkReq{Export: e.export, Path: p, Target: target}
+	r := proto.SymlinkReq{Export: e.export, Path: p, Target: target, DirDev: e.dev, DirIno: e.ino}
 	r.UID, r.GID = caller(ctx)
 	if _, errno := e.c.Call(ctx, proto.OpSymlink, &r, &a); errno != 0 {
 		return nil, errno
@@ -765,7 +765,7 @@ func (e *entry) Link(ctx context.Context, target fs.InodeEmbedder, name string, 
 		return nil, errno
 	}
 	var a proto.Attr
-	if _, errno := e.c.Call(ctx, proto.OpLink, &proto.LinkReq{Export: e.export, From: from, To: to, Dev: te.dev, Ino: te.ino}, &a); errno != 0 {
+	if _, errno := e.c.Call(ctx, proto.OpLink, &proto.LinkReq{Export: e.export, From: from, To: to, Dev: te.dev, Ino: te.ino, DirDev: e.dev, DirIno: e.ino}, &a); errno != 0 {
 		return nil, errno
 	}
 	return e.newChild(ctx, &a, out)

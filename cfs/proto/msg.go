@@ -55,6 +55,10 @@ type OpenReq struct {
 	// file swapped in between (a symlink to a root-only file) is never
 	// opened on the caller's behalf.
 	Dev, Ino uint64
+	// DirDev and DirIno, for create and mkdir, are the identity of the
+	// parent directory the client checked (write permission): another
+	// directory at that path by now gets ESTALE.
+	DirDev, DirIno uint64
 }
 
 func (m *OpenReq) encode(e *enc) {
@@ -66,6 +70,8 @@ func (m *OpenReq) encode(e *enc) {
 	e.u32(m.GID)
 	e.u64(m.Dev)
 	e.u64(m.Ino)
+	e.u64(m.DirDev)
+	e.u64(m.DirIno)
 }
 
 func (m *OpenReq) decode(d *dec) {
@@ -77,6 +83,8 @@ func (m *OpenReq) decode(d *dec) {
 	m.GID = d.u32()
 	m.Dev = d.u64()
 	m.Ino = d.u64()
+	m.DirDev = d.u64()
+	m.DirIno = d.u64()
 }
 
 // SymlinkReq makes a symlink at Path whose target is Target, a string
@@ -87,6 +95,8 @@ type SymlinkReq struct {
 	Path     string
 	Target   string
 	UID, GID uint32 // owner of the link: the caller
+	// DirDev, DirIno: the parent directory the client checked (OpenReq).
+	DirDev, DirIno uint64
 }
 
 func (m *SymlinkReq) encode(e *enc) {
@@ -95,6 +105,8 @@ func (m *SymlinkReq) encode(e *enc) {
 	e.str(m.Target)
 	e.u32(m.UID)
 	e.u32(m.GID)
+	e.u64(m.DirDev)
+	e.u64(m.DirIno)
 }
 
 func (m *SymlinkReq) decode(d *dec) {
@@ -103,6 +115,8 @@ func (m *SymlinkReq) decode(d *dec) {
 	m.Target = d.str(MaxPath)
 	m.UID = d.u32()
 	m.GID = d.u32()
+	m.DirDev = d.u64()
+	m.DirIno = d.u64()
 	if d.err == nil && m.Target == "" {
 		d.fail("empty symlink target")
 	}
@@ -359,11 +373,13 @@ func (m *RenameReq) decode(d *dec) {
 }
 
 // LinkReq makes To a new name (a hard link) of the file at From, which
-// must be the file Dev, Ino if Ino is non-zero.
+// must be the file Dev, Ino if Ino is non-zero; To's directory must be
+// DirDev, DirIno (OpenReq) if DirIno is non-zero.
 type LinkReq struct {
-	Export   string
-	From, To string
-	Dev, Ino uint64
+	Export         string
+	From, To       string
+	Dev, Ino       uint64
+	DirDev, DirIno uint64
 }
 
 func (m *LinkReq) encode(e *enc) {
@@ -372,13 +388,18 @@ func (m *LinkReq) encode(e *enc) {
 	e.str(m.To)
 	e.u64(m.Dev)
 	e.u64(m.Ino)
+	e.u64(m.DirDev)
+	e.u64(m.DirIno)
 }
+
 func (m *LinkReq) decode(d *dec) {
 	m.Export = d.str(MaxName)
 	m.From = d.str(MaxPath)
 	m.To = d.str(MaxPath)
 	m.Dev = d.u64()
 	m.Ino = d.u64()
+	m.DirDev = d.u64()
+	m.DirIno = d.u64()
 }
 
 // FallocateReq is fallocate(2) on an open handle.

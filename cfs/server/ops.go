@@ -166,7 +166,7 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if errno != 0 {
 			return errno, nil
 		}
-		errno = e.atParent(r.Path, func(dfd int, name string) error {
+		errno = e.atDir(r.Path, r.DirDev, r.DirIno, func(dfd int, name string) error {
 			if err := unix.Symlinkat(r.Target, dfd, name); err != nil {
 				return err
 			}
@@ -193,7 +193,7 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if errno != 0 {
 			return errno, nil
 		}
-		errno = e.atParent(r.Path, func(dfd int, name string) error { return unix.Mkdirat(dfd, name, r.Mode&0o7777) })
+		errno = e.atDir(r.Path, r.DirDev, r.DirIno, func(dfd int, name string) error { return unix.Mkdirat(dfd, name, r.Mode&0o7777) })
 		if errno != 0 {
 			return errno, nil
 		}
@@ -275,7 +275,7 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
 			return unix.EPERM, nil
 		}
-		errno = e.atParent(r.To, func(dfd int, name string) error {
+		errno = e.atDir(r.To, r.DirDev, r.DirIno, func(dfd int, name string) error {
 			if unix.Geteuid() == 0 {
 				return unix.Linkat(pfd, "", dfd, name, unix.AT_EMPTY_PATH)
 			}
@@ -383,12 +383,17 @@ func (e *export) open(path string, flags int, mode uint32) (int, unix.Errno) {
 // resolve is open following a symlink in the last component too (as long
 // as it stays beneath the root).
 func (e *export) resolve(path string, flags int, mode uint32) (int, unix.Errno) {
+	return resolveAt(e.root, path, flags, mode)
+}
+
+// resolveAt opens path beneath the directory dirfd.
+func resolveAt(dirfd int, path string, flags int, mode uint32) (int, unix.Errno) {
 	if path == "" {
 		path = "."
 	}
 	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC), Mode: uint64(mode), Resolve: resolveHow}
 	for range 8 {
-		fd, err := unix.Openat2(e.root, path, &how)
+		fd, err := unix.Openat2(dirfd, path, &how)
 		switch err {
 		case nil:
 			return fd, 0
@@ -420,6 +425,24 @@ func (e *export) atParent(path string, f func(dfd int, name string) error) unix.
 	return errnoOf(f(dfd, name))
 }
 
+// atDir is atParent for an operation that adds a name to the parent: if
+// dirIno is non-zero, the parent must be the directory (dirDev, dirIno)
+// whose write permission the client checked, else ESTALE.
+func (e *export) atDir(path string, dirDev, dirIno uint64, f func(dfd int, name string) error) unix.Errno {
+	return e.atParent(path, func(dfd int, name string) error {
+		if dirIno != 0 {
+			var st unix.Stat_t
+			if err := unix.Fstat(dfd, &st); err != nil {
+				return err
+			}
+			if st.Dev != dirDev || st.Ino != dirIno {
+				return unix.ESTALE
+			}
+		}
+		return f(dfd, name)
+	})
+}
+
 func (cn *conn) open(e *export, r *proto.OpenReq, create bool) (unix.Errno, proto.Msg) {
 	flags := int(r.Flags) & openFlags
 	acc := flags & unix.O_ACCMODE
@@ -435,7 +458,11 @@ func (cn *conn) open(e *export, r *proto.OpenReq, create bool) (unix.Errno, prot
 		// Try to create; if the file exists (and O_EXCL was not asked
 		// for) open it. Only a file created here gets the mode exactly
 		// (the client's kernel already applied the caller's umask).
-		fd, errno = e.open(r.Path, flags|unix.O_CREAT|unix.O_EXCL, r.Mode&0o7777)
+		errno = e.atDir(r.Path, r.DirDev, r.DirIno, func(dfd int, name string) error {
+			var errno unix.Errno
+			fd, errno = resolveAt(dfd, name, flags|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW, r.Mode&0o7777)
+			return errnoErr(errno)
+		})
 		if errno == 0 {
 			owner(fd, r)
 			_ = unix.Fchmod(fd, r.Mode&0o7777)

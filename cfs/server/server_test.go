@@ -646,3 +646,38 @@ func must(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
+
+// Create, mkdir, symlink and link add a name only to the directory the
+// client checked (DirDev, DirIno): another directory swapped in at that
+// path since is ESTALE and stays untouched.
+func TestFSAddToSwappedDirRefused(t *testing.T) {
+	c, rw, _ := setup(t)
+	must(t, os.Mkdir(filepath.Join(rw, "d"), 0o777))
+	must(t, os.WriteFile(filepath.Join(rw, "f"), nil, 0o644))
+	var old, f proto.Attr
+	call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "d"}, &old)
+	call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "f"}, &f)
+	must(t, os.Rename(filepath.Join(rw, "d"), filepath.Join(rw, "d.moved")))
+	must(t, os.Mkdir(filepath.Join(rw, "d"), 0o700)) // a directory the caller could not write
+	var hr proto.HandleReply
+	var a proto.Attr
+	for name, e := range map[string]syscall.Errno{
+		"create":  call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "d/x", Flags: syscall.O_WRONLY, Mode: 0o644, DirDev: old.Dev, DirIno: old.Ino}, &hr),
+		"mkdir":   call(t, c, proto.OpMkdir, &proto.OpenReq{Export: "rw", Path: "d/x", Mode: 0o755, DirDev: old.Dev, DirIno: old.Ino}, &a),
+		"symlink": call(t, c, proto.OpSymlink, &proto.SymlinkReq{Export: "rw", Path: "d/x", Target: "t", DirDev: old.Dev, DirIno: old.Ino}, &a),
+		"link":    call(t, c, proto.OpLink, &proto.LinkReq{Export: "rw", From: "f", To: "d/x", Dev: f.Dev, Ino: f.Ino, DirDev: old.Dev, DirIno: old.Ino}, &a),
+	} {
+		if e != syscall.ESTALE {
+			t.Errorf("%s in a swapped directory: %v, want ESTALE", name, e)
+		}
+	}
+	if es, _ := os.ReadDir(filepath.Join(rw, "d")); len(es) != 0 {
+		t.Errorf("the swapped-in directory got %v", es)
+	}
+	// In the directory checked, wherever it is now: the path names it.
+	var cur proto.Attr
+	call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "d.moved"}, &cur)
+	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "d.moved/x", Flags: syscall.O_WRONLY, Mode: 0o644, DirDev: cur.Dev, DirIno: cur.Ino}, &hr); e != 0 {
+		t.Errorf("create in the checked directory: %v", e)
+	}
+}
