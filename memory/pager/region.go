@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"runtime"
 	"sort"
+	"sync"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
@@ -348,40 +349,131 @@ func (c *client) protect(r *region, pg, n int) (bool, error) {
 	}
 }
 
-// storeRun write-protects the dirty run [pg, pg+n) of r, copies it out of the
-// memfd and stores it in r's own pool src; the pages become clean.
-func (c *client) storeRun(r *region, pg, n int) error {
-	ok, err := c.protect(r, pg, n)
-	if !ok {
-		return err
-	}
-	if c.outBuf == nil {
-		c.outBuf = make([]byte, maxWindow*PageSize)
-	}
-	ps := uint64(PageSize)
-	for k := pg; k < pg+n; {
-		m := min(n-(k-pg), maxWindow)
-		b := c.outBuf[:m*PageSize]
-		if err := preadFull(r.memfd, b, int64(uint64(k)*ps)); err != nil {
-			return fmt.Errorf("copy out of block %#x: %w", r.start, err)
+// pageRun is a range of pages of one region.
+type pageRun struct {
+	r      *region
+	pg, n  int
+	data   []byte
+	stored bool
+}
+
+// storeParallel is how many pool stores the pager keeps in flight: scattered
+// dirty victims (random access) are single pages, and one at a time each
+// would cost a full round trip to two nodes.
+const storeParallel = 16
+
+// storeBatch bounds the pages storeRuns copies out at once (16 MiB).
+const storeBatch = 4096
+
+// storeRuns write-protects the dirty runs, copies them out of their memfds
+// and stores them in their regions' own pool srcs (several at once); the
+// pages become clean. Runs of a block being freed (ENOENT) are skipped.
+func (c *client) storeRuns(runs []pageRun) error {
+	for len(runs) > 0 {
+		k, n := 0, 0
+		for k < len(runs) && (k == 0 || n+runs[k].n <= storeBatch) {
+			n += runs[k].n
+			k++
 		}
-		ctx, cancel := c.p.ctx()
-		err := c.p.cfg.Pool.Store(ctx, r.srcs[r.own].r, uint64(k)*ps, b)
-		cancel()
-		if err != nil {
-			return fmt.Errorf("store %d pages in the pool: %w", m, err)
+		if err := c.storeBatch(runs[:k]); err != nil {
+			return err
 		}
-		for j := k; j < k+m; j++ {
-			if r.state[j]&stInPool == 0 {
-				c.p.pooled.Add(1)
-			}
-			r.state[j] = r.state[j]&^(stDirty|stRef) | stInPool
-			r.where[j] = uint16(r.own)
-		}
-		c.p.stored.Add(uint64(m))
-		k += m
+		runs = runs[k:]
 	}
 	return nil
+}
+
+func (c *client) storeBatch(runs []pageRun) error {
+	total := 0
+	for i := range runs {
+		ok, err := c.protect(runs[i].r, runs[i].pg, runs[i].n)
+		if err != nil {
+			return err
+		}
+		runs[i].stored = ok
+		if ok {
+			total += runs[i].n
+		}
+	}
+	if total == 0 {
+		return nil
+	}
+	if cap(c.outBuf) < total*PageSize {
+		c.outBuf = make([]byte, total*PageSize)
+	}
+	buf := c.outBuf[:total*PageSize]
+	ps := uint64(PageSize)
+	for i := range runs {
+		if !runs[i].stored {
+			continue
+		}
+		r := &runs[i]
+		r.data, buf = buf[:r.n*PageSize], buf[r.n*PageSize:]
+		if err := preadFull(r.r.memfd, r.data, int64(uint64(r.pg)*ps)); err != nil {
+			return fmt.Errorf("copy out of block %#x: %w", r.r.start, err)
+		}
+	}
+	ctx, cancel := c.p.ctx()
+	defer cancel()
+	sem := make(chan struct{}, storeParallel)
+	errs := make(chan error, len(runs))
+	var wg sync.WaitGroup
+	for i := range runs {
+		r := &runs[i]
+		if !r.stored {
+			continue
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func(reg pool.Region) {
+			defer func() { <-sem; wg.Done() }()
+			if err := c.p.cfg.Pool.Store(ctx, reg, uint64(r.pg)*ps, r.data); err != nil {
+				errs <- fmt.Errorf("store %d pages in the pool: %w", r.n, err)
+			}
+		}(r.r.srcs[r.r.own].r)
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return err
+	}
+	for i := range runs {
+		r := &runs[i]
+		if !r.stored {
+			continue
+		}
+		for j := r.pg; j < r.pg+r.n; j++ {
+			if r.r.state[j]&stInPool == 0 {
+				c.p.pooled.Add(1)
+			}
+			r.r.state[j] = r.r.state[j]&^(stDirty|stRef) | stInPool
+			r.r.where[j] = uint16(r.r.own)
+		}
+		c.p.stored.Add(uint64(r.n))
+		r.data = nil
+	}
+	if cap(c.outBuf) > 4*maxWindow*PageSize {
+		c.outBuf = nil // a fork's burst: do not keep it
+	}
+	return nil
+}
+
+// dirtyRuns appends the runs of dirty pages in [pg, pg+n) of r, at most
+// maxWindow pages each.
+func dirtyRuns(runs []pageRun, r *region, pg, n int) []pageRun {
+	for k := pg; k < pg+n; {
+		if r.state[k]&stDirty == 0 {
+			k++
+			continue
+		}
+		d := k + 1
+		for d < pg+n && d-k < maxWindow && r.state[d]&stDirty != 0 {
+			d++
+		}
+		runs = append(runs, pageRun{r: r, pg: k, n: d - k})
+		k = d
+	}
+	return runs
 }
 
 func preadFull(fd int, b []byte, off int64) error {
@@ -437,28 +529,29 @@ func (c *client) evict(n int) error {
 		return v[a].i < v[b].i
 	})
 	ps := uint64(PageSize)
+	// Victims in runs of consecutive pages; dirty ones go to the pool
+	// first, all at once, then every pageRun is punched.
+	type vrun struct {
+		r     *region
+		pg, n int
+	}
+	var vruns []vrun
+	var runs []pageRun
 	for a := 0; a < len(v); {
 		r := v[a].r
 		e := a + 1
 		for e < len(v) && v[e].r == r && v[e].i == v[e-1].i+1 {
 			e++
 		}
-		pg, cnt := int(v[a].i), e-a
-		// Dirty pages go to the pool first, in runs.
-		for k := pg; k < pg+cnt; {
-			if r.state[k]&stDirty == 0 {
-				k++
-				continue
-			}
-			d := k + 1
-			for d < pg+cnt && r.state[d]&stDirty != 0 {
-				d++
-			}
-			if err := c.storeRun(r, k, d-k); err != nil {
-				return err
-			}
-			k = d
-		}
+		vruns = append(vruns, vrun{r, int(v[a].i), e - a})
+		runs = dirtyRuns(runs, r, int(v[a].i), e-a)
+		a = e
+	}
+	if err := c.storeRuns(runs); err != nil {
+		return err
+	}
+	for _, x := range vruns {
+		r, pg, cnt := x.r, x.pg, x.n
 		if err := punch(r.memfd, uint64(pg)*ps, uint64(cnt)*ps); err != nil {
 			return fmt.Errorf("punch block %#x: %w", r.start, err)
 		}
@@ -468,7 +561,6 @@ func (c *client) evict(n int) error {
 		c.resident -= cnt
 		c.p.resident.Add(-int64(cnt))
 		c.p.evicted.Add(uint64(cnt))
-		a = e
 	}
 	c.victims = v[:0]
 	return nil
@@ -583,22 +675,15 @@ func (c *client) fork() (unix.Errno, uint64, error) {
 			return unix.ENOMEM, 0, nil
 		}
 	}
+	var runs []pageRun
 	for _, r := range c.regs {
-		for k := 0; k < len(r.state); {
-			if r.state[k]&stDirty == 0 {
-				k++
-				continue
-			}
-			d := k + 1
-			for d < len(r.state) && r.state[d]&stDirty != 0 {
-				d++
-			}
-			if err := c.storeRun(r, k, d-k); err != nil {
-				s.release(c.p)
-				return 0, 0, err
-			}
-			k = d
-		}
+		runs = dirtyRuns(runs, r, 0, len(r.state))
+	}
+	if err := c.storeRuns(runs); err != nil {
+		s.release(c.p)
+		return 0, 0, err
+	}
+	for _, r := range c.regs {
 		b := &snapBlock{start: r.start, len: r.len, srcs: append([]*src(nil), r.srcs...),
 			where: append([]uint16(nil), r.where...)}
 		for _, x := range b.srcs {

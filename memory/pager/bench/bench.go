@@ -3,9 +3,11 @@
 // instead, a swap file on local disk under a memory cgroup limit.
 //
 // Everything runs in one process on this machine: the pager (as in an
-// agent), a page server on loopback standing in for the remote pool node,
-// and the workloads (memwork.c, built with cc) under the LD_PRELOAD shim.
-// Every figure is printed next to its baseline measured in the same run.
+// agent), the cluster pool (memory/cluster) over two page servers on
+// loopback behind mutual TLS, as agents run them (memory/cluster/
+// clustertest), and the workloads (memwork.c, built with cc) under the
+// LD_PRELOAD shim. Every figure is printed next to its baseline measured
+// in the same run; the raw round trip is a plain TCP echo server.
 package bench
 
 import (
@@ -23,7 +25,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/onebox-project/onebox/memory/cluster"
+	"github.com/onebox-project/onebox/memory/cluster/clustertest"
 	"github.com/onebox-project/onebox/memory/pager"
+	"github.com/onebox-project/onebox/memory/pool"
 	"github.com/onebox-project/onebox/memory/shim"
 )
 
@@ -64,7 +69,8 @@ type Result struct {
 
 type env struct {
 	dir, shim, memwork string
-	pool               *remote
+	pool               pool.Pages // the cluster pool
+	echo               *remote    // the raw round trip's client
 	standin            *standin
 	log                io.Writer
 }
@@ -99,10 +105,21 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	defer e.standin.Close()
-	if e.pool, err = dialStandin(e.standin.ln.Addr().String()); err != nil {
+	if e.echo, err = dialStandin(e.standin.ln.Addr().String()); err != nil {
 		return nil, err
 	}
-	defer e.pool.Close()
+	defer e.echo.Close()
+	pages, err := clustertest.Start([]string{"n1", "n2"}, uint64(o.SizeMiB)<<21+256<<20)
+	if err != nil {
+		return nil, err
+	}
+	defer pages.Close()
+	cp, err := pages.NewPool(cluster.Options{})
+	if err != nil {
+		return nil, err
+	}
+	defer cp.Close()
+	e.pool = cp
 
 	res := &Result{SizeMiB: o.SizeMiB}
 	// Latency: the raw round trip, then faults served from the pool.
@@ -183,14 +200,14 @@ func pct(d []time.Duration, p int) time.Duration {
 func (e *env) rtt(n int) ([]time.Duration, error) {
 	buf := make([]byte, 4096)
 	for range 200 { // warm up
-		if err := e.pool.echo(buf); err != nil {
+		if err := e.echo.echo(buf); err != nil {
 			return nil, err
 		}
 	}
 	d := make([]time.Duration, n)
 	for i := range d {
 		t := time.Now()
-		if err := e.pool.echo(buf); err != nil {
+		if err := e.echo.echo(buf); err != nil {
 			return nil, err
 		}
 		d[i] = time.Since(t)
