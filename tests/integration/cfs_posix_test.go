@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/posixtest"
+	"golang.org/x/sys/unix"
 
 	"github.com/onebox-project/onebox/cfs/fusefs"
 )
@@ -68,6 +69,11 @@ func TestCFSPosix(t *testing.T) {
 		must(t, os.Mkdir(filepath.Join(remote, name), 0o755))
 		return filepath.Join(remote, name), filepath.Join(local, name)
 	}
+
+	t.Run("MmapWrite", func(t *testing.T) {
+		d, ld := sub("mmapw")
+		mmapWrite(t, d, ld)
+	})
 
 	t.Run("OpenSymlinkRaceESTALE", func(t *testing.T) {
 		d, _ := sub("race")
@@ -343,6 +349,27 @@ func TestCFSPosix(t *testing.T) {
 		wg.Wait()
 		must(t, errors.Join(errs...))
 	})
+}
+
+// mmapWrite writes through a MAP_SHARED mapping of a file in dir: the
+// data reaches the owning node (localDir) at msync, and at munmap.
+func mmapWrite(t *testing.T, dir, localDir string) {
+	must(t, os.WriteFile(filepath.Join(dir, "f"), make([]byte, 8192), 0o644))
+	f, err := os.OpenFile(filepath.Join(dir, "f"), os.O_RDWR, 0)
+	must(t, err)
+	defer f.Close()
+	m, err := syscall.Mmap(int(f.Fd()), 0, 8192, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
+	must(t, err)
+	copy(m, "hello")
+	must(t, unix.Msync(m, unix.MS_SYNC))
+	if b, err := os.ReadFile(filepath.Join(localDir, "f")); err != nil || string(b[:5]) != "hello" {
+		t.Fatalf("on the node after msync: %q %v", b[:5], err)
+	}
+	copy(m[4096:], "world")
+	must(t, syscall.Munmap(m))
+	if b, err := os.ReadFile(filepath.Join(localDir, "f")); err != nil || string(b[4096:4101]) != "world" {
+		t.Fatalf("on the node after munmap: %q %v", b[4096:4101], err)
+	}
 }
 
 // openSymlinkRace is go-fuse's posixtest.OpenSymlinkRace with ESTALE

@@ -15,8 +15,8 @@ import (
 )
 
 // Unmodified programs on n1 working in n2's export through n1's mount:
-// tar, sha256sum, sqlite3 and git, each compared with the same work done
-// on local files.
+// tar, sha256sum, sqlite3, Python and git, each compared with the same
+// work done on local files.
 func TestCFSTools(t *testing.T) {
 	t.Parallel()
 	c, _ := startFSCluster(t)
@@ -86,6 +86,48 @@ func TestCFSTools(t *testing.T) {
 		sqlite(t, filepath.Join(mountOf(n2), n2.Name, "scratch", "app.db"), "DELETE FROM kv WHERE k > 10;")
 		if got := sqlite(t, db, "SELECT count(*) FROM kv;"); got != "10" {
 			t.Fatalf("count through n1 after n2 deleted rows: %q, want 10", got)
+		}
+	})
+
+	t.Run("Python", func(t *testing.T) {
+		if _, err := exec.LookPath("python3"); err != nil {
+			t.Skip("python3 not installed (scripts/deps.sh installs it)")
+		}
+		// Atomic replace through a temporary file, JSON, mmap, a tree copy
+		// and a walk: what Python programs commonly do with files.
+		script := `
+import hashlib, json, mmap, os, shutil, sys, tempfile
+d = sys.argv[1]
+state = {"n": list(range(1000)), "s": "x" * 5000}
+fd, tmp = tempfile.mkstemp(dir=d)
+with os.fdopen(fd, "w") as f:
+    json.dump(state, f)
+    f.flush()
+    os.fsync(f.fileno())
+os.replace(tmp, os.path.join(d, "state.json"))
+with open(os.path.join(d, "state.json")) as f:
+    assert json.load(f) == state
+with open(os.path.join(d, "state.json"), "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    assert m[:6] == b'{"n": ', m[:6]
+    digest = hashlib.sha256(m).hexdigest()
+os.makedirs(os.path.join(d, "tree", "a", "b"))
+for i in range(100):
+    with open(os.path.join(d, "tree", "a", "b", "f%d" % i), "w") as f:
+        f.write("line %d\n" % i * (i + 1))
+shutil.copytree(os.path.join(d, "tree"), os.path.join(d, "copy"))
+n = sum(len(fs) for _, _, fs in os.walk(os.path.join(d, "copy")))
+shutil.rmtree(os.path.join(d, "tree"))
+print(digest, n, sorted(os.listdir(d)))
+`
+		dir := filepath.Join(remote, "py")
+		must(t, os.Mkdir(dir, 0o755))
+		out := run(t, "", "python3", "-c", script, dir)
+		sum := sha256.New()
+		b, err := os.ReadFile(filepath.Join(local, "py", "state.json"))
+		must(t, err)
+		sum.Write(b)
+		if want := fmt.Sprintf("%x 100 ['copy', 'state.json']\n", sum.Sum(nil)); out != want {
+			t.Fatalf("python through the mount printed %q, want %q", out, want)
 		}
 	})
 
