@@ -93,13 +93,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if e.shim, err = shim.Build(dir); err != nil {
 		return nil, err
 	}
-	src := filepath.Join(dir, "memwork.c")
-	e.memwork = filepath.Join(dir, "memwork")
-	if err := os.WriteFile(src, memworkSource, 0o600); err != nil {
+	if e.memwork, err = BuildMemwork(ctx, dir); err != nil {
 		return nil, err
-	}
-	if out, err := exec.CommandContext(ctx, "cc", "-O2", "-o", e.memwork, src).CombinedOutput(); err != nil {
-		return nil, errorf("cc memwork: %v: %s", err, out)
 	}
 	if e.standin, err = startStandin(); err != nil {
 		return nil, err
@@ -281,4 +276,18 @@ func (e *env) run(ctx context.Context, mode string, mib, n int, local uint64, pl
 		ev = p.Stats().Evicted
 	}
 	return m, ev, err
+}
+
+// BuildMemwork compiles the benchmark's workload program into dir and
+// returns its path (the demo runs it too).
+func BuildMemwork(ctx context.Context, dir string) (string, error) {
+	src := filepath.Join(dir, "memwork.c")
+	bin := filepath.Join(dir, "memwork")
+	if err := os.WriteFile(src, memworkSource, 0o600); err != nil {
+		return "", err
+	}
+	if out, err := exec.CommandContext(ctx, "cc", "-O2", "-o", bin, src).CombinedOutput(); err != nil {
+		return "", errorf("cc memwork: %v: %s", err, out)
+	}
+	return bin, nil
 }
