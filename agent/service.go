@@ -457,7 +457,10 @@ func (s *svcState) open(ctx context.Context, t service.Target, kind wire.Kind) (
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%s on %s: %w", t, node, err)
+			if t.GID != "" {
+				err = fmt.Errorf("on %s: %w", node, err)
+			}
+			return nil, err
 		}
 		return c, nil
 	}
@@ -501,7 +504,7 @@ func (s *svcState) stream(ctx context.Context, node string) (net.Conn, error) {
 		Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3}}}
 	c, err := d.DialContext(ctx, "tcp", m.FabricAddr)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s's agent: %w", node, err)
 	}
 	cs := c.(*tls.Conn).ConnectionState()
 	if cs.NegotiatedProtocol != pki.ProtoService {
@@ -665,7 +668,11 @@ func (s *svcState) local(ctx context.Context, req wire.Request) (net.Conn, wire.
 	if ctx.Err() != nil {
 		st = wire.StatusTimeout
 	}
-	return nil, wire.Reply{Status: st, Message: fmt.Sprintf("nothing accepts connections on port %s of %s: %v", port, s.a.id.Node, last)}
+	var errno syscall.Errno
+	if errors.As(last, &errno) {
+		last = errno // "connection refused", without the dial's addresses
+	}
+	return nil, wire.Reply{Status: st, Message: fmt.Sprintf("nothing accepts connections on port %s of %s (%v)", port, s.a.id.Node, last)}
 }
 
 // statusOf reports e. Preconditions: none (reads e under its own lock).
@@ -911,13 +918,38 @@ func (s *svcState) expose(ctx context.Context, req service.ExposeRequest) (servi
 	return s.statusOf(e), nil
 }
 
-// unexpose removes a service of this node.
-func (s *svcState) unexpose(name string) (service.Status, error) {
+// unexpose removes a service of this node, or only one of its targets
+// (target, as NODE:PORT or GID:PORT, if not empty).
+func (s *svcState) unexpose(name, target string) (service.Status, error) {
 	s.mu.Lock()
 	e, ok := s.svcs[name]
 	if !ok {
 		s.mu.Unlock()
 		return service.Status{}, errf(http.StatusNotFound, "no service %s on %s ('onebox services' lists them)", name, s.a.id.Node)
+	}
+	if target != "" {
+		defer s.mu.Unlock()
+		t, err := service.ParseTarget(target)
+		if err != nil {
+			return service.Status{}, errf(http.StatusBadRequest, "%v", err)
+		}
+		i := slices.Index(e.spec.Targets, t)
+		if i < 0 {
+			return service.Status{}, errf(http.StatusNotFound, "service %s has no target %s (its targets: %v)", name, t, targetKeys(e.spec.Targets))
+		}
+		if len(e.spec.Targets) == 1 {
+			return service.Status{}, errf(http.StatusConflict, "%s is the last target of service %s: unexpose the service instead", t, name)
+		}
+		sp := e.spec
+		sp.Targets = slices.Delete(slices.Clone(sp.Targets), i, i+1)
+		if err := s.saveLocked(name, &sp); err != nil {
+			return service.Status{}, err
+		}
+		// Connections already carried to the target go on; new ones do not.
+		e.spec = sp
+		e.pool.SetTargets(targetKeys(sp.Targets))
+		s.a.log.Info("service target removed", "service", name, "target", t.String())
+		return s.statusOf(e), nil
 	}
 	if err := s.saveLocked(name, nil); err != nil {
 		s.mu.Unlock()
@@ -1001,12 +1033,12 @@ func forwarded(node string, err error) error {
 	return errf(http.StatusBadGateway, "node %s did not answer: %v", node, err)
 }
 
-func (s *svcState) forwardUnexpose(ctx context.Context, name string) (service.Status, error) {
+func (s *svcState) forwardUnexpose(ctx context.Context, name, target string) (service.Status, error) {
 	s.mu.Lock()
 	_, here := s.svcs[name]
 	s.mu.Unlock()
 	if here {
-		return s.unexpose(name)
+		return s.unexpose(name, target)
 	}
 	l := s.clusterList(ctx)
 	st, ok := l.Find(name)
@@ -1020,8 +1052,12 @@ func (s *svcState) forwardUnexpose(ctx context.Context, name string) (service.St
 	if err != nil {
 		return st, errf(http.StatusBadGateway, "service %s is on %s: %v", name, st.Node, err)
 	}
+	q := url.Values{"scope": {"node"}}
+	if target != "" {
+		q.Set("target", target)
+	}
 	var out service.Status
-	if err := s.peerCall(ctx, m, http.MethodDelete, "/v1/services/"+url.PathEscape(name)+"?scope=node", nil, &out); err != nil {
+	if err := s.peerCall(ctx, m, http.MethodDelete, "/v1/services/"+url.PathEscape(name)+"?"+q.Encode(), nil, &out); err != nil {
 		return out, forwarded(st.Node, err)
 	}
 	return out, nil
@@ -1087,13 +1123,13 @@ func (a *Agent) serviceRoutes(mux *http.ServeMux, side string) {
 			return
 		}
 		start := time.Now()
-		name := r.PathValue("name")
+		name, target := r.PathValue("name"), r.URL.Query().Get("target")
 		var st service.Status
 		var err error
 		if r.URL.Query().Get("scope") == "node" {
-			st, err = s.unexpose(name)
+			st, err = s.unexpose(name, target)
 		} else {
-			st, err = s.forwardUnexpose(r.Context(), name)
+			st, err = s.forwardUnexpose(r.Context(), name, target)
 		}
 		answer(w, "unexpose", start, st, err)
 	})

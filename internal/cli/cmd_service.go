@@ -170,11 +170,16 @@ This can be run on any node: the local agent forwards it to NODE.`,
 }
 
 func newUnexposeCmd() *cobra.Command {
+	var target string
 	c := &cobra.Command{
-		Use:   "unexpose NAME",
-		Short: "Remove a service address",
+		Use:   "unexpose NAME [--to TARGET]",
+		Short: "Remove a service address, or one of its targets",
 		Long: `unexpose closes the service's port on its node, ends the connections it
-carries and forgets its definition. It can be run on any node.`,
+carries and forgets its definition. With --to it removes only that target:
+new connections no longer go there, those already carried go on. It can be
+run on any node.`,
+		Example: `  onebox unexpose web
+  onebox unexpose web --to n3:8000`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) != 1 {
 				return usagef("want exactly one service name ('onebox services' lists them), got %d arguments", len(args))
@@ -182,14 +187,26 @@ carries and forgets its definition. It can be run on any node.`,
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
+			path := "/v1/services/" + url.PathEscape(args[0])
+			if target != "" {
+				if _, err := service.ParseTarget(target); err != nil {
+					return usagef("--to: %v", err)
+				}
+				path += "?" + url.Values{"target": {target}}.Encode()
+			}
 			var st service.Status
-			if err := agentCall(cmd, http.MethodDelete, "/v1/services/"+url.PathEscape(args[0]), nil, &st); err != nil {
+			if err := agentCall(cmd, http.MethodDelete, path, nil, &st); err != nil {
 				return err
+			}
+			if target != "" {
+				fmt.Fprintf(cmd.OutOrStdout(), "service %s: target %s removed (%d left)\n", st.Name, target, len(st.Targets))
+				return nil
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "service %s removed from %s\n", st.Name, st.Address)
 			return nil
 		},
 	}
+	c.Flags().StringVar(&target, "to", "", "remove only this target (NODE:PORT or GID:PORT)")
 	return c
 }
 

@@ -214,6 +214,21 @@ func TestServiceExposeHTTP(t *testing.T) {
 		}
 	}
 
+	// Targets added by name alone, and removed one at a time.
+	extra := "n2:" + strconv.Itoa(freePort(t))
+	if r := cli(t, nil, "--agent", n2.Agent(), "expose", "--name", "web", "--to", extra); r.code != 0 {
+		t.Fatalf("expose --name web --to %s: exit %d: %s", extra, r.code, r.stderr)
+	}
+	if st, _ := services(t, n1).Find("web"); len(st.Targets) != 2 {
+		t.Errorf("web after adding a target: %v", st.Targets)
+	}
+	if r := cli(t, nil, "--agent", n2.Agent(), "unexpose", "web", "--to", extra); r.code != 0 {
+		t.Fatalf("unexpose --to: exit %d: %s", r.code, r.stderr)
+	}
+	if r := cli(t, nil, "--agent", n1.Agent(), "unexpose", "web", "--to", "n2:"+strconv.Itoa(sport)); r.code != 1 || !strings.Contains(r.stderr, "last target") {
+		t.Errorf("removing the last target: exit %d: %s", r.code, r.stderr)
+	}
+
 	// n1 restarts: its services come back from its data directory.
 	if err := c.Stop(n1); err != nil {
 		t.Fatal(err)
