@@ -425,18 +425,36 @@ func (p *Pool) storePiece(ctx context.Context, r pool.Region, pc piece) error {
 func (p *Pool) storeHolders(ctx context.Context, r pool.Region, pc piece, ch *chunk) ([]holder, error) {
 	hs := ch.holders
 	errs := make([]error, len(hs))
-	if len(hs) == 1 {
-		errs[0] = p.storeOn(ctx, hs[0], r, pc.off, pc.data)
-	} else {
-		var wg sync.WaitGroup
-		for i, h := range hs {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				errs[i] = p.storeOn(ctx, h, r, pc.off, pc.data)
-			}()
+	// All requests go out, then the answers are collected: the copies are
+	// written in parallel without a goroutine per copy.
+	type sent struct {
+		c  *conn
+		cl *call
+	}
+	out := make([]sent, len(hs))
+	for i, h := range hs {
+		c, err := p.conn(ctx, h.node)
+		if err == nil && c.stat.Instance != h.instance {
+			err = fmt.Errorf("cluster: node %s restarted since it took the chunk", h.node)
 		}
-		wg.Wait()
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		out[i] = sent{c, c.start(pageproto.Header{Op: pageproto.OpStore, Region: r.ID, Offset: pc.off}, r.Owner, pc.data, nil)}
+	}
+	for i, o := range out {
+		if o.c == nil {
+			continue
+		}
+		if _, _, err := o.c.finish(ctx, o.cl); err != nil {
+			errs[i] = err
+		}
+	}
+	for i, err := range errs {
+		if err != nil {
+			p.noteFailure(hs[i].node, err)
+		}
 	}
 	var stale []holder
 	for i, err := range errs {
@@ -456,20 +474,6 @@ func (p *Pool) storeHolders(ctx context.Context, r pool.Region, pc piece, ch *ch
 		p.kickRepair()
 	}
 	return stale, nil
-}
-
-func (p *Pool) storeOn(ctx context.Context, h holder, r pool.Region, off uint64, data []byte) error {
-	c, err := p.conn(ctx, h.node)
-	if err == nil && c.stat.Instance != h.instance {
-		err = fmt.Errorf("cluster: node %s restarted since it took the chunk", h.node)
-	}
-	if err == nil {
-		_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpStore, Region: r.ID, Offset: off}, r.Owner, data, nil)
-	}
-	if err != nil {
-		p.noteFailure(h.node, err)
-	}
-	return err
 }
 
 // place chooses ch's holders and stores pc on them.
@@ -541,7 +545,9 @@ func allFull(errs []error) bool {
 	return true
 }
 
-// Load implements pool.Pages.
+// Load implements pool.Pages. The pieces of a request that spans chunks
+// are asked of their first holders all at once; a piece whose holder
+// fails is then read from its other holders.
 func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte) error {
 	if err := checkPages(off, len(data)); err != nil {
 		return err
@@ -549,20 +555,70 @@ func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte)
 	if err := checkOwner(r.Owner); err != nil {
 		return err
 	}
-	return each(pieces(off, data), func(pc piece) error { return p.loadPiece(ctx, r, pc) })
+	type pending struct {
+		pc   piece
+		hs   []holder
+		c    *conn
+		cl   *call
+		errs []error
+	}
+	ps := pieces(off, data)
+	pend := make([]pending, 0, len(ps))
+	var errs []error
+	for _, pc := range ps {
+		hs, err := p.loadPlan(r, pc)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if len(hs) == 0 {
+			continue // never stored: zeros
+		}
+		pd := pending{pc: pc, hs: hs}
+		c, err := p.loadConn(ctx, hs[0])
+		if err != nil {
+			p.noteFailure(hs[0].node, err)
+			pd.errs = append(pd.errs, err)
+		} else {
+			pd.c = c
+			pd.cl = c.start(loadHeader(r, pc), r.Owner, nil, pc.data)
+		}
+		pend = append(pend, pd)
+	}
+	for _, pd := range pend {
+		rest := pd.hs
+		if pd.c != nil {
+			_, _, err := pd.c.finish(ctx, pd.cl)
+			if err == nil {
+				continue
+			}
+			p.noteFailure(pd.hs[0].node, err)
+			pd.errs = append(pd.errs, err)
+		}
+		if err := p.loadFrom(ctx, r, pd.pc, rest[1:], pd.errs); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
-func (p *Pool) loadPiece(ctx context.Context, r pool.Region, pc piece) error {
+func loadHeader(r pool.Region, pc piece) pageproto.Header {
+	return pageproto.Header{Op: pageproto.OpLoad, Region: r.ID, Offset: pc.off, Arg: uint64(len(pc.data))}
+}
+
+// loadPlan returns the holders to read pc from, best first, or none (and
+// zeros in pc.data) when none of its pages was ever stored.
+func (p *Pool) loadPlan(r pool.Region, pc piece) ([]holder, error) {
 	ch := p.chunk(r, pc.idx, false)
 	if ch == nil || ch.pages.Load()&pc.mask == 0 {
 		clear(pc.data)
-		return nil
+		return nil, nil
 	}
 	ch.mu.RLock()
 	hs := slices.Clone(ch.holders)
 	ch.mu.RUnlock()
 	if len(hs) == 0 {
-		return fmt.Errorf("cluster: pages at %d of %s/%d are lost: every node that held them failed", pc.off, r.Owner, r.ID)
+		return nil, fmt.Errorf("cluster: pages at %d of %s/%d are lost: every node that held them failed", pc.off, r.Owner, r.ID)
 	}
 	if len(hs) > 1 {
 		// Nodes that failed lately go last.
@@ -577,23 +633,32 @@ func (p *Pool) loadPiece(ctx context.Context, r pool.Region, pc piece) error {
 			return 1
 		})
 	}
-	var errs []error
+	return hs, nil
+}
+
+func (p *Pool) loadConn(ctx context.Context, h holder) (*conn, error) {
+	c, err := p.conn(ctx, h.node)
+	if err == nil && c.stat.Instance != h.instance {
+		err = fmt.Errorf("cluster: node %s restarted since it took the chunk", h.node)
+	}
+	return c, err
+}
+
+// loadFrom reads pc from the first of hs that answers.
+func (p *Pool) loadFrom(ctx context.Context, r pool.Region, pc piece, hs []holder, errs []error) error {
 	for _, h := range hs {
-		c, err := p.conn(ctx, h.node)
-		if err == nil && c.stat.Instance != h.instance {
-			err = fmt.Errorf("cluster: node %s restarted since it took the chunk", h.node)
+		if ctx.Err() != nil {
+			break
 		}
+		c, err := p.loadConn(ctx, h)
 		if err == nil {
-			_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpLoad, Region: r.ID, Offset: pc.off, Arg: uint64(len(pc.data))}, r.Owner, nil, pc.data)
+			_, _, err = c.do(ctx, loadHeader(r, pc), r.Owner, nil, pc.data)
 		}
 		if err == nil {
 			return nil
 		}
 		p.noteFailure(h.node, err)
 		errs = append(errs, err)
-		if ctx.Err() != nil {
-			break
-		}
 	}
 	return fmt.Errorf("cluster: load of %d bytes at %d of %s/%d: no copy answered: %w", len(pc.data), pc.off, r.Owner, r.ID, errors.Join(errs...))
 }

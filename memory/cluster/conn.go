@@ -54,6 +54,7 @@ type conn struct {
 
 type call struct {
 	id   uint64
+	op   pageproto.Op
 	dst  []byte // load: the response's pages go here
 	done chan struct{}
 	h    pageproto.Header
@@ -105,11 +106,20 @@ func (cn *conn) close(err error) {
 // (other than pages), or an error: *StatusError for a refusal, an
 // ErrConnClosed error when the connection broke (it is then closed).
 func (cn *conn) do(ctx context.Context, h pageproto.Header, owner string, data, dst []byte) (pageproto.Header, []byte, error) {
-	cl := &call{dst: dst, done: make(chan struct{})}
+	return cn.finish(ctx, cn.start(h, owner, data, dst))
+}
+
+// start sends a request without waiting for its answer (finish waits), so
+// one goroutine can have requests in flight to several nodes at once
+// without a goroutine each.
+func (cn *conn) start(h pageproto.Header, owner string, data, dst []byte) *call {
+	cl := &call{dst: dst, op: h.Op, done: make(chan struct{})}
 	cn.mu.Lock()
 	if cn.err != nil {
+		cl.err = cn.err
 		cn.mu.Unlock()
-		return h, nil, cn.err
+		close(cl.done)
+		return cl
 	}
 	cn.nextID++
 	cl.id = cn.nextID
@@ -119,16 +129,20 @@ func (cn *conn) do(ctx context.Context, h pageproto.Header, owner string, data, 
 	if err := cn.write(h, owner, data); err != nil {
 		cn.close(err)
 		<-cl.done
-		return h, nil, cl.err
 	}
+	return cl
+}
+
+// finish waits for the answer to cl.
+func (cn *conn) finish(ctx context.Context, cl *call) (pageproto.Header, []byte, error) {
 	if err := cn.wait(ctx, cl); err != nil {
-		return h, nil, err
+		return cl.h, nil, err
 	}
 	if cl.err != nil {
 		return cl.h, nil, cl.err
 	}
 	if st := pageproto.Status(cl.h.Arg); st != pageproto.StatusOK {
-		return cl.h, nil, &StatusError{Node: cn.node, Op: h.Op, Status: st, Msg: string(cl.msg)}
+		return cl.h, nil, &StatusError{Node: cn.node, Op: cl.op, Status: st, Msg: string(cl.msg)}
 	}
 	return cl.h, cl.msg, nil
 }

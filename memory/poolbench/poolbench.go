@@ -14,6 +14,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"text/tabwriter"
 	"time"
@@ -26,9 +27,11 @@ import (
 
 // Options of a run.
 type Options struct {
-	Rounds      int    // round trips per latency measure (default 5000)
-	RepairBytes uint64 // stored before a node is killed (default 256 MiB)
-	Conns       int    // connections per node for throughput; 0 compares 1 and 2
+	Rounds      int           // round trips per latency measure (default 5000)
+	RepairBytes uint64        // stored before a node is killed (default 256 MiB)
+	Conns       int           // connections per node for throughput; 0 compares 1 and 2
+	TPRounds    int           // interleaved rounds of throughput measures (default 3)
+	TPTime      time.Duration // per throughput measure and round (default 1s)
 	Log         io.Writer
 }
 
@@ -62,6 +65,7 @@ type Result struct {
 	RepairBytes   uint64  `json:"repair_bytes"`
 	RepairSeconds float64 `json:"repair_seconds"`
 	RepairGBps    float64 `json:"repair_gb_per_s"`
+	RepairVsRaw   float64 `json:"repair_vs_raw_tls"` // ratio to the raw TLS fetch of 2 MiB
 }
 
 func (o *Options) logf(format string, args ...any) {
@@ -78,6 +82,12 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	if opts.RepairBytes == 0 {
 		opts.RepairBytes = 256 << 20
 	}
+	if opts.TPRounds == 0 {
+		opts.TPRounds = 3
+	}
+	if opts.TPTime == 0 {
+		opts.TPTime = time.Second
+	}
 	res := &Result{}
 	c, err := clustertest.Start([]string{"n1", "n2", "n3"}, 8<<30)
 	if err != nil {
@@ -89,11 +99,6 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, err
 	}
 	defer plain.Close()
-	tlsCfg, err := c.ClientTLS("client")
-	if err != nil {
-		return nil, err
-	}
-
 	// Baselines: a 64-byte request answered by 4 KiB, one connection.
 	opts.logf("raw round trips (tcp, tls)")
 	tcpRTT, err := rawLatency(ctx, nil, opts.Rounds)
@@ -128,49 +133,80 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		l.VsTCP, l.VsTLS = l.P50us/tcpL.P50us, l.P50us/tlsL.P50us
 	}
 
-	// Throughput: raw TLS fetches, then pool loads and stores.
+	// Throughput: raw fetches, then pool loads and stores, in rounds
+	// that interleave every measure (the machine's load drifts); each
+	// figure is the median of its rounds, each ratio the median of the
+	// ratios to the raw TLS fetch of the same round.
 	conns := []int{1, 2}
 	if opts.Conns > 0 {
 		conns = []int{opts.Conns}
 	}
-	raw := map[int]float64{}
-	for _, batch := range []int{64 << 10, 2 << 20} {
-		opts.logf("raw fetch %d KiB", batch>>10)
-		for _, cl := range []*clustertest.Cluster{nil, c} {
-			gbps, err := rawThroughput(ctx, cl, batch, tlsCfg)
-			if err != nil {
-				return nil, err
-			}
-			name := "raw tcp fetch"
-			if cl != nil {
-				name = "raw tls fetch"
-				raw[batch] = gbps
-			}
-			res.Throughputs = append(res.Throughputs, Throughput{Name: name, Batch: batch, InFlight: 1, Conns: 1, GBps: gbps, Baseline: true})
+	pools := map[int]*benchPool{}
+	for _, nc := range conns {
+		bp, err := newBenchPool(ctx, c, nc)
+		if err != nil {
+			return nil, err
 		}
+		defer bp.close()
+		pools[nc] = bp
+	}
+	type measure struct {
+		Throughput
+		raw    *clustertest.Cluster // raw fetch: nil for tcp
+		gbps   []float64
+		ratios []float64
+	}
+	var ms []*measure
+	for _, batch := range []int{64 << 10, 2 << 20} {
+		ms = append(ms,
+			&measure{Throughput: Throughput{Name: "raw tcp fetch", Batch: batch, InFlight: 1, Conns: 1, Baseline: true}},
+			&measure{Throughput: Throughput{Name: "raw tls fetch", Batch: batch, InFlight: 1, Conns: 1, Baseline: true}, raw: c})
 		for _, nc := range conns {
 			for _, inflight := range []int{1, 4} {
 				for _, op := range []string{"load", "store"} {
-					opts.logf("pool %s %d KiB, %d in flight, %d conns", op, batch>>10, inflight, nc)
-					gbps, err := poolThroughput(ctx, c, op, batch, inflight, nc)
-					if err != nil {
-						return nil, err
-					}
-					res.Throughputs = append(res.Throughputs, Throughput{Name: "pool " + op, Batch: batch, InFlight: inflight, Conns: nc, GBps: gbps})
+					ms = append(ms, &measure{Throughput: Throughput{Name: "pool " + op, Batch: batch, InFlight: inflight, Conns: nc}})
 				}
 			}
 		}
 	}
-	for i := range res.Throughputs {
-		t := &res.Throughputs[i]
-		if r := raw[t.Batch]; r > 0 {
-			t.VsRaw = t.GBps / r
+	for round := range opts.TPRounds {
+		opts.logf("throughput, round %d of %d", round+1, opts.TPRounds)
+		rawTLS := map[int]float64{}
+		for _, m := range ms {
+			var gbps float64
+			var err error
+			if m.Baseline {
+				gbps, err = rawThroughput(ctx, m.raw, m.Batch, opts.TPTime)
+				if m.raw != nil {
+					rawTLS[m.Batch] = gbps
+				}
+			} else {
+				gbps, err = pools[m.Conns].run(ctx, strings.TrimPrefix(m.Name, "pool "), m.Batch, m.InFlight, opts.TPTime)
+			}
+			if err != nil {
+				return nil, err
+			}
+			m.gbps = append(m.gbps, gbps)
 		}
+		for _, m := range ms {
+			if r := rawTLS[m.Batch]; r > 0 {
+				m.ratios = append(m.ratios, m.gbps[len(m.gbps)-1]/r)
+			}
+		}
+	}
+	for _, m := range ms {
+		m.GBps, m.VsRaw = median(m.gbps), median(m.ratios)
+		res.Throughputs = append(res.Throughputs, m.Throughput)
 	}
 
 	opts.logf("repair after a node loss (%d MiB stored in 2 copies on 4 nodes)", opts.RepairBytes>>20)
 	if err := repairRate(ctx, opts.RepairBytes, res); err != nil {
 		return nil, err
+	}
+	for _, t := range res.Throughputs {
+		if t.Name == "raw tls fetch" && t.Batch == 2<<20 && t.GBps > 0 {
+			res.RepairVsRaw = res.RepairGBps / t.GBps
+		}
 	}
 	return res, nil
 }
@@ -278,35 +314,38 @@ func rawLatency(ctx context.Context, c *clustertest.Cluster, rounds int) ([]time
 	return out, nil
 }
 
-func rawThroughput(ctx context.Context, c *clustertest.Cluster, batch int, _ *tls.Config) (float64, error) {
+func rawThroughput(ctx context.Context, c *clustertest.Cluster, batch int, d time.Duration) (float64, error) {
 	conn, done, err := rawConn(c)
 	if err != nil {
 		return 0, err
 	}
 	defer done()
-	conn.SetDeadline(time.Now().Add(5 * time.Minute))
+	conn.SetDeadline(time.Now().Add(d + time.Minute))
 	var req [64]byte
 	binary.BigEndian.PutUint64(req[:], uint64(batch))
 	buf := make([]byte, batch)
+	fetch := func() error {
+		if _, err := conn.Write(req[:]); err != nil {
+			return err
+		}
+		_, err := io.ReadFull(conn, buf)
+		return err
+	}
+	for range 2 { // warm up
+		if err := fetch(); err != nil {
+			return 0, err
+		}
+	}
 	total := uint64(0)
-	var start time.Time
-	for i := 0; total < 1<<30 || time.Since(start) < time.Second; i++ {
+	start := time.Now()
+	for time.Since(start) < d {
 		if ctx.Err() != nil {
 			return 0, ctx.Err()
 		}
-		if i == 4 {
-			start, total = time.Now(), 0
-		}
-		if _, err := conn.Write(req[:]); err != nil {
-			return 0, err
-		}
-		if _, err := io.ReadFull(conn, buf); err != nil {
+		if err := fetch(); err != nil {
 			return 0, err
 		}
 		total += uint64(batch)
-		if i > 4 && time.Since(start) > 3*time.Second {
-			break
-		}
 	}
 	return float64(total) / time.Since(start).Seconds() / 1e9, nil
 }
@@ -350,28 +389,53 @@ func poolLatency(ctx context.Context, c *clustertest.Cluster, rounds int) (load,
 	return load, store, nil
 }
 
-func poolThroughput(ctx context.Context, c *clustertest.Cluster, op string, batch, inflight, conns int) (float64, error) {
-	p, err := c.NewPool(cluster.Options{ConnsPerNode: conns})
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	v = slices.Clone(v)
+	slices.Sort(v)
+	return v[len(v)/2]
+}
+
+// benchPool is a pool with a 64 MiB region stored, to load and overwrite.
+type benchPool struct {
+	p    *cluster.Pool
+	r    pool.Region
+	data []byte
+}
+
+const benchSpan = 64 << 20
+
+func newBenchPool(ctx context.Context, c *clustertest.Cluster, conns int) (*benchPool, error) {
+	p, err := c.NewPool(cluster.Options{Self: fmt.Sprintf("client%d", conns), ConnsPerNode: conns})
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	defer p.Close()
-	owner := fmt.Sprintf("bench/tp-%s-%d-%d-%d", op, batch, inflight, conns)
-	defer p.DropOwner(context.Background(), owner)
-	const span = 64 << 20 // the working set: a region of 64 MiB
-	data := make([]byte, span)
-	for i := range data {
-		data[i] = byte(i * 7)
+	bp := &benchPool{p: p, r: pool.Region{Owner: "bench/tp", ID: 1}, data: make([]byte, benchSpan)}
+	for i := range bp.data {
+		bp.data[i] = byte(i * 7)
 	}
-	r := pool.Region{Owner: owner, ID: 1}
-	if err := p.Store(ctx, r, 0, data); err != nil {
-		return 0, err
+	if err := p.Store(ctx, bp.r, 0, bp.data); err != nil {
+		p.Close()
+		return nil, err
 	}
+	return bp, nil
+}
+
+func (bp *benchPool) close() {
+	bp.p.DropOwner(context.Background(), bp.r.Owner)
+	bp.p.Close()
+}
+
+// run loads or stores batches over the region from inflight goroutines
+// for d, and returns GB/s of pages (a store writes each in 2 copies).
+func (bp *benchPool) run(ctx context.Context, op string, batch, inflight int, d time.Duration) (float64, error) {
 	var mu sync.Mutex
 	var total uint64
 	var firstErr error
-	stop := time.Now().Add(2 * time.Second)
 	start := time.Now()
+	stop := start.Add(d)
 	var wg sync.WaitGroup
 	for g := range inflight {
 		wg.Add(1)
@@ -380,12 +444,12 @@ func poolThroughput(ctx context.Context, c *clustertest.Cluster, op string, batc
 			buf := make([]byte, batch)
 			n := uint64(0)
 			for i := g; time.Now().Before(stop); i += inflight {
-				off := uint64(i*batch) % span
+				off := uint64(i*batch) % benchSpan
 				var err error
 				if op == "load" {
-					err = p.Load(ctx, r, off, buf)
+					err = bp.p.Load(ctx, bp.r, off, buf)
 				} else {
-					err = p.Store(ctx, r, off, data[off:off+uint64(batch)])
+					err = bp.p.Store(ctx, bp.r, off, bp.data[off:off+uint64(batch)])
 				}
 				if err != nil {
 					mu.Lock()
@@ -470,5 +534,6 @@ func (r *Result) Print(w io.Writer) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	fmt.Fprintf(w, "REPAIR  %d MiB re-replicated in %.2f s after a node loss: %.2f GB/s\n", r.RepairBytes>>20, r.RepairSeconds, r.RepairGBps)
+	fmt.Fprintf(w, "REPAIR  %d MiB re-replicated in %.2f s after a node loss: %.2f GB/s (%.2fx the raw TLS fetch of 2 MiB)\n",
+		r.RepairBytes>>20, r.RepairSeconds, r.RepairGBps, r.RepairVsRaw)
 }
