@@ -105,8 +105,7 @@ type svcState struct {
 	tlsOnce sync.Once
 	tls     *tls.Config
 
-	spareMu sync.Mutex
-	spares  map[string]*spareSet // by node; guarded by spareMu
+	spares *proxy.Spares // handshaken streams by node, for new connections
 }
 
 type gidLoc struct {
@@ -134,7 +133,7 @@ func (a *Agent) startService(_ context.Context) error {
 	s := &svcState{
 		a: a, path: filepath.Join(a.cfg.DataDir, servicesFile),
 		bind: a.cfg.ServiceBind, ctx: ctx, cancel: cancel,
-		svcs: map[string]*exposed{}, gids: map[string]gidLoc{}, spares: map[string]*spareSet{},
+		svcs: map[string]*exposed{}, gids: map[string]gidLoc{},
 		conns: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "onebox_service_connections_total", Help: "Connections to this node's service addresses, by service, target and result (ok: carried; failed: the dial failed and another target was tried; no_target: no target took it).",
 		}, []string{"service", "target", "result"}),
@@ -148,6 +147,7 @@ func (a *Agent) startService(_ context.Context) error {
 	if s.bind == "" {
 		s.bind = a.cfg.BindAddr
 	}
+	s.spares = &proxy.Spares{Dial: s.stream, DialTimeout: svcDialTimeout}
 	s.backend = &proxy.Backend{
 		Local: s.local, Log: a.log,
 		OnServe: func(k wire.Kind, st wire.Status) {
@@ -204,6 +204,7 @@ func (a *Agent) closeService() error {
 	for _, e := range svcs {
 		e.close()
 	}
+	s.spares.Close()
 	return s.backend.Close()
 }
 
@@ -467,11 +468,11 @@ func (s *svcState) open(ctx context.Context, t service.Target, kind wire.Kind) (
 }
 
 // fabric opens a service stream to node's agent and sends req. A client
-// connection takes a spare stream when one is ready (see spareLoop), and
+// connection takes a spare stream when one is ready (proxy.Spares), and
 // dials afresh if the spare turns out dead.
 func (s *svcState) fabric(ctx context.Context, node string, req wire.Request) (net.Conn, error) {
 	if req.Kind == wire.KindConnect {
-		if c := s.takeSpare(node); c != nil {
+		if c := s.spares.Take(node); c != nil {
 			err := proxy.Open(ctx, c, req)
 			if err == nil {
 				return c, nil
@@ -516,99 +517,6 @@ func (s *svcState) stream(ctx context.Context, node string) (net.Conn, error) {
 		return nil, fmt.Errorf("%s presented the certificate of %q", m.FabricAddr, got)
 	}
 	return c, nil
-}
-
-// Spare streams: the TLS handshake is most of the time it takes to open a
-// connection through a service address, so while a node is carrying new
-// connections a few streams to it are kept handshaken in advance, and a
-// new client connection only sends its header. They are made only after
-// a connection to the node was asked for, and dropped after svcSpareAge
-// without one (the target's agent waits 5 s for a header).
-const (
-	svcSpares   = 2
-	svcSpareAge = 3 * time.Second
-)
-
-type spare struct {
-	c  net.Conn
-	at time.Time
-}
-
-type spareSet struct {
-	conns []spare       // oldest first
-	kick  chan struct{} // a spare was taken: make another
-}
-
-// takeSpare returns a fresh spare stream to node, or nil, and has the
-// spares replenished.
-func (s *svcState) takeSpare(node string) net.Conn {
-	s.spareMu.Lock()
-	defer s.spareMu.Unlock()
-	if s.ctx.Err() != nil {
-		return nil
-	}
-	set := s.spares[node]
-	if set == nil {
-		set = &spareSet{kick: make(chan struct{}, 1)}
-		s.spares[node] = set
-		go s.spareLoop(node, set)
-		return nil
-	}
-	var got net.Conn
-	for len(set.conns) > 0 && got == nil {
-		sp := set.conns[0]
-		set.conns = set.conns[1:]
-		if time.Since(sp.at) < svcSpareAge {
-			got = sp.c
-		} else {
-			sp.c.Close()
-		}
-	}
-	select {
-	case set.kick <- struct{}{}:
-	default:
-	}
-	return got
-}
-
-// spareLoop keeps up to svcSpares streams to node while they are used.
-func (s *svcState) spareLoop(node string, set *spareSet) {
-	idle := time.NewTimer(svcSpareAge)
-	defer idle.Stop()
-	for {
-		for {
-			s.spareMu.Lock()
-			n := len(set.conns)
-			s.spareMu.Unlock()
-			if n >= svcSpares {
-				break
-			}
-			ctx, cancel := context.WithTimeout(s.ctx, svcDialTimeout)
-			c, err := s.stream(ctx, node)
-			cancel()
-			if err != nil {
-				break // the next connection dials for itself, and kicks again
-			}
-			s.spareMu.Lock()
-			set.conns = append(set.conns, spare{c: c, at: time.Now()})
-			s.spareMu.Unlock()
-		}
-		select {
-		case <-set.kick:
-			idle.Reset(svcSpareAge) // Go 1.23 timers: no stale tick to drain
-			continue
-		case <-idle.C:
-		case <-s.ctx.Done():
-		}
-		s.spareMu.Lock()
-		for _, sp := range set.conns {
-			sp.c.Close()
-		}
-		set.conns = nil
-		delete(s.spares, node)
-		s.spareMu.Unlock()
-		return
-	}
 }
 
 // tlsConfig is the client configuration of service streams. It keeps
