@@ -343,6 +343,43 @@ type entry struct {
 
 	mu   sync.Mutex
 	open map[*fileHandle]struct{} // guarded by mu: open files of the entry
+	// fresh, for a directory, are its attributes as the node returned
+	// them right after a change made in it through this mount, and
+	// freshAt when. The kernel drops a directory's attributes after
+	// every change in it and asks for them at the next path walk (for
+	// its permission check): the first such getattr is answered from
+	// here instead of another round trip. Guarded by mu.
+	fresh   proto.Attr
+	freshAt time.Time
+}
+
+// changed records the directory's attributes after a change made in it
+// (nil or not this directory's: forget the last ones).
+func (e *entry) changed(a *proto.Attr) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if a != nil && a.Ino == e.ino && a.Dev == e.dev && a.Ino != 0 {
+		// Of two changes answered out of order, the later one's.
+		if e.freshAt.IsZero() || !newer(e.fresh.Ctime, a.Ctime) {
+			e.fresh, e.freshAt = *a, time.Now()
+		}
+	} else {
+		e.freshAt = time.Time{}
+	}
+}
+
+func newer(a, b proto.Timespec) bool {
+	return a.Sec > b.Sec || a.Sec == b.Sec && a.Nsec > b.Nsec
+}
+
+// takeFresh returns the attributes recorded by changed, once, if they are
+// younger than CacheTimeout: as fresh as what the kernel may cache.
+func (e *entry) takeFresh() (proto.Attr, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	ok := !e.freshAt.IsZero() && time.Since(e.freshAt) < CacheTimeout
+	e.freshAt = time.Time{}
+	return e.fresh, ok
 }
 
 // addOpen records an open file of the inode n (an entry).
@@ -507,6 +544,8 @@ func (e *entry) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut)
 	var errno syscall.Errno
 	if fh, ok := f.(*fileHandle); ok {
 		errno = e.c.CallOn(ctx, fh.gen, proto.OpFstat, &proto.HandleReq{Handle: fh.h}, &a)
+	} else if fresh, ok := e.takeFresh(); ok {
+		a = fresh
 	} else if p, ok := e.path(); ok {
 		_, errno = e.c.Call(ctx, proto.OpGetattr, &proto.PathReq{Export: e.export, Path: p}, &a)
 	} else {
@@ -563,6 +602,7 @@ func (e *entry) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn
 		r.Valid |= proto.SetMtime
 		r.Mtime = proto.Timespec{Sec: int64(in.Mtime), Nsec: in.Mtimensec}
 	}
+	e.changed(nil)
 	var a proto.Attr
 	var errno syscall.Errno
 	if gen != 0 {
@@ -643,6 +683,7 @@ func (e *entry) Create(ctx context.Context, name string, flags, mode uint32, out
 	if errno != 0 {
 		return nil, nil, 0, errno
 	}
+	e.changed(&hr.Dir)
 	fh := &fileHandle{c: e.c, gen: gen, h: hr.Handle}
 	n, errno := e.newChild(ctx, &hr.Attr, out)
 	if errno != 0 {
@@ -658,13 +699,14 @@ func (e *entry) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.E
 	if errno != 0 {
 		return nil, errno
 	}
-	var a proto.Attr
+	var rep proto.EntryReply
 	r := proto.OpenReq{Export: e.export, Path: p, Mode: mode, DirDev: e.dev, DirIno: e.ino}
 	r.UID, r.GID = caller(ctx)
-	if _, errno := e.c.Call(ctx, proto.OpMkdir, &r, &a); errno != 0 {
+	if _, errno := e.c.Call(ctx, proto.OpMkdir, &r, &rep); errno != 0 {
 		return nil, errno
 	}
-	return e.newChild(ctx, &a, out)
+	e.changed(&rep.Dir)
+	return e.newChild(ctx, &rep.Attr, out)
 }
 
 // Symlink makes a symlink on the node. Its target is a string stored as
@@ -679,6 +721,7 @@ func (e *entry) Symlink(ctx context.Context, target, name string, out *fuse.Entr
 	var a proto.Attr
 	r := proto.SymlinkReq{Export: e.export, Path: p, Target: target, DirDev: e.dev, DirIno: e.ino}
 	r.UID, r.GID = caller(ctx)
+	e.changed(nil)
 	if _, errno := e.c.Call(ctx, proto.OpSymlink, &r, &a); errno != 0 {
 		return nil, errno
 	}
@@ -725,7 +768,11 @@ func (e *entry) remove(ctx context.Context, op proto.Op, name string) syscall.Er
 	}
 	r := proto.RemoveReq{Export: e.export, Path: p}
 	r.Dev, r.Ino = e.childID(name)
-	_, errno = e.c.Call(ctx, op, &r, nil)
+	var dir proto.Attr
+	_, errno = e.c.Call(ctx, op, &r, &dir)
+	if errno == 0 {
+		e.changed(&dir)
+	}
 	return errno
 }
 
@@ -745,6 +792,8 @@ func (e *entry) Rename(ctx context.Context, name string, newParent fs.InodeEmbed
 	r := proto.RenameReq{Export: e.export, From: from, To: to, Flags: flags}
 	r.Dev, r.Ino = e.childID(name)
 	r.ToDev, r.ToIno = np.childID(newName)
+	e.changed(nil)
+	np.changed(nil)
 	_, errno = e.c.Call(ctx, proto.OpRename, &r, nil)
 	return errno
 }
@@ -764,6 +813,7 @@ func (e *entry) Link(ctx context.Context, target fs.InodeEmbedder, name string, 
 	if errno != 0 {
 		return nil, errno
 	}
+	e.changed(nil)
 	var a proto.Attr
 	if _, errno := e.c.Call(ctx, proto.OpLink, &proto.LinkReq{Export: e.export, From: from, To: to, Dev: te.dev, Ino: te.ino, DirDev: e.dev, DirIno: e.ino}, &a); errno != 0 {
 		return nil, errno
@@ -849,9 +899,12 @@ func (f *fileHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 	return f.c.CallOn(ctx, f.gen, proto.OpFsync, &proto.IOReq{Handle: f.h, Size: size}, nil)
 }
 
-// Flush is called at every close(2) of a descriptor: writes already went
-// to the owning node, so there is nothing to push.
-func (f *fileHandle) Flush(ctx context.Context) syscall.Errno { return 0 }
+// Flush is called at every close(2) of a descriptor. Writes already went
+// to the owning node, so there is nothing to push, and locks are the
+// mounting kernel's: ENOSYS tells the kernel never to send FLUSH again,
+// which saves a round trip to this process at every close. (The kernel
+// still writes back a shared mapping's dirty pages at close first.)
+func (f *fileHandle) Flush(ctx context.Context) syscall.Errno { return syscall.ENOSYS }
 
 func (f *fileHandle) Release(ctx context.Context) syscall.Errno {
 	f.once.Do(func() {

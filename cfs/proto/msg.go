@@ -129,14 +129,26 @@ func (m *HandleReq) encode(e *enc) { e.u64(m.Handle) }
 func (m *HandleReq) decode(d *dec) { m.Handle = d.u64() }
 
 // HandleReply answers an open: the handle and, for create, the new file's
-// attributes.
+// attributes and its directory's after the create.
 type HandleReply struct {
 	Handle uint64
 	Attr   Attr
+	Dir    Attr
 }
 
-func (m *HandleReply) encode(e *enc) { e.u64(m.Handle); m.Attr.encode(e) }
-func (m *HandleReply) decode(d *dec) { m.Handle = d.u64(); m.Attr.decode(d) }
+func (m *HandleReply) encode(e *enc) { e.u64(m.Handle); m.Attr.encode(e); m.Dir.encode(e) }
+func (m *HandleReply) decode(d *dec) { m.Handle = d.u64(); m.Attr.decode(d); m.Dir.decode(d) }
+
+// EntryReply answers mkdir: the new entry's attributes and its
+// directory's after the change (the client's kernel asks for those next,
+// for the permission check of its next path walk).
+type EntryReply struct {
+	Attr Attr
+	Dir  Attr
+}
+
+func (m *EntryReply) encode(e *enc) { m.Attr.encode(e); m.Dir.encode(e) }
+func (m *EntryReply) decode(d *dec) { m.Attr.decode(d); m.Dir.decode(d) }
 
 // IOReq reads (Size bytes) or writes (Data) at Offset of a handle.
 type IOReq struct {

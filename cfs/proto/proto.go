@@ -48,16 +48,16 @@ const (
 	OpOpendir                 // PathReq → HandleReply
 	OpReaddir                 // HandleReq → DirList (empty: end)
 	OpOpen                    // OpenReq → HandleReply
-	OpCreate                  // OpenReq → HandleReply (with Attr)
+	OpCreate                  // OpenReq → HandleReply (with Attr and Dir)
 	OpRead                    // IOReq → Data
 	OpWrite                   // IOReq → Count
 	OpFsync                   // IOReq (Size 1: data only) → Empty
 	OpClose                   // HandleReq → Empty
 	OpFstat                   // HandleReq → Attr
 	OpSetattr                 // SetattrReq → Attr
-	OpMkdir                   // OpenReq → Attr
-	OpUnlink                  // RemoveReq → Empty
-	OpRmdir                   // RemoveReq → Empty
+	OpMkdir                   // OpenReq → EntryReply
+	OpUnlink                  // RemoveReq → Attr (of the directory, after)
+	OpRmdir                   // RemoveReq → Attr (of the directory, after)
 	OpRename                  // RenameReq → Empty
 	OpStatfs                  // PathReq → Statfs
 	OpReadlink                // PathReq → Data (the link's target)

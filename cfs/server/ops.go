@@ -193,17 +193,29 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if errno != 0 {
 			return errno, nil
 		}
-		errno = e.atDir(r.Path, r.DirDev, r.DirIno, func(dfd int, name string) error { return unix.Mkdirat(dfd, name, r.Mode&0o7777) })
+		var rep proto.EntryReply
+		errno = e.atDir(r.Path, r.DirDev, r.DirIno, func(dfd int, name string) error {
+			if err := unix.Mkdirat(dfd, name, r.Mode&0o7777); err != nil {
+				return err
+			}
+			rep.Dir = dirAttr(dfd)
+			fd, errno := resolveAt(dfd, name, unix.O_PATH|unix.O_NOFOLLOW, 0)
+			if errno != 0 {
+				return errno
+			}
+			defer unix.Close(fd)
+			owner(fd, &r)
+			var st unix.Stat_t
+			if err := unix.Fstat(fd, &st); err != nil {
+				return err
+			}
+			rep.Attr = *AttrOf(&st)
+			return nil
+		})
 		if errno != 0 {
 			return errno, nil
 		}
-		fd, errno := e.open(r.Path, unix.O_PATH, 0)
-		if errno != 0 {
-			return errno, nil
-		}
-		defer unix.Close(fd)
-		owner(fd, &r)
-		return fstat(fd)
+		return 0, &rep
 	case proto.OpUnlink, proto.OpRmdir:
 		var r proto.RemoveReq
 		if proto.Unmarshal(b, &r) != nil {
@@ -217,12 +229,21 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if op == proto.OpRmdir {
 			flags = unix.AT_REMOVEDIR
 		}
-		return e.atParent(r.Path, func(dfd int, name string) error {
+		var dir proto.Attr
+		errno = e.atParent(r.Path, func(dfd int, name string) error {
 			if errno := sameAt(dfd, name, r.Dev, r.Ino); errno != 0 {
 				return errno
 			}
-			return unix.Unlinkat(dfd, name, flags)
-		}), nil
+			if err := unix.Unlinkat(dfd, name, flags); err != nil {
+				return err
+			}
+			dir = dirAttr(dfd)
+			return nil
+		})
+		if errno != 0 {
+			return errno, nil
+		}
+		return 0, &dir
 	case proto.OpRename:
 		var r proto.RenameReq
 		if proto.Unmarshal(b, &r) != nil {
@@ -454,6 +475,7 @@ func (cn *conn) open(e *export, r *proto.OpenReq, create bool) (unix.Errno, prot
 	}
 	var fd int
 	var errno unix.Errno
+	var dir proto.Attr
 	if create {
 		// Try to create; if the file exists (and O_EXCL was not asked
 		// for) open it. Only a file created here gets the mode exactly
@@ -461,6 +483,9 @@ func (cn *conn) open(e *export, r *proto.OpenReq, create bool) (unix.Errno, prot
 		errno = e.atDir(r.Path, r.DirDev, r.DirIno, func(dfd int, name string) error {
 			var errno unix.Errno
 			fd, errno = resolveAt(dfd, name, flags|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW, r.Mode&0o7777)
+			if errno == 0 {
+				dir = dirAttr(dfd)
+			}
 			return errnoErr(errno)
 		})
 		if errno == 0 {
@@ -491,7 +516,18 @@ func (cn *conn) open(e *export, r *proto.OpenReq, create bool) (unix.Errno, prot
 		unix.Close(fd)
 		return errno, nil
 	}
-	return 0, &proto.HandleReply{Handle: id, Attr: attr}
+	return 0, &proto.HandleReply{Handle: id, Attr: attr, Dir: dir}
+}
+
+// dirAttr is the attributes of the directory dfd after a change in it,
+// for the client to answer the kernel's next getattr of it without
+// asking again; zero (Ino 0: not given) if fstat fails.
+func dirAttr(dfd int) proto.Attr {
+	var st unix.Stat_t
+	if unix.Fstat(dfd, &st) != nil {
+		return proto.Attr{}
+	}
+	return *AttrOf(&st)
 }
 
 // pathFD opens path's last component itself (O_PATH, a symlink not

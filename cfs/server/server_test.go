@@ -102,7 +102,7 @@ func TestFSNoEscape(t *testing.T) {
 		if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: p + "/new", Flags: syscall.O_WRONLY, Mode: 0o644}, &hr); e != syscall.EACCES {
 			t.Errorf("create under %q: %v, want EACCES", p, e)
 		}
-		if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: p + "/secret"}, nil); e != syscall.EACCES {
+		if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: p + "/secret"}, &proto.Attr{}); e != syscall.EACCES {
 			t.Errorf("unlink under %q: %v, want EACCES", p, e)
 		}
 	}
@@ -150,8 +150,8 @@ func TestFSReadOnly(t *testing.T) {
 		"open rw":  call(t, c, proto.OpOpen, &proto.OpenReq{Export: "ro", Path: "f", Flags: syscall.O_RDWR}, &hr),
 		"trunc":    call(t, c, proto.OpOpen, &proto.OpenReq{Export: "ro", Path: "f", Flags: syscall.O_RDONLY | syscall.O_TRUNC}, &hr),
 		"mkdir":    call(t, c, proto.OpMkdir, &proto.OpenReq{Export: "ro", Path: "d", Mode: 0o755}, &a),
-		"unlink":   call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "ro", Path: "f"}, nil),
-		"rmdir":    call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "ro", Path: "f"}, nil),
+		"unlink":   call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "ro", Path: "f"}, &proto.Attr{}),
+		"rmdir":    call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "ro", Path: "f"}, &proto.Attr{}),
 		"rename":   call(t, c, proto.OpRename, &proto.RenameReq{Export: "ro", From: "f", To: "g"}, nil),
 		"setattr":  call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "ro", Path: "f", Valid: proto.SetSize}, &a),
 		"utimens":  call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "ro", Path: "f", Valid: proto.SetMtimeNow}, &a),
@@ -322,13 +322,13 @@ func TestFSSymlinksShownAsLinks(t *testing.T) {
 		t.Fatalf("readdir of data: %v %+v, want one symlink", e, l.Entries)
 	}
 	// rm -rf data: what rm sees is a link; unlinking it keeps the target.
-	if e := call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "rw", Path: "data/link"}, nil); e != syscall.ENOTDIR {
+	if e := call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "rw", Path: "data/link"}, &proto.Attr{}); e != syscall.ENOTDIR {
 		t.Fatalf("rmdir of a link: %v, want ENOTDIR", e)
 	}
-	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "data/link"}, nil); e != 0 {
+	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "data/link"}, &proto.Attr{}); e != 0 {
 		t.Fatal(e)
 	}
-	if e := call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "rw", Path: "data"}, nil); e != 0 {
+	if e := call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "rw", Path: "data"}, &proto.Attr{}); e != 0 {
 		t.Fatal(e)
 	}
 	if b, err := os.ReadFile(filepath.Join(rw, "important", "file")); err != nil || string(b) != "keep" {
@@ -436,7 +436,7 @@ func TestFSSetattrHandleAndIdentity(t *testing.T) {
 	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "f", Flags: syscall.O_RDWR, Mode: 0o644}, &hr); e != 0 {
 		t.Fatal(e)
 	}
-	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "f"}, nil); e != 0 {
+	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "f"}, &proto.Attr{}); e != 0 {
 		t.Fatal(e)
 	}
 	var a proto.Attr
@@ -535,11 +535,11 @@ func TestFSRemoveRenameLinkIdentity(t *testing.T) {
 		return old
 	}
 	old := swap("f", false)
-	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "f", Dev: old.Dev, Ino: old.Ino}, nil); e != syscall.ESTALE {
+	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "f", Dev: old.Dev, Ino: old.Ino}, &proto.Attr{}); e != syscall.ESTALE {
 		t.Errorf("unlink of a swapped file: %v, want ESTALE", e)
 	}
 	old = swap("d", true)
-	if e := call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "rw", Path: "d", Dev: old.Dev, Ino: old.Ino}, nil); e != syscall.ESTALE {
+	if e := call(t, c, proto.OpRmdir, &proto.RemoveReq{Export: "rw", Path: "d", Dev: old.Dev, Ino: old.Ino}, &proto.Attr{}); e != syscall.ESTALE {
 		t.Errorf("rmdir of a swapped directory: %v, want ESTALE", e)
 	}
 	old = swap("r", false)
@@ -571,7 +571,7 @@ func TestFSRemoveRenameLinkIdentity(t *testing.T) {
 
 	// With the right identity (and with none given) they work.
 	cur := attr("f")
-	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "f", Dev: cur.Dev, Ino: cur.Ino}, nil); e != 0 {
+	if e := call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "f", Dev: cur.Dev, Ino: cur.Ino}, &proto.Attr{}); e != 0 {
 		t.Errorf("unlink: %v", e)
 	}
 	cur = attr("dst")
@@ -663,7 +663,7 @@ func TestFSAddToSwappedDirRefused(t *testing.T) {
 	var a proto.Attr
 	for name, e := range map[string]syscall.Errno{
 		"create":  call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "d/x", Flags: syscall.O_WRONLY, Mode: 0o644, DirDev: old.Dev, DirIno: old.Ino}, &hr),
-		"mkdir":   call(t, c, proto.OpMkdir, &proto.OpenReq{Export: "rw", Path: "d/x", Mode: 0o755, DirDev: old.Dev, DirIno: old.Ino}, &a),
+		"mkdir":   call(t, c, proto.OpMkdir, &proto.OpenReq{Export: "rw", Path: "d/x", Mode: 0o755, DirDev: old.Dev, DirIno: old.Ino}, &proto.EntryReply{}),
 		"symlink": call(t, c, proto.OpSymlink, &proto.SymlinkReq{Export: "rw", Path: "d/x", Target: "t", DirDev: old.Dev, DirIno: old.Ino}, &a),
 		"link":    call(t, c, proto.OpLink, &proto.LinkReq{Export: "rw", From: "f", To: "d/x", Dev: f.Dev, Ino: f.Ino, DirDev: old.Dev, DirIno: old.Ino}, &a),
 	} {
