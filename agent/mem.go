@@ -114,21 +114,37 @@ func (a *Agent) memUsed() uint64 {
 	return a.mem.srv.Stat().Used
 }
 
-// memJanitor forgets the pages of nodes that left the cluster for good
-// (a failed node may come back: its pages are kept).
+// memJanitor forgets the pages of nodes that left the cluster for good,
+// or that membership no longer lists at all (reaped after failing); a
+// failed node may come back, so its pages are kept until then.
 func (a *Agent) memJanitor(st *memState) {
 	defer close(st.done)
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
+	// A node that just joined may store here before gossip lists it:
+	// unlisted peers are dropped only after 3 ticks in a row.
+	unlisted := map[string]int{}
 	for {
 		select {
 		case <-st.stop:
 			return
 		case <-t.C:
 		}
+		status := map[string]membership.Status{}
 		for _, m := range a.members.Members() {
-			if m.Status == membership.StatusLeft && m.Name != a.id.Node {
-				st.srv.DropPeer(m.Name)
+			status[m.Name] = m.Status
+		}
+		for _, peer := range st.srv.Peers() {
+			s, listed := status[peer]
+			if listed {
+				delete(unlisted, peer)
+			} else if unlisted[peer]++; unlisted[peer] < 3 {
+				continue
+			}
+			if !listed || s == membership.StatusLeft {
+				delete(unlisted, peer)
+				a.log.Info("memory pool: dropping the pages of a node that left", "node", peer)
+				st.srv.DropPeer(peer)
 			}
 		}
 	}

@@ -99,6 +99,17 @@ func (s *Server) Close() error {
 	return nil
 }
 
+// Peers lists the nodes that said hello since they were last dropped.
+func (s *Server) Peers() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]string, 0, len(s.peers))
+	for n := range s.peers {
+		out = append(out, n)
+	}
+	return out
+}
+
 // DropPeer forgets everything node stored (it left the cluster for good).
 func (s *Server) DropPeer(node string) {
 	s.mu.Lock()
