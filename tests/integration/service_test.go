@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -455,23 +456,17 @@ func TestServiceTargetNodeCut(t *testing.T) {
 		t.Fatalf("web's address %q, want n1's own address", st.Address)
 	}
 
-	// Load from a client in n1's namespace; n3 is cut 2 s in.
-	ctx := ctxT(t, 60*time.Second)
-	load := exec.CommandContext(ctx, "ip", "netns", "exec", n1.Host.NS, "python3", "-c", loadScript, "http://"+st.Address+"/page.txt", "10")
-	out := &strings.Builder{}
-	load.Stdout, load.Stderr = out, out
-	start := time.Now()
+	// Load from a client in n1's namespace; n3 is cut after 10 requests.
+	ctx := ctxT(t, 90*time.Second)
+	load := exec.CommandContext(ctx, "ip", "netns", "exec", n1.Host.NS, "python3", "-c", loadScript, "http://"+st.Address+"/page.txt", "12")
+	stdout, err := load.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	load.Stderr = &stderr
 	if err := load.Start(); err != nil {
 		t.Fatal(err)
-	}
-	time.Sleep(2 * time.Second)
-	if err := c.Cut(ctx, n3); err != nil {
-		t.Fatal(err)
-	}
-	cutAt := time.Since(start).Seconds()
-	t.Cleanup(func() { c.Heal(context.Background(), n3) })
-	if err := load.Wait(); err != nil {
-		t.Fatalf("load: %v\n%s", err, out)
 	}
 	type result struct {
 		Start, Dur float64
@@ -479,12 +474,24 @@ func TestServiceTargetNodeCut(t *testing.T) {
 		Body       string
 	}
 	var rs []result
-	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+	cutAt := -1.0 // in the script's clock
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
 		var r result
-		if err := json.Unmarshal([]byte(l), &r); err != nil {
-			t.Fatalf("load output %q: %v", l, err)
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			t.Fatalf("load output %q: %v", sc.Text(), err)
 		}
 		rs = append(rs, r)
+		if len(rs) == 10 {
+			if err := c.Cut(ctx, n3); err != nil {
+				t.Fatal(err)
+			}
+			cutAt = r.Start + r.Dur
+			t.Cleanup(func() { c.Heal(context.Background(), n3) })
+		}
+	}
+	if err := load.Wait(); err != nil || cutAt < 0 {
+		t.Fatalf("load: %v (%d requests)\n%s", err, len(rs), stderr.String())
 	}
 	seen := map[string]int{}
 	failed, slowest := 0, 0.0
@@ -497,7 +504,7 @@ func TestServiceTargetNodeCut(t *testing.T) {
 			failed++
 			t.Logf("failed at %.1fs after %.1fs: %s", r.Start, r.Dur, r.Body)
 		}
-		if r.Start < cutAt-0.5 && r.OK {
+		if r.Start < cutAt && r.OK {
 			seen[r.Body]++
 		}
 		if r.Start > cutAt+4 && (!r.OK || r.Body != "n2") {
