@@ -182,6 +182,22 @@ func TestServiceExposeHTTP(t *testing.T) {
 	if st, ok := l.Find("web-gid"); !ok || len(st.State) != 1 || st.State[0].Node != "n2" || st.State[0].Key != gid+":"+strconv.Itoa(sport) {
 		t.Errorf("services shows web-gid as %+v", st)
 	}
+	// The same on n1's metrics.
+	resp, err := c.Client(n1).HTTPClient().Get("http://agent/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		fmt.Sprintf(`onebox_service_target_healthy{service="web",target="n2:%d"} 1`, sport),
+		fmt.Sprintf(`onebox_service_connections_total{result="ok",service="web",target="n2:%d"}`, sport),
+		`onebox_service_bytes_total{direction="out",service="web"}`,
+	} {
+		if !strings.Contains(string(m), want) {
+			t.Errorf("n1's metrics lack %s:\n%s", want, grepLines(string(m), "onebox_service"))
+		}
+	}
 	table := cli(t, nil, "--agent", n1.Agent(), "services")
 	if table.code != 0 || !strings.Contains(table.stdout, "web-gid") || !strings.Contains(table.stdout, "healthy") {
 		t.Errorf("services table: exit %d\n%s%s", table.code, table.stdout, table.stderr)
