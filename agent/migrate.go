@@ -2,12 +2,743 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/onebox-project/onebox/fabric/api"
+	"github.com/onebox-project/onebox/fabric/membership"
+	"github.com/onebox-project/onebox/proc/criu"
+	"github.com/onebox-project/onebox/proc/manager"
+	"github.com/onebox-project/onebox/proc/migrate"
+	"github.com/onebox-project/onebox/proc/stream"
 )
 
+// Migration (issue 4): 'onebox migrate GID NODE' moves a running program
+// with CRIU, post-copy (see proc/migrate and docs/processes.md).
+//
+// The node that runs the program drives: it dumps all but the memory
+// (criu dump --lazy-pages, its page server on a socketpair), sends the
+// image files to the target's agent on a stream connection (ALPN
+// onebox-proc/1, mutual TLS), and tunnels the page-server bytes on the
+// same connection. The target restores at once (criu lazy-pages on the
+// other socketpair, criu restore --lazy-pages under a holder process) and
+// answers Restored: that is the point of no return. Before it, any
+// failure kills the source's CRIU, which resumes the program where it
+// was. After it, the source serves the remaining pages (CRIU pushes them
+// in the background) and its CRIU kills the frozen original once the last
+// page left.
+//
+// The caller's stream follows the program: the source sends Moved to the
+// caller's agent, which attaches to the target and goes on relaying; if
+// the caller's CLI was connected to the source itself, the source relays.
+
+const (
+	pathMigrate = "/v1/procs/{gid}/migrate"
+
+	migrateReadyTimeout   = 2 * time.Minute  // dump to images written
+	migrateRestoreTimeout = 2 * time.Minute  // images sent to Restored
+	migratePagesTimeout   = 30 * time.Minute // Restored to the last page
+	migrateFrameTimeout   = time.Minute      // between two frames of the image phase
+	attachTimeout         = time.Minute      // restored program waits this long for its caller
+	maxImageBytes         = 1 << 30          // non-memory images; the memory never goes through files
+	movedMemory           = 10 * time.Minute // how long a finished migration is remembered
+)
+
+// migration is an outgoing migration of one program.
+type migration struct {
+	pr   *manager.Proc // the program as it ran here
+	done chan struct{} // closed when it succeeded or failed
+	to   string        // the node it moved to, once Restored; guarded by procState.mu
+}
+
+// waitingStdio is a program restored here whose caller has not attached.
+type waitingStdio struct {
+	pr    *manager.Proc
+	stdio *manager.Stdio
+	timer *time.Timer
+}
+
+var (
+	criuMu  sync.Mutex
+	criuBin criu.Binary // guarded by criuMu
+)
+
+// criuBinary finds CRIU once (and again after a failure).
+func criuBinary() (criu.Binary, error) {
+	criuMu.Lock()
+	defer criuMu.Unlock()
+	if criuBin.Path != "" {
+		return criuBin, nil
+	}
+	b, err := criu.Find()
+	if err != nil {
+		return b, err
+	}
+	criuBin = b
+	return b, nil
+}
+
 // migrate moves the running process gid to node target (by CRIU). reason
-// says why ("user", "balance", "drain"), shown in 'onebox ps'. Stub; the
-// migration slice fills it in.
-func (p *procState) migrate(_ context.Context, gid, target, reason string) error {
-	return errors.New("migration is not available yet")
+// says why ("user", "balance", "drain"), shown in 'onebox ps'.
+func (p *procState) migrate(ctx context.Context, gid, target, reason string) error {
+	_, err := p.migrateOut(ctx, gid, target, reason, "")
+	return err
+}
+
+// movedTo returns the node the program gid migrated to, waiting for a
+// migration in progress to end (bounded); "" if it did not move.
+func (p *procState) movedTo(pr *manager.Proc) string {
+	p.mu.Lock()
+	m := p.migrating[pr.GID]
+	p.mu.Unlock()
+	if m == nil || m.pr != pr {
+		return ""
+	}
+	select {
+	case <-m.done:
+	case <-time.After(migrateRestoreTimeout + time.Minute):
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return m.to
+}
+
+func migrateErr(code int, format string, args ...any) error {
+	return &peerError{code: code, msg: fmt.Sprintf(format, args...)}
+}
+
+// migrateOut migrates a program of this node to target ("home": its home
+// node). checkpointDir, if set, makes it a checkpoint instead (see
+// checkpoint.go): no target.
+func (p *procState) migrateOut(ctx context.Context, gid, target, reason, _ string) (migrate.Result, error) {
+	begin := time.Now()
+	self := p.a.id.Node
+	res := migrate.Result{GID: gid, From: self}
+	pr, ok := p.mgr.Get(gid)
+	if !ok {
+		return res, migrateErr(http.StatusNotFound, "no process %s on node %s", gid, self)
+	}
+	if ended(pr) {
+		return res, migrateErr(http.StatusConflict, "process %s has ended", gid)
+	}
+	if target == "home" {
+		target = pr.Home
+	}
+	res.To = target
+	if target == self {
+		return res, migrateErr(http.StatusBadRequest, "process %s already runs on %s", gid, self)
+	}
+	m, ok := p.member(target)
+	switch {
+	case !ok:
+		return res, migrateErr(http.StatusNotFound, "no node %q in the cluster ('onebox nodes' lists them)", target)
+	case m.Status != membership.StatusAlive || m.FabricAddr == "":
+		return res, migrateErr(http.StatusConflict, "node %s is %s: cannot migrate there ('onebox nodes' shows which nodes are alive)", target, m.Status)
+	case !p.a.schedulable(target):
+		return res, migrateErr(http.StatusConflict, "node %s is cordoned: it takes no moved processes ('onebox uncordon %s')", target, target)
+	}
+	if why := migrate.Check(pr.PID); why != "" {
+		return res, migrateErr(http.StatusConflict, "process %s cannot migrate: it %s", gid, why)
+	}
+	b, err := criuBinary()
+	if err != nil {
+		return res, migrateErr(http.StatusServiceUnavailable, "node %s cannot checkpoint: %v", self, err)
+	}
+	spec := migrate.Spec{GID: gid, Home: pr.Home, Argv: pr.Argv, Started: pr.Started, Detached: pr.Detached,
+		Balance: pr.Balance, From: self, Reason: reason, PID: migrate.InnerPID(pr.PID)}
+	for fd := 0; fd < 3; fd++ {
+		k, err := migrate.PipeKey(pr.PID, fd)
+		if err != nil {
+			return res, migrateErr(http.StatusConflict, "process %s cannot migrate: %v", gid, err)
+		}
+		spec.Stdio[fd] = k
+	}
+
+	mig := &migration{pr: pr, done: make(chan struct{})}
+	p.mu.Lock()
+	if old := p.migrating[gid]; old != nil {
+		select {
+		case <-old.done:
+		default:
+			p.mu.Unlock()
+			return res, migrateErr(http.StatusConflict, "process %s is already migrating", gid)
+		}
+	}
+	p.migrating[gid] = mig
+	p.mu.Unlock()
+	defer func() {
+		close(mig.done)
+		time.AfterFunc(movedMemory, func() {
+			p.mu.Lock()
+			if p.migrating[gid] == mig {
+				delete(p.migrating, gid)
+			}
+			p.mu.Unlock()
+		})
+	}()
+	note := p.mgr.Note(pr)
+	p.mgr.SetNote(pr, "migrating to "+target)
+	failed := func(err error) (migrate.Result, error) {
+		p.mgr.SetNote(pr, note)
+		var pe *peerError
+		if errors.As(err, &pe) {
+			pe.msg = fmt.Sprintf("migration of %s to %s failed, it goes on running on %s: %s", gid, target, self, pe.msg)
+			return res, pe
+		}
+		return res, migrateErr(http.StatusBadGateway, "migration of %s to %s failed, it goes on running on %s: %v", gid, target, self, err)
+	}
+
+	conn, err := p.dial(m)
+	if err != nil {
+		return failed(fmt.Errorf("cannot reach node %s: %w", target, err))
+	}
+	if !p.track(conn, true) {
+		return failed(errors.New("the agent is shutting down"))
+	}
+	defer p.untrack(conn)
+	sc := stream.NewConn(conn, nil)
+	if err := sc.WriteJSON(stream.Migrate, spec); err != nil {
+		return failed(err)
+	}
+	dir := filepath.Join(p.a.cfg.DataDir, "proc", "migrate", gid+".out")
+	_ = os.RemoveAll(dir)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return failed(err)
+	}
+	defer os.RemoveAll(dir)
+	ours, theirs, err := migrate.SocketPair()
+	if err != nil {
+		return failed(err)
+	}
+	defer ours.Close()
+
+	freeze := time.Now()
+	args := []string{"dump", "-t", strconv.Itoa(spec.PID), "-j", "--lazy-pages", "--ps-socket", "3"}
+	dump, err := b.Start(context.Background(), dir, "dump.log", []*os.File{theirs}, args, enterNamespaces(pr.PID, spec.PID))
+	theirs.Close()
+	if err != nil {
+		return failed(err)
+	}
+	// Before the point of no return, killing the dump resumes the program.
+	abort := func(err error) (migrate.Result, error) {
+		dump.Kill()
+		<-dump.Done()
+		_ = sc.WriteError(fmt.Errorf("node %s: %v", self, err))
+		return failed(err)
+	}
+	if err := dump.Ready(migrateReadyTimeout); err != nil {
+		dump.Kill()
+		<-dump.Done()
+		return failed(fmt.Errorf("criu dump: %w (%s)", err, dump.Tail()))
+	}
+	res.FreezeMS = ms(time.Since(freeze))
+	t := time.Now()
+	_ = conn.SetWriteDeadline(time.Now().Add(migrateRestoreTimeout))
+	n, err := migrate.SendFiles(sc, dir)
+	_ = conn.SetWriteDeadline(time.Time{})
+	res.ImageBytes = n
+	res.ImagesMS = ms(time.Since(t))
+	if err != nil {
+		return abort(fmt.Errorf("send the images to %s: %w", target, err))
+	}
+
+	tun := &migrate.Tunnel{Local: ours, C: sc}
+	go func() { _ = tun.Pump() }()
+	restored := make(chan migrate.Restored, 1)
+	doneC := make(chan migrate.Done, 1)
+	rerr := make(chan error, 1)
+	go func() {
+		for {
+			f, err := sc.Read()
+			if err != nil {
+				rerr <- fmt.Errorf("lost node %s: %w", target, err)
+				return
+			}
+			switch f.Type {
+			case stream.Pages, stream.PagesEOF:
+				_ = tun.Deliver(f)
+			case stream.Restored:
+				var r migrate.Restored
+				if json.Unmarshal(f.Payload, &r) != nil {
+					rerr <- fmt.Errorf("node %s sent a bad restored frame", target)
+					return
+				}
+				restored <- r
+			case stream.Done:
+				var d migrate.Done
+				_ = json.Unmarshal(f.Payload, &d)
+				doneC <- d
+				return
+			case stream.Error:
+				rerr <- errors.New(string(f.Payload))
+				return
+			default:
+				rerr <- fmt.Errorf("node %s sent an unexpected %s frame", target, f.Type)
+				return
+			}
+		}
+	}()
+	var r migrate.Restored
+	dumpDone := dump.Done()
+	var dumpErr error
+	dumpEnded := false
+	select {
+	case r = <-restored:
+	case err := <-rerr:
+		return abort(err)
+	case dumpErr = <-dumpDone:
+		dumpEnded = true
+		if dumpErr != nil {
+			return failed(fmt.Errorf("criu dump: %v (%s)", dumpErr, dump.Tail()))
+		}
+		// Every page left: the target restored; its word is on the way.
+		select {
+		case r = <-restored:
+		case err := <-rerr:
+			return res, migrateErr(http.StatusBadGateway, "migration of %s to %s: every page was sent but the target did not confirm (%v): the process is lost", gid, target, err)
+		case <-time.After(migrateRestoreTimeout):
+			return res, migrateErr(http.StatusGatewayTimeout, "migration of %s to %s: every page was sent but the target did not confirm: the process is lost", gid, target)
+		}
+	case <-time.After(migrateRestoreTimeout):
+		return abort(fmt.Errorf("node %s did not restore within %v", target, migrateRestoreTimeout))
+	case <-ctx.Done():
+		return abort(ctx.Err())
+	}
+	// Point of no return: the program runs on the target.
+	res.DowntimeMS = ms(time.Since(freeze))
+	res.RestoreMS, res.PID, res.PIDNS = r.RestoreMS, r.PID, r.PIDNS
+	p.mu.Lock()
+	mig.to = target
+	p.mu.Unlock()
+	p.remember(gid, target)
+	p.a.log.Info("process migrated", "gid", gid, "to", target, "downtime_ms", res.DowntimeMS, "reason", reason)
+	if !dumpEnded {
+		select {
+		case dumpErr = <-dumpDone:
+		case err := <-rerr:
+			// The target went away before its last page: the copy
+			// there dies without its pages; the frozen original must
+			// not run on as well (both would have run).
+			_ = syscall.Kill(-pr.PID, syscall.SIGKILL)
+			dump.Kill()
+			<-dumpDone
+			return res, migrateErr(http.StatusBadGateway, "migration of %s to %s: the target was lost after the restore, before every page arrived (%v): the process is lost", gid, target, err)
+		case <-time.After(migratePagesTimeout):
+			_ = syscall.Kill(-pr.PID, syscall.SIGKILL)
+			dump.Kill()
+			<-dumpDone
+			return res, migrateErr(http.StatusGatewayTimeout, "migration of %s to %s: pages not all sent after %v: the process is lost", gid, target, migratePagesTimeout)
+		}
+	}
+	if dumpErr != nil {
+		p.a.log.Warn("criu dump ended with an error after the restore", "gid", gid, "err", dumpErr, "log", dump.Tail())
+		_ = syscall.Kill(-pr.PID, syscall.SIGKILL)
+	}
+	select {
+	case d := <-doneC:
+		_ = d
+	case err := <-rerr:
+		p.a.log.Info("no done from the target", "gid", gid, "err", err)
+	case <-time.After(time.Minute):
+	}
+	res.PageBytes = tun.Sent()
+	res.TotalMS = ms(time.Since(begin))
+	res.Note = fmt.Sprintf("migrated from %s: %s", self, reason)
+	select {
+	case <-pr.Done():
+	case <-time.After(10 * time.Second):
+		_ = syscall.Kill(-pr.PID, syscall.SIGKILL)
+	}
+	p.mgr.Remove(pr)
+	return res, nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// enterNamespaces returns a start function that runs CRIU in the PID and
+// mount namespaces of pid (where it has the PID inner) when the program
+// was restored into a fresh PID namespace, or nil.
+func enterNamespaces(pid, inner int) func(*exec.Cmd) error {
+	if pid == inner {
+		return nil
+	}
+	return func(c *exec.Cmd) error {
+		nsenter, err := exec.LookPath("nsenter")
+		if err != nil {
+			return fmt.Errorf("the program runs in a PID namespace and nsenter is missing: %w", err)
+		}
+		c.Args = append([]string{"nsenter", "-t", strconv.Itoa(pid), "-p", "-m", "--"}, c.Args...)
+		c.Path = nsenter
+		return c.Start()
+	}
+}
+
+// migrateIn restores a program migrating here from node from.
+func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, from string) {
+	self := p.a.id.Node
+	log := p.a.log.With("gid", spec.GID, "from", from)
+	fail := func(format string, args ...any) {
+		err := fmt.Errorf("node %s: "+format, append([]any{self}, args...)...)
+		log.Warn("incoming migration failed", "err", err)
+		_ = sc.WriteError(err)
+	}
+	if _, ok := p.mgr.Get(spec.GID); ok {
+		fail("process %s is already here", spec.GID)
+		return
+	}
+	b, err := criuBinary()
+	if err != nil {
+		fail("cannot restore: %v", err)
+		return
+	}
+	dir := filepath.Join(p.a.cfg.DataDir, "proc", "migrate", spec.GID+".in")
+	_ = os.RemoveAll(dir)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		fail("cannot store the checkpoint images: %v", err)
+		return
+	}
+	cleanup := true
+	defer func() {
+		if cleanup {
+			os.RemoveAll(dir)
+		}
+	}()
+	sink := &migrate.FileSink{Dir: dir, Max: maxImageBytes}
+	for {
+		_ = c.SetReadDeadline(time.Now().Add(migrateFrameTimeout))
+		f, err := sc.Read()
+		if err != nil {
+			sink.Close()
+			log.Info("incoming migration: source gone", "err", err)
+			return
+		}
+		if f.Type == stream.FilesDone {
+			break
+		}
+		if f.Type != stream.File {
+			sink.Close()
+			fail("expected a file frame, got %s", f.Type)
+			return
+		}
+		if err := sink.Write(f.Payload); err != nil {
+			sink.Close()
+			fail("cannot store the checkpoint images in %s: %v", dir, err)
+			return
+		}
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	if err := sink.Close(); err != nil {
+		fail("cannot store the checkpoint images in %s: %v", dir, err)
+		return
+	}
+
+	ours, theirs, err := migrate.SocketPair()
+	if err != nil {
+		fail("%v", err)
+		return
+	}
+	lazy, err := b.Start(context.Background(), dir, "lazy-pages.log", []*os.File{theirs},
+		[]string{"lazy-pages", "--page-server", "--ps-socket", "3"}, nil)
+	theirs.Close()
+	if err != nil {
+		ours.Close()
+		fail("%v", err)
+		return
+	}
+	if err := lazy.Ready(30 * time.Second); err != nil {
+		ours.Close()
+		lazy.Kill()
+		<-lazy.Done()
+		fail("criu lazy-pages: %v", err)
+		return
+	}
+	tun := &migrate.Tunnel{Local: ours, C: sc}
+	go func() { _ = tun.Pump() }()
+	rerr := make(chan error, 1)
+	go func() {
+		for {
+			f, err := sc.Read()
+			if err != nil {
+				rerr <- err
+				return
+			}
+			switch f.Type {
+			case stream.Pages, stream.PagesEOF:
+				if err := tun.Deliver(f); err != nil && f.Type == stream.Pages {
+					log.Debug("deliver pages", "err", err)
+				}
+			case stream.Error:
+				rerr <- errors.New(string(f.Payload))
+				return
+			default:
+				rerr <- fmt.Errorf("unexpected %s frame", f.Type)
+				return
+			}
+		}
+	}()
+	stopLazy := func() {
+		ours.Close()
+		lazy.Kill()
+		<-lazy.Done()
+	}
+
+	start := time.Now()
+	pr, stdio, pidns, err := p.restore(b, dir, spec, true, fmt.Sprintf("migrated from %s: %s", from, spec.Reason))
+	if err != nil {
+		stopLazy()
+		if os.Getenv("ONEBOX_KEEP_MIGRATE_IMAGES") != "" {
+			cleanup = false
+		}
+		fail("restore failed: %v", err)
+		return
+	}
+	restoreMS := ms(time.Since(start))
+	if stdio != nil {
+		p.await(pr, stdio)
+	}
+	p.remember(spec.GID, self)
+	if err := sc.WriteJSON(stream.Restored, migrate.Restored{Node: self, PID: pr.PID, RestoreMS: restoreMS, PIDNS: pidns}); err != nil {
+		log.Warn("cannot confirm the restore", "err", err)
+	}
+	log.Info("process restored from a migration", "pid", pr.PID, "restore_ms", restoreMS, "pidns", pidns)
+	select {
+	case err := <-lazy.Done():
+		if err != nil {
+			// Pages are missing: the program must not go on with
+			// zero-filled memory.
+			_ = p.mgr.SignalProc(pr, syscall.SIGKILL)
+			log.Warn("lazy pages failed: the restored program is stopped", "err", err, "log", lazy.Tail())
+			ours.Close()
+			return
+		}
+		_ = sc.WriteJSON(stream.Done, migrate.Done{PagesMS: ms(time.Since(start))})
+		ours.Close()
+	case err := <-rerr:
+		// The source is gone before the last page: stop the program
+		// before its pager goes (it would read zeroes).
+		_ = p.mgr.SignalProc(pr, syscall.SIGKILL)
+		stopLazy()
+		log.Warn("source lost before every page arrived: the restored program is stopped", "err", err)
+	case <-time.After(migratePagesTimeout):
+		_ = p.mgr.SignalProc(pr, syscall.SIGKILL)
+		stopLazy()
+	}
+	// Linger until the source closes (bounded).
+	select {
+	case <-rerr:
+	case <-time.After(drainTimeout):
+	}
+}
+
+// restore restores the program in dir under a holder (in a fresh PID
+// namespace if its PID is taken here) with new stdio: pipes (returned) for
+// an attached program, a new log file for a detached one.
+func (p *procState) restore(b criu.Binary, dir string, spec migrate.Spec, lazy bool, note string) (*manager.Proc, *manager.Stdio, bool, error) {
+	var closeLater []*os.File
+	defer func() {
+		for _, f := range closeLater {
+			f.Close()
+		}
+	}()
+	var extra []*os.File // the holder's fds 4.. (CRIU's 3..)
+	var inherit []criu.Inherit
+	var stdio *manager.Stdio
+	logPath := ""
+	if spec.Detached {
+		if err := os.MkdirAll(filepath.Join(p.a.cfg.DataDir, "proc", "logs"), 0o700); err != nil {
+			return nil, nil, false, err
+		}
+		logPath = filepath.Join(p.a.cfg.DataDir, "proc", "logs", spec.GID+".log")
+		lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, nil, false, err
+		}
+		closeLater = append(closeLater, lf)
+		seen := map[string]bool{}
+		for fd := 1; fd < 3; fd++ {
+			k := spec.Stdio[fd]
+			if seen[k] || k == "dev/null" {
+				continue
+			}
+			seen[k] = true
+			inherit = append(inherit, criu.Inherit{FD: 3 + len(extra), Key: k})
+			extra = append(extra, lf)
+		}
+	} else {
+		var pipes [3][2]*os.File
+		for i := range pipes {
+			r, w, err := os.Pipe()
+			if err != nil {
+				return nil, nil, false, err
+			}
+			pipes[i] = [2]*os.File{r, w}
+		}
+		for _, fd := range []int{1, 2} { // room for output while the caller switches over
+			_, _ = unix.FcntlInt(pipes[fd][0].Fd(), unix.F_SETPIPE_SZ, 1<<20)
+		}
+		child := []*os.File{pipes[0][0], pipes[1][1], pipes[2][1]}
+		for fd := 0; fd < 3; fd++ {
+			inherit = append(inherit, criu.Inherit{FD: 3 + fd, Key: spec.Stdio[fd]})
+			extra = append(extra, child[fd])
+			closeLater = append(closeLater, child[fd])
+		}
+		stdio = &manager.Stdio{Stdin: pipes[0][1], Stdout: pipes[1][0], Stderr: pipes[2][0]}
+	}
+	closeStdio := func() {
+		if stdio != nil {
+			stdio.Stdin.Close()
+			stdio.Stdout.Close()
+			stdio.Stderr.Close()
+		}
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		closeStdio()
+		return nil, nil, false, err
+	}
+	_, err = os.Stat("/proc/" + strconv.Itoa(spec.PID))
+	pidns := err == nil // the PID is taken here
+	args := []string{migrate.HolderCommand}
+	if pidns {
+		args = append(args, "--newpid")
+	}
+	args = append(args, "--", b.Path)
+	args = append(args, criu.RestoreArgs(lazy, inherit)...)
+	args = append(args, "-D", dir, "-o", "restore.log", criu.LogLevel)
+	sr, sw, err := os.Pipe()
+	if err != nil {
+		closeStdio()
+		return nil, nil, false, err
+	}
+	cmd := exec.Command(exe, args...)
+	cmd.Dir = "/"
+	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.ExtraFiles = append([]*os.File{sw}, extra...)
+	if hl, err := os.Create(filepath.Join(dir, "holder.log")); err == nil {
+		cmd.Stderr = hl
+		closeLater = append(closeLater, hl)
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{}
+	if pidns {
+		cmd.SysProcAttr.Cloneflags = syscall.CLONE_NEWPID | syscall.CLONE_NEWNS
+	}
+	pr, err := p.mgr.Adopt(manager.AdoptOptions{GID: spec.GID, Home: spec.Home, Argv: spec.Argv, Started: spec.Started,
+		Detached: spec.Detached, Log: logPath, Balance: spec.Balance, Note: note,
+		Holder: cmd, Status: sr, Child: migrate.ChildOf, Timeout: migrateRestoreTimeout})
+	sw.Close()
+	if err != nil {
+		closeStdio()
+		tail := criu.LogTail(filepath.Join(dir, "restore.log"))
+		if b, _ := os.ReadFile(filepath.Join(dir, "holder.log")); len(b) > 0 {
+			tail += "; holder: " + strings.TrimSpace(string(b))
+		}
+		return nil, nil, false, fmt.Errorf("%v (%s)", err, tail)
+	}
+	return pr, stdio, pidns, nil
+}
+
+// await keeps a restored program's stdio until its caller attaches; if
+// none comes in attachTimeout, the program gets SIGHUP, as when a caller
+// hangs up.
+func (p *procState) await(pr *manager.Proc, stdio *manager.Stdio) {
+	w := &waitingStdio{pr: pr, stdio: stdio}
+	p.mu.Lock()
+	p.waiting[pr.GID] = w
+	w.timer = time.AfterFunc(attachTimeout, func() {
+		p.mu.Lock()
+		if p.waiting[pr.GID] != w {
+			p.mu.Unlock()
+			return
+		}
+		delete(p.waiting, pr.GID)
+		p.mu.Unlock()
+		p.a.log.Info("no caller attached to the migrated program: SIGHUP", "gid", pr.GID)
+		_ = p.mgr.SignalProc(pr, syscall.SIGHUP)
+		stdio.Stdin.Close()
+		stdio.Stdout.Close()
+		stdio.Stderr.Close()
+	})
+	p.mu.Unlock()
+}
+
+// attach gives a migrated program's stdio to the caller that followed it.
+func (p *procState) attach(sc *stream.Conn, gid string) {
+	p.mu.Lock()
+	w := p.waiting[gid]
+	if w != nil {
+		delete(p.waiting, gid)
+		w.timer.Stop()
+	}
+	p.mu.Unlock()
+	if w == nil {
+		_ = sc.WriteError(fmt.Errorf("node %s has no migrated process %s waiting for its caller", p.a.id.Node, gid))
+		return
+	}
+	p.streamProc(sc, w.pr, w.stdio, true)
+}
+
+// MigrateRequest answers POST /v1/procs/{gid}/migrate.
+type MigrateRequest = migrate.Result
+
+// migrateRoute serves 'onebox migrate': here if the program runs here,
+// else forwarded to its node.
+func (p *procState) migrateRoute(w http.ResponseWriter, r *http.Request) {
+	gid := r.PathValue("gid")
+	q := r.URL.Query()
+	target := q.Get("node")
+	if !manager.ValidGID(gid) {
+		replyJSON(w, http.StatusNotFound, api.ErrorBody{Error: fmt.Sprintf("%q is not a process id (ids look like g0123456789ab: 'onebox ps' lists them)", gid)})
+		return
+	}
+	if target == "" {
+		replyJSON(w, http.StatusBadRequest, api.ErrorBody{Error: "say where to: a node name or 'home'"})
+		return
+	}
+	reply := func(res migrate.Result, err error) {
+		if err != nil {
+			var pe *peerError
+			if errors.As(err, &pe) {
+				replyJSON(w, pe.code, api.ErrorBody{Error: pe.msg})
+				return
+			}
+			replyJSON(w, http.StatusInternalServerError, api.ErrorBody{Error: err.Error()})
+			return
+		}
+		replyJSON(w, http.StatusOK, res)
+	}
+	if _, ok := p.mgr.Get(gid); ok || q.Get("scope") == "node" {
+		reply(p.migrateOut(r.Context(), gid, target, "user", ""))
+		return
+	}
+	l := p.list(r.Context())
+	for _, pi := range l.Procs {
+		if pi.GID != gid || pi.State != manager.StateRunning {
+			continue
+		}
+		m, ok := p.member(pi.Node)
+		if !ok {
+			break
+		}
+		var res migrate.Result
+		q.Set("scope", "node")
+		err := p.peerCallTimeout(r.Context(), m, http.MethodPost, "/v1/procs/"+url.PathEscape(gid)+"/migrate?"+q.Encode(),
+			migrateRestoreTimeout+migratePagesTimeout, &res)
+		reply(res, err)
+		return
+	}
+	replyJSON(w, http.StatusNotFound, api.ErrorBody{Error: fmt.Sprintf("no running process %s in the cluster ('onebox ps' lists them)", gid)})
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/onebox-project/onebox/fabric/membership"
 	"github.com/onebox-project/onebox/fabric/pki"
 	"github.com/onebox-project/onebox/proc/manager"
+	"github.com/onebox-project/onebox/proc/migrate"
 	"github.com/onebox-project/onebox/proc/stream"
 )
 
@@ -71,6 +72,9 @@ type procState struct {
 	conns  map[io.Closer]bool // live stream connections (true: dialed by us); guarded by mu
 	closed bool               // guarded by mu
 	where  map[string]seen    // GID → node it was last seen on; guarded by mu
+
+	migrating map[string]*migration    // outgoing migrations by GID, kept a while after; guarded by mu
+	waiting   map[string]*waitingStdio // restored here, stdio waiting for the caller; guarded by mu
 }
 
 type seen struct {
@@ -90,6 +94,7 @@ func (a *Agent) startProc(_ context.Context) error {
 			Logger: a.log.With("component", "proc")}),
 		ctx: pctx, cancel: cancel,
 		conns: map[io.Closer]bool{}, where: map[string]seen{},
+		migrating: map[string]*migration{}, waiting: map[string]*waitingStdio{},
 	}
 	a.mux.Handle(stream.ALPN, a.proc.serveFabric)
 	return nil
@@ -203,7 +208,7 @@ func (a *Agent) procRoutes(mux *http.ServeMux, side string) {
 		start := time.Now()
 		var v manager.ClusterList
 		if r.URL.Query().Get("scope") == "node" {
-			v = manager.ClusterList{Observer: a.id.Node, Procs: p.mgr.List()}
+			v = manager.ClusterList{Observer: a.id.Node, Procs: p.localList()}
 		} else {
 			v = p.list(r.Context())
 		}
@@ -219,6 +224,16 @@ func (a *Agent) procRoutes(mux *http.ServeMux, side string) {
 		code, v := p.signal(r.Context(), r.PathValue("gid"), r.URL.Query().Get("signal"), r.URL.Query().Get("scope") == "node")
 		replyJSON(w, code, v)
 		a.metrics.observeRequest(side, "signal", code, time.Since(start))
+	})
+	mux.HandleFunc("POST "+pathMigrate, func(w http.ResponseWriter, r *http.Request) {
+		p := ready(w)
+		if p == nil {
+			return
+		}
+		start := time.Now()
+		rec := &statusRecorder{ResponseWriter: w, code: http.StatusOK}
+		p.migrateRoute(rec, r)
+		a.metrics.observeRequest(side, "migrate", rec.code, time.Since(start))
 	})
 	mux.HandleFunc("POST "+pathRun, func(w http.ResponseWriter, r *http.Request) {
 		p := ready(w)
@@ -238,6 +253,50 @@ func replyJSON(w http.ResponseWriter, code int, v any) {
 	_ = enc.Encode(v)
 }
 
+type statusRecorder struct {
+	http.ResponseWriter
+	code int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	s.code = code
+	s.ResponseWriter.WriteHeader(code)
+}
+
+// localList is this node's processes for 'onebox ps': programs that moved
+// away (still frozen here while their pages leave) are left out, and a
+// running program that cannot migrate says why in its note.
+func (p *procState) localList() []manager.Info {
+	all := p.mgr.List()
+	out := all[:0]
+	for _, i := range all {
+		cur, _ := p.mgr.Get(i.GID)
+		p.mu.Lock()
+		m := p.migrating[i.GID]
+		if m != nil && m.pr != cur {
+			m = nil // an earlier migration of the program, which came back
+		}
+		to := ""
+		if m != nil {
+			to = m.to
+		}
+		p.mu.Unlock()
+		if to != "" {
+			continue
+		}
+		if i.State == manager.StateRunning && m == nil {
+			if why := migrate.Check(i.PID); why != "" {
+				if i.Note != "" {
+					i.Note += "; "
+				}
+				i.Note += "cannot migrate: it " + why
+			}
+		}
+		out = append(out, i)
+	}
+	return out
+}
+
 // SignalResult is the answer of a signal request.
 type SignalResult struct {
 	GID    string `json:"gid"`
@@ -249,7 +308,7 @@ type SignalResult struct {
 // PeerTimeout. Members that do not answer, or are down, are reported.
 func (p *procState) list(ctx context.Context) manager.ClusterList {
 	a := p.a
-	out := manager.ClusterList{Observer: a.id.Node, Procs: p.mgr.List()}
+	out := manager.ClusterList{Observer: a.id.Node, Procs: p.localList()}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	for _, m := range a.members.Members() {
@@ -302,13 +361,19 @@ func (p *procState) fetchList(ctx context.Context, m membership.Member) ([]manag
 // peerCall makes one control-API request to a member over mutual TLS,
 // bounded by PeerTimeout, and checks the answer comes from that member.
 func (p *procState) peerCall(ctx context.Context, m membership.Member, method, path string, v any) error {
-	ctx, cancel := context.WithTimeout(ctx, p.a.cfg.PeerTimeout)
+	return p.peerCallTimeout(ctx, m, method, path, p.a.cfg.PeerTimeout, v)
+}
+
+// peerCallTimeout is peerCall bounded by timeout instead.
+func (p *procState) peerCallTimeout(ctx context.Context, m membership.Member, method, path string, timeout time.Duration, v any) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, method, "https://"+m.FabricAddr+path, nil)
 	if err != nil {
 		return err
 	}
-	resp, err := p.a.peers.hc.Do(req)
+	hc := &http.Client{Transport: p.a.peers.hc.Transport} // bounded by ctx
+	resp, err := hc.Do(req)
 	if err != nil {
 		return err
 	}
@@ -444,31 +509,77 @@ func (p *procState) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if target.Name == p.a.id.Node {
-		p.runHere(sc, spec)
+		p.runHere(sc, spec, false)
 		return
 	}
 	p.relay(sc, spec, target)
 }
 
 // serveFabric serves a stream from another agent (ALPN stream.ALPN; the
-// mux already checked the client's cluster certificate).
+// mux already checked the client's cluster certificate): a program to run
+// (Start), a caller following a migrated program (Attach), or an incoming
+// migration (Migrate).
 func (p *procState) serveFabric(c net.Conn) {
 	if !p.track(c, false) {
 		return
 	}
 	defer p.untrack(c)
 	sc := stream.NewConn(c, nil)
-	spec, err := readStart(c, sc)
+	peer := ""
+	if tc, ok := c.(*tls.Conn); ok {
+		peer = pki.PeerName(tc.ConnectionState())
+	}
+	_ = c.SetReadDeadline(time.Now().Add(startFrameTimeout))
+	f, err := sc.Read()
+	_ = c.SetReadDeadline(time.Time{})
 	if err != nil {
-		_ = sc.WriteError(err)
+		_ = sc.WriteError(fmt.Errorf("read start frame: %w", err))
 		return
 	}
-	if spec.Home == "" {
-		if tc, ok := c.(*tls.Conn); ok {
-			spec.Home = pki.PeerName(tc.ConnectionState())
+	decode := func(v any) error {
+		dec := json.NewDecoder(bytes.NewReader(f.Payload))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(v); err != nil {
+			return fmt.Errorf("bad %s frame: %w", f.Type, err)
 		}
+		return nil
 	}
-	p.runHere(sc, spec)
+	switch f.Type {
+	case stream.Start:
+		var spec stream.Spec
+		if err := decode(&spec); err != nil {
+			_ = sc.WriteError(err)
+			return
+		}
+		if err := spec.Validate(); err != nil {
+			_ = sc.WriteError(err)
+			return
+		}
+		if spec.Home == "" {
+			spec.Home = peer
+		}
+		p.runHere(sc, spec, true)
+	case stream.Attach:
+		var ai stream.AttachInfo
+		if err := decode(&ai); err != nil {
+			_ = sc.WriteError(err)
+			return
+		}
+		p.attach(sc, ai.GID)
+	case stream.Migrate:
+		var ms migrate.Spec
+		if err := decode(&ms); err != nil {
+			_ = sc.WriteError(err)
+			return
+		}
+		if err := ms.Validate(); err != nil {
+			_ = sc.WriteError(err)
+			return
+		}
+		p.migrateIn(c, sc, ms, peer)
+	default:
+		_ = sc.WriteError(fmt.Errorf("expected a start, attach or migrate frame, got %s", f.Type))
+	}
 }
 
 // readStart reads and checks the Start frame, bounded by startFrameTimeout.
@@ -533,8 +644,9 @@ func (p *procState) pickNode(ctx context.Context, spec stream.Spec) (membership.
 }
 
 // runHere starts the program on this node and streams its stdio on sc
-// until it ends (attached), or answers with its id (detached).
-func (p *procState) runHere(sc *stream.Conn, spec stream.Spec) {
+// until it ends (attached), or answers with its id (detached). redirect:
+// the caller is another agent, which understands Moved.
+func (p *procState) runHere(sc *stream.Conn, spec stream.Spec, redirect bool) {
 	memEnv, release, err := p.a.memoryExpand(spec)
 	if err != nil {
 		_ = sc.WriteError(fmt.Errorf("node %s: %w", p.a.id.Node, err))
@@ -568,8 +680,41 @@ func (p *procState) runHere(sc *stream.Conn, spec stream.Spec) {
 	if spec.Detach {
 		return
 	}
+	p.streamProc(sc, pr, stdio, redirect)
+}
+
+// upFrame is one frame read from a caller, or the read's error.
+type upFrame struct {
+	f   stream.Frame
+	err error
+}
+
+// readUp reads the caller's frames until the connection fails; the last
+// item carries the error. A caller's frames are read by one goroutine for
+// the stream's life, so that a program that migrates hands the same
+// reader over to the relay that follows it.
+func readUp(sc *stream.Conn) <-chan upFrame {
+	ch := make(chan upFrame, 16)
+	go func() {
+		for {
+			f, err := sc.Read()
+			ch <- upFrame{f, err}
+			if err != nil {
+				close(ch)
+				return
+			}
+		}
+	}()
+	return ch
+}
+
+// streamProc streams a running program's stdio on sc until it ends, or
+// until it migrated away: then a caller that is an agent (redirect) gets
+// Moved and follows it itself; the CLI's own connection is relayed here
+// to the program's new node.
+func (p *procState) streamProc(sc *stream.Conn, pr *manager.Proc, stdio *manager.Stdio, redirect bool) {
 	log := p.a.log.With("gid", pr.GID)
-	quit := make(chan struct{}) // closed when runHere returns
+	quit := make(chan struct{}) // closed when streamProc returns
 	defer close(quit)
 	ended := make(chan struct{}) // closed when the program has ended
 
@@ -614,19 +759,33 @@ func (p *procState) runHere(sc *stream.Conn, spec stream.Spec) {
 			}
 		}
 	}()
-	// The reader runs until the caller closes the connection: after the
-	// program ended it still takes (and drops) what the caller sends, so
-	// the connection is never closed with unread data (a TCP reset could
-	// destroy the Exit frame in flight).
+	// The caller's frames are taken until the program ends (or moves):
+	// then the taker stops, and what follows (lingering until the caller
+	// closes, or a relay to the program's new node) reads the rest.
+	up := readUp(sc)
 	readerr := make(chan error, 1)
+	takerDone := make(chan struct{})
 	go func() {
+		defer close(takerDone)
 		eof := false
 		for {
-			f, err := sc.Read()
-			if err != nil {
-				readerr <- err
+			var u upFrame
+			var ok bool
+			select {
+			case u, ok = <-up:
+			case <-ended:
+				return
+			case <-quit:
 				return
 			}
+			if !ok {
+				return
+			}
+			if u.err != nil {
+				readerr <- u.err
+				return
+			}
+			f := u.f
 			switch f.Type {
 			case stream.Stdin:
 				if eof {
@@ -681,15 +840,44 @@ func (p *procState) runHere(sc *stream.Conn, spec stream.Spec) {
 		<-drained
 	}
 	stdio.Stdin.Close()
-	st := p.mgr.Status(pr)
-	if sc.Write(stream.Exit, stream.EncodeExit(stream.ExitStatus{Code: st.Code, Signal: st.Signal})) != nil {
-		return
+	<-takerDone
+	// If the program ended because it migrated, the caller follows it.
+	if to := p.movedTo(pr); to != "" {
+		if redirect {
+			if sc.WriteJSON(stream.Moved, stream.MovedInfo{GID: pr.GID, Node: to}) != nil {
+				return
+			}
+		} else {
+			p.follow(sc, up, pr.GID, to)
+			return
+		}
+	} else {
+		st := p.mgr.Status(pr)
+		if sc.Write(stream.Exit, stream.EncodeExit(stream.ExitStatus{Code: st.Code, Signal: st.Signal})) != nil {
+			return
+		}
 	}
-	// Linger until the caller, having read Exit, closes (bounded).
-	select {
-	case <-readerr:
-	case <-time.After(drainTimeout):
-	case <-p.ctx.Done():
+	// Linger until the caller, having read the last frame, closes (bounded).
+	lingerUp(up, p.ctx)
+}
+
+// lingerUp drops the caller's frames until it closes (bounded), so the
+// connection is not closed with unread data (a TCP reset could destroy
+// the last frame in flight).
+func lingerUp(up <-chan upFrame, ctx context.Context) {
+	t := time.NewTimer(drainTimeout)
+	defer t.Stop()
+	for {
+		select {
+		case u, ok := <-up:
+			if !ok || u.err != nil {
+				return
+			}
+		case <-t.C:
+			return
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 
@@ -705,79 +893,158 @@ func (p *procState) relay(sc *stream.Conn, spec stream.Spec, target membership.M
 	if !p.track(rc, true) {
 		return
 	}
-	defer p.untrack(rc)
 	remote := stream.NewConn(rc, nil)
 	if err := remote.WriteJSON(stream.Start, spec); err != nil {
+		p.untrack(rc)
 		_ = sc.WriteError(fmt.Errorf("node %s: %w", target.Name, err))
 		return
 	}
 	_ = rc.SetReadDeadline(time.Now().Add(startedTimeout))
 	f, err := remote.Read()
 	_ = rc.SetReadDeadline(time.Time{})
+	var si stream.StartedInfo
 	switch {
 	case err != nil:
 		_ = sc.WriteError(fmt.Errorf("node %s did not start the program: %w", target.Name, err))
-		return
 	case f.Type == stream.Error:
 		_ = sc.Write(stream.Error, f.Payload)
-		return
 	case f.Type != stream.Started:
 		_ = sc.WriteError(fmt.Errorf("node %s answered %s instead of started", target.Name, f.Type))
-		return
-	}
-	var si stream.StartedInfo
-	if json.Unmarshal(f.Payload, &si) == nil {
+	case json.Unmarshal(f.Payload, &si) != nil:
+		_ = sc.WriteError(fmt.Errorf("node %s sent a bad started frame", target.Name))
+	default:
 		p.remember(si.GID, target.Name)
-	}
-	if err := sc.Write(stream.Started, f.Payload); err != nil || spec.Detach {
+		if err := sc.Write(stream.Started, f.Payload); err != nil || spec.Detach {
+			break
+		}
+		p.pipe(sc, readUp(sc), rc, remote, target.Name)
 		return
 	}
-	// Caller → runner. When the caller goes, closing rc tells the runner
-	// (which sends SIGHUP).
-	// After a failed write to the runner it keeps reading (and dropping):
-	// the runner's last frames may still be on their way, and closing rc
-	// now would lose them.
+	p.untrack(rc)
+}
+
+// follow relays a caller's stream (whose frames come on up) to the node
+// a program migrated to: it attaches there and pipes.
+func (p *procState) follow(sc *stream.Conn, up <-chan upFrame, gid, node string) {
+	rc, remote, err := p.attachTo(gid, node)
+	if err != nil {
+		_ = sc.WriteError(err)
+		lingerUp(up, p.ctx)
+		return
+	}
+	p.pipe(sc, up, rc, remote, node)
+}
+
+// attachTo dials node and sends Attach for gid; the connection is tracked.
+func (p *procState) attachTo(gid, node string) (net.Conn, *stream.Conn, error) {
+	m, ok := p.member(node)
+	if !ok {
+		return nil, nil, fmt.Errorf("the program %s moved to node %s, which is not a member", gid, node)
+	}
+	rc, err := p.dial(m)
+	if err != nil {
+		return nil, nil, fmt.Errorf("the program %s moved to node %s, which cannot be reached: %w", gid, node, err)
+	}
+	if !p.track(rc, true) {
+		return nil, nil, errors.New("the agent is shutting down")
+	}
+	remote := stream.NewConn(rc, nil)
+	if err := remote.WriteJSON(stream.Attach, stream.AttachInfo{GID: gid}); err != nil {
+		p.untrack(rc)
+		return nil, nil, fmt.Errorf("the program %s moved to node %s: %w", gid, node, err)
+	}
+	p.remember(gid, node)
+	return rc, remote, nil
+}
+
+// pipe passes frames between the caller (sc, its frames on up) and the
+// runner (rc) until Exit or Error. On Moved it attaches to the program's
+// new node and goes on: the caller never notices. rc is untracked when
+// pipe returns.
+func (p *procState) pipe(sc *stream.Conn, up <-chan upFrame, rc net.Conn, remote *stream.Conn, node string) {
+	// Caller → runner. When the caller goes, closing the runner's
+	// connection tells the runner (which sends SIGHUP). Frames that come
+	// while the program moves wait for the new node (at most 256).
+	var mu sync.Mutex
+	cur := remote // guarded by mu; nil while switching
+	curRC := rc   // guarded by mu
+	var held []stream.Frame
 	upDone := make(chan struct{})
 	go func() {
 		defer close(upDone)
-		defer rc.Close()
-		forward := true
-		for {
-			f, err := sc.Read()
-			if err != nil {
-				return
+		for u := range up {
+			if u.err != nil {
+				break
 			}
-			switch f.Type {
-			case stream.Stdin, stream.StdinEOF, stream.Signal:
-			default:
-				return
+			if t := u.f.Type; t != stream.Stdin && t != stream.StdinEOF && t != stream.Signal {
+				break
 			}
-			if forward && remote.Write(f.Type, f.Payload) != nil {
-				forward = false
+			mu.Lock()
+			if cur == nil {
+				if len(held) < 256 {
+					held = append(held, u.f)
+				}
+			} else if cur.Write(u.f.Type, u.f.Payload) != nil {
+				// Keep reading (and dropping): the runner's last frames
+				// may still be on their way.
 			}
+			mu.Unlock()
 		}
+		mu.Lock()
+		if curRC != nil {
+			curRC.Close()
+		}
+		mu.Unlock()
 	}()
 	// Runner → caller, until Exit or Error.
 	for {
 		f, err := remote.Read()
 		if err != nil {
 			if p.closing() {
-				err = fmt.Errorf("the agent of node %s is shutting down: the program on %s gets SIGHUP", p.a.id.Node, target.Name)
+				err = fmt.Errorf("the agent of node %s is shutting down: the program on %s gets SIGHUP", p.a.id.Node, node)
 			} else {
-				err = fmt.Errorf("lost the connection to node %s, where the program runs: %w", target.Name, err)
+				err = fmt.Errorf("lost the connection to node %s, where the program runs: %w", node, err)
 			}
 			_ = sc.WriteError(err)
 			break
 		}
+		if f.Type == stream.Moved {
+			var mi stream.MovedInfo
+			if json.Unmarshal(f.Payload, &mi) != nil || mi.Node == "" {
+				_ = sc.WriteError(fmt.Errorf("node %s sent a bad moved frame", node))
+				break
+			}
+			mu.Lock()
+			cur = nil
+			mu.Unlock()
+			p.untrack(rc)
+			nrc, nremote, err := p.attachTo(mi.GID, mi.Node)
+			if err != nil {
+				rc = nil
+				_ = sc.WriteError(err)
+				break
+			}
+			mu.Lock()
+			for _, h := range held {
+				_ = nremote.Write(h.Type, h.Payload)
+			}
+			held = nil
+			cur, curRC = nremote, nrc
+			mu.Unlock()
+			rc, remote, node = nrc, nremote, mi.Node
+			continue
+		}
 		if f.Type != stream.Stdout && f.Type != stream.Stderr && f.Type != stream.Exit && f.Type != stream.Error {
-			_ = sc.WriteError(fmt.Errorf("node %s sent an unexpected %s frame", target.Name, f.Type))
+			_ = sc.WriteError(fmt.Errorf("node %s sent an unexpected %s frame", node, f.Type))
 			break
 		}
 		if sc.Write(f.Type, f.Payload) != nil || f.Type == stream.Exit || f.Type == stream.Error {
 			break
 		}
 	}
-	rc.Close()
+	if rc != nil {
+		rc.Close()
+	}
 	// Linger until the caller, having read the last frame, closes
 	// (bounded), then end the reader above.
 	select {
@@ -787,6 +1054,9 @@ func (p *procState) relay(sc *stream.Conn, spec stream.Spec, target membership.M
 	}
 	sc.Close()
 	<-upDone
+	if rc != nil {
+		p.untrack(rc)
+	}
 }
 
 // dial opens a stream connection to a member's agent: mutual TLS, ALPN

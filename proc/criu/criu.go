@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -122,4 +123,134 @@ func (b Binary) Check(ctx context.Context) error {
 func firstLine(b []byte) string {
 	s, _, _ := strings.Cut(strings.TrimSpace(string(b)), "\n")
 	return s
+}
+
+// LogLevel is the verbosity of CRIU's log files (-v): 2 is errors and
+// warnings, enough to say why a command failed.
+const LogLevel = "-v2"
+
+// Cmd is a running CRIU command started by Start.
+type Cmd struct {
+	*exec.Cmd
+	Dir string // the images directory, which also holds its log
+	Log string // log file name in Dir
+
+	ready   chan error // gets nil when CRIU writes its status byte, or an error
+	waitErr chan error // Wait's result, once
+}
+
+// Start runs CRIU with args plus "-D dir -o log" and "--status-fd N"; extra
+// become its file descriptors 3, 4, ... (nil entries stay closed), so args
+// can name them. wrap, if not nil, may adjust the command before it starts
+// (e.g. to enter namespaces or fork from a particular thread). Ready
+// tells when CRIU is ready (dump --lazy-pages: the images are written and
+// the page server serves; lazy-pages: it accepts the restore).
+func (b Binary) Start(ctx context.Context, dir, log string, extra []*os.File, args []string, start func(*exec.Cmd) error) (*Cmd, error) {
+	sr, sw, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	files := append(append([]*os.File(nil), extra...), sw)
+	full := append(append([]string(nil), args...), "-D", dir, "-o", log, LogLevel, "--status-fd", strconv.Itoa(2+len(files)))
+	c := b.Command(ctx, full...)
+	c.ExtraFiles = files
+	c.Stderr = nil
+	if start == nil {
+		start = (*exec.Cmd).Start
+	}
+	if err := start(c); err != nil {
+		sw.Close()
+		sr.Close()
+		return nil, fmt.Errorf("start criu %s: %w", args[0], err)
+	}
+	sw.Close()
+	cc := &Cmd{Cmd: c, Dir: dir, Log: log, ready: make(chan error, 1), waitErr: make(chan error, 1)}
+	go func() {
+		defer sr.Close()
+		var b [1]byte
+		if n, _ := sr.Read(b[:]); n == 1 {
+			cc.ready <- nil
+			return
+		}
+		cc.ready <- fmt.Errorf("criu %s ended before it was ready: %s", args[0], cc.Tail())
+	}()
+	go func() { cc.waitErr <- c.Wait() }()
+	return cc, nil
+}
+
+// Ready waits until CRIU says it is ready, it fails, or timeout passes.
+func (c *Cmd) Ready(timeout time.Duration) error {
+	select {
+	case err := <-c.ready:
+		return err
+	case <-time.After(timeout):
+		return fmt.Errorf("criu was not ready after %v", timeout)
+	}
+}
+
+// Done returns a channel that gets the command's exit (nil: success), once.
+func (c *Cmd) Done() <-chan error { return c.waitErr }
+
+// Kill ends the command at once (SIGKILL). Killing a lazy dump resumes
+// the dumped processes: they run on where they were.
+func (c *Cmd) Kill() {
+	if c.Process != nil {
+		_ = c.Process.Kill()
+	}
+}
+
+// Tail returns the last error lines of the command's log, for messages.
+func (c *Cmd) Tail() string { return LogTail(filepath.Join(c.Dir, c.Log)) }
+
+// LogTail returns the Error lines of a CRIU log (the last few), or its last
+// lines if it has none, on one line.
+func LogTail(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Sprintf("(no log %s: %v)", path, err)
+	}
+	var errs, all []string
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if strings.Contains(l, "RLIMIT_NOFILE") { // harmless, printed always here
+			continue
+		}
+		all = append(all, l)
+		if strings.Contains(l, "Error") {
+			errs = append(errs, l)
+		}
+	}
+	pick := errs
+	if len(pick) == 0 {
+		pick = all
+	}
+	if len(pick) > 4 {
+		pick = pick[len(pick)-4:]
+	}
+	if len(pick) == 0 {
+		return "(empty log " + path + ")"
+	}
+	return strings.Join(pick, " | ")
+}
+
+// Inherit is one --inherit-fd: CRIU gives the restored process fd FD of the
+// restoring process wherever the dumped process had Key ("pipe:[1234]",
+// or a file path without its leading slash).
+type Inherit struct {
+	FD  int
+	Key string
+}
+
+// RestoreArgs are the arguments of a restore run by a holder process
+// (proc/migrate): detached, as a sibling of CRIU (so the restored program
+// is the holder's child, and its parent-death signal is tied to the
+// holder), as a shell job (it joins the holder's session).
+func RestoreArgs(lazy bool, inherit []Inherit) []string {
+	args := []string{"restore", "-d", "-S", "-j"}
+	if lazy {
+		args = append(args, "--lazy-pages")
+	}
+	for _, in := range inherit {
+		args = append(args, "--inherit-fd", fmt.Sprintf("fd[%d]:%s", in.FD, in.Key))
+	}
+	return args
 }

@@ -8,6 +8,7 @@ package manager
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -128,12 +129,35 @@ func (m *Manager) forker() {
 }
 
 func (m *Manager) fork(cmd *exec.Cmd) error {
+	closeOnExec()
 	r := forkReq{cmd: cmd, err: make(chan error, 1)}
 	select {
 	case m.forkc <- r:
 		return <-r.err
 	case <-m.stopFork:
 		return errors.New("manager: the agent is shutting down")
+	}
+}
+
+// closeOnExec marks every descriptor of the agent above stderr
+// close-on-exec. Go opens its own files so, but libraries and inheritance
+// leave some open across exec (a FUSE device's descriptor passed by
+// fusermount, descriptors the agent inherited): a program must not get
+// them (they are the agent's, and a device or socket among them would
+// also keep the program from migrating).
+func closeOnExec() {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd < 3 {
+			continue
+		}
+		if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && flags&unix.FD_CLOEXEC == 0 {
+			_, _ = unix.FcntlInt(uintptr(fd), unix.F_SETFD, flags|unix.FD_CLOEXEC)
+		}
 	}
 }
 
@@ -166,6 +190,8 @@ type Proc struct {
 	Balance  bool
 
 	done chan struct{} // closed once the process is reaped
+
+	note string // guarded by the manager's mu
 
 	// All guarded by the manager's mu.
 	status    ExitStatus
@@ -348,6 +374,175 @@ func (m *Manager) reap(p *Proc, cmd *exec.Cmd) {
 	m.cfg.Logger.Info("process ended", "gid", p.GID, "pid", p.PID, "code", st.Code, "signal", st.Signal)
 }
 
+// SetNote sets what 'onebox ps' says about where the process went and
+// why, or why it cannot migrate.
+func (m *Manager) SetNote(p *Proc, note string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p.note = note
+}
+
+// Note returns the process's note.
+func (m *Manager) Note(p *Proc) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return p.note
+}
+
+// Remove drops a process from the table (it moved to another node). Its
+// log file stays.
+func (m *Manager) Remove(p *Proc) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.procs[p.GID] == p {
+		delete(m.procs, p.GID)
+	}
+}
+
+// AdoptOptions describe a program restored by a holder process (see
+// proc/migrate.HolderMain): the table takes it over under its old GID.
+type AdoptOptions struct {
+	GID      string
+	Home     string
+	Argv     []string
+	Started  time.Time
+	Detached bool
+	Log      string
+	Balance  bool
+	Note     string
+	// Holder is the holder command, not started; its fd 3 is the write
+	// end of the pipe whose read end is Status.
+	Holder *exec.Cmd
+	Status *os.File
+	// Child finds the restored program's PID (as this node sees it) from
+	// the holder's.
+	Child func(holderPID int) int
+	// Timeout bounds the restore.
+	Timeout time.Duration
+}
+
+// holderLine is one status line of a holder (proc/migrate.HolderStatus).
+type holderLine struct {
+	Restored bool   `json:"restored"`
+	Error    string `json:"error"`
+	Exit     bool   `json:"exit"`
+	Code     int    `json:"code"`
+	Signal   int    `json:"signal"`
+}
+
+// Adopt starts the holder (from the manager's forking thread, so the
+// holder's parent-death signal means "the agent died", as for programs it
+// starts), waits until it reports the program restored, and adds the
+// program to the table. On failure the holder is gone and nothing is
+// added.
+func (m *Manager) Adopt(o AdoptOptions) (*Proc, error) {
+	status := o.Status
+	handed := false
+	defer func() {
+		if !handed {
+			status.Close()
+		}
+	}()
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil, errors.New("manager: the agent is shutting down")
+	}
+	if m.procs[o.GID] != nil {
+		m.mu.Unlock()
+		return nil, fmt.Errorf("manager: process %s is already here", o.GID)
+	}
+	m.mu.Unlock()
+	if o.Holder.SysProcAttr == nil {
+		o.Holder.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	// Its own session, so that the restored program (a shell job of
+	// CRIU's, which runs under the holder) has a session leader in its
+	// PID namespace and can be dumped again from there.
+	o.Holder.SysProcAttr.Setsid = true
+	o.Holder.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	if err := m.fork(o.Holder); err != nil {
+		return nil, fmt.Errorf("manager: start restore: %w", err)
+	}
+	for _, f := range o.Holder.ExtraFiles {
+		if f != nil {
+			f.Close()
+		}
+	}
+	lines := make(chan holderLine, 4)
+	handed = true
+	go func() {
+		defer close(lines)
+		defer status.Close()
+		dec := json.NewDecoder(status)
+		for {
+			var l holderLine
+			if dec.Decode(&l) != nil {
+				return
+			}
+			lines <- l
+		}
+	}()
+	fail := func(err error) (*Proc, error) {
+		_ = o.Holder.Process.Kill()
+		_ = o.Holder.Wait()
+		return nil, err
+	}
+	timeout := o.Timeout
+	if timeout <= 0 {
+		timeout = time.Minute
+	}
+	var first holderLine
+	select {
+	case l, ok := <-lines:
+		if !ok {
+			return fail(errors.New("manager: the restore holder ended without a word"))
+		}
+		first = l
+	case <-time.After(timeout):
+		return fail(fmt.Errorf("manager: restore not done after %v", timeout))
+	}
+	if !first.Restored {
+		return fail(fmt.Errorf("manager: %s", first.Error))
+	}
+	pid := 0
+	for deadline := time.Now().Add(2 * time.Second); pid == 0 && time.Now().Before(deadline); {
+		if pid = o.Child(o.Holder.Process.Pid); pid == 0 {
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	if pid == 0 {
+		return fail(errors.New("manager: restored, but the program is not under its holder"))
+	}
+	p := &Proc{GID: o.GID, Home: o.Home, Argv: o.Argv, PID: pid, Started: o.Started, Detached: o.Detached,
+		Log: o.Log, Balance: o.Balance, note: o.Note, done: make(chan struct{})}
+	m.mu.Lock()
+	m.procs[o.GID] = p
+	m.mu.Unlock()
+	m.cfg.Logger.Info("process restored", "gid", o.GID, "pid", pid, "holder", o.Holder.Process.Pid)
+	go func() {
+		err := o.Holder.Wait()
+		st := ExitStatus{Signal: int(syscall.SIGKILL)}
+		got := false
+		for l := range lines {
+			if l.Exit {
+				st, got = ExitStatus{Code: l.Code, Signal: l.Signal}, true
+			}
+		}
+		if !got && err == nil {
+			st = ExitStatus{Code: 255}
+		}
+		m.mu.Lock()
+		p.status = st
+		p.ended = time.Now().UTC()
+		close(p.done)
+		m.pruneLocked(time.Now())
+		m.mu.Unlock()
+		m.cfg.Logger.Info("process ended", "gid", p.GID, "pid", p.PID, "code", st.Code, "signal", st.Signal)
+	}()
+	return p, nil
+}
+
 // Status returns how the process ended; valid after Done is closed.
 func (m *Manager) Status(p *Proc) ExitStatus {
 	m.mu.Lock()
@@ -451,7 +646,7 @@ func (m *Manager) List() []Info {
 // Preconditions: m.mu held.
 func (m *Manager) infoLocked(p *Proc, now time.Time) Info {
 	i := Info{GID: p.GID, Node: m.cfg.Node, Home: p.Home, PID: p.PID, Command: p.Argv,
-		Started: p.Started, Detached: p.Detached, Log: p.Log, Balance: p.Balance, State: StateRunning}
+		Started: p.Started, Detached: p.Detached, Log: p.Log, Balance: p.Balance, State: StateRunning, Note: p.note}
 	select {
 	case <-p.done:
 		end := p.ended

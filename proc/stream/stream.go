@@ -14,6 +14,17 @@
 // with one Exit frame (or an Error frame if the program was lost), after
 // which it closes the connection. A caller that hangs up is a terminal
 // hangup: the program's process group gets SIGHUP.
+//
+// Migration (proc/migrate) adds frames on the same connections. A runner
+// whose program moved to another node sends Moved (JSON MovedInfo) instead
+// of Exit: the caller's agent then dials that node and sends Attach (JSON
+// AttachInfo) as its first frame, and the stream goes on from there. The
+// source agent of a migration opens a session with Migrate (JSON, see
+// proc/migrate) and sends the checkpoint's image files as File frames
+// (a name, a NUL, data) ended by FilesDone; both sides then carry CRIU's
+// page-server stream in Pages frames (PagesEOF: that side's CRIU closed
+// its end); the target answers Restored (JSON) once the program runs there,
+// and Done when every page has arrived, or Error.
 package stream
 
 import (
@@ -60,13 +71,27 @@ const (
 	Signal   Type = 7 // caller → runner: 1 byte, signal number 1..64
 	Exit     Type = 8 // runner → caller: 2 bytes, see ExitStatus
 	Error    Type = 9 // either way: UTF-8 text, non-empty
+
+	Moved     Type = 10 // runner → caller: JSON MovedInfo; the last frame
+	Attach    Type = 11 // caller → runner, first frame: JSON AttachInfo
+	Migrate   Type = 12 // source → target, first frame: JSON (proc/migrate)
+	File      Type = 13 // source → target: file name, NUL, data
+	FilesDone Type = 14 // source → target: empty
+	Pages     Type = 15 // either way: page-server bytes (non-empty)
+	PagesEOF  Type = 16 // either way: empty
+	Restored  Type = 17 // target → source: JSON (proc/migrate)
+	Done      Type = 18 // target → source: JSON (proc/migrate)
+
+	lastType = Done
 )
 
 var typeNames = [...]string{Start: "start", Started: "started", Stdin: "stdin", Stdout: "stdout", Stderr: "stderr",
-	StdinEOF: "stdin-eof", Signal: "signal", Exit: "exit", Error: "error"}
+	StdinEOF: "stdin-eof", Signal: "signal", Exit: "exit", Error: "error",
+	Moved: "moved", Attach: "attach", Migrate: "migrate", File: "file", FilesDone: "files-done", Pages: "pages",
+	PagesEOF: "pages-eof", Restored: "restored", Done: "done"}
 
 func (t Type) String() string {
-	if t >= Start && t <= Error {
+	if t >= Start && t <= lastType {
 		return typeNames[t]
 	}
 	return fmt.Sprintf("type(%d)", byte(t))
@@ -89,7 +114,7 @@ var (
 func checkHeader(h []byte) (Type, int, error) {
 	t := Type(h[0])
 	n := binary.BigEndian.Uint32(h[1:5])
-	if t < Start || t > Error {
+	if t < Start || t > lastType {
 		return 0, 0, fmt.Errorf("%w %d", ErrType, h[0])
 	}
 	if n > MaxPayload {
@@ -102,15 +127,19 @@ func checkHeader(h []byte) (Type, int, error) {
 func checkPayload(t Type, p []byte) error {
 	bad := func(why string) error { return fmt.Errorf("stream: bad %s frame: %s", t, why) }
 	switch t {
-	case Start, Started:
+	case Start, Started, Moved, Attach, Migrate, Restored, Done:
 		if !json.Valid(p) {
 			return bad("payload is not JSON")
 		}
-	case Stdin, Stdout, Stderr:
+	case Stdin, Stdout, Stderr, Pages:
 		if len(p) == 0 {
 			return bad("empty data")
 		}
-	case StdinEOF:
+	case File:
+		if _, _, err := SplitFile(p); err != nil {
+			return err
+		}
+	case StdinEOF, FilesDone, PagesEOF:
 		if len(p) != 0 {
 			return bad("payload must be empty")
 		}
@@ -135,7 +164,7 @@ func checkPayload(t Type, p []byte) error {
 // (so far valid) frame. The payload aliases b.
 func Decode(b []byte) (Frame, int, error) {
 	if len(b) < HeaderSize {
-		if len(b) > 0 && (Type(b[0]) < Start || Type(b[0]) > Error) {
+		if len(b) > 0 && (Type(b[0]) < Start || Type(b[0]) > lastType) {
 			return Frame{}, 0, fmt.Errorf("%w %d", ErrType, b[0])
 		}
 		return Frame{}, 0, ErrShort
@@ -280,6 +309,52 @@ type StartedInfo struct {
 	Node string `json:"node"`
 	PID  int    `json:"pid"`
 	Log  string `json:"log,omitempty"` // detached: the log file on Node
+}
+
+// MovedInfo is the Moved frame: the program now runs on Node.
+type MovedInfo struct {
+	GID    string `json:"gid"`
+	Node   string `json:"node"`
+	Reason string `json:"reason,omitempty"`
+}
+
+// AttachInfo is the Attach frame: the caller takes over the stdio of a
+// program that migrated to the runner's node.
+type AttachInfo struct {
+	GID string `json:"gid"`
+}
+
+// MaxFileName bounds a File frame's name.
+const MaxFileName = 255
+
+// AppendFile encodes a File payload: name, NUL, data.
+func AppendFile(b []byte, name string, data []byte) []byte {
+	b = append(b, name...)
+	b = append(b, 0)
+	return append(b, data...)
+}
+
+// SplitFile decodes a File payload. The name must be a plain file name
+// (no slash, not . or ..), 1..MaxFileName bytes.
+func SplitFile(p []byte) (name string, data []byte, err error) {
+	i := -1
+	for k, c := range p {
+		if c == 0 {
+			i = k
+			break
+		}
+		if k >= MaxFileName {
+			break
+		}
+	}
+	if i <= 0 {
+		return "", nil, errors.New("stream: bad file frame: want a name of 1..255 bytes, NUL, data")
+	}
+	name = string(p[:i])
+	if name == "." || name == ".." || strings.ContainsRune(name, '/') || !utf8.ValidString(name) {
+		return "", nil, fmt.Errorf("stream: bad file frame: %q is not a plain file name", name)
+	}
+	return name, p[i+1:], nil
 }
 
 // Conn reads and writes frames on a connection. Reads are for one

@@ -77,7 +77,14 @@ func TestDecodeRejects(t *testing.T) {
 		want error // nil: any error but ErrShort
 	}{
 		{"type zero", raw(0, 0, nil), stream.ErrType},
-		{"type too high", raw(10, 0, nil), stream.ErrType},
+		{"type too high", raw(19, 0, nil), stream.ErrType},
+		{"moved not JSON", raw(stream.Moved, 1, []byte("x")), nil},
+		{"pages empty", raw(stream.Pages, 0, nil), nil},
+		{"files-done with payload", raw(stream.FilesDone, 1, []byte{1}), nil},
+		{"file without NUL", raw(stream.File, 3, []byte("abc")), nil},
+		{"file empty name", raw(stream.File, 2, []byte{0, 1}), nil},
+		{"file with slash", raw(stream.File, 6, []byte("../x\x00a")), nil},
+		{"file dotdot", raw(stream.File, 3, []byte{'.', '.', 0}), nil},
 		{"unknown type in a short header", []byte{0xff}, stream.ErrType},
 		{"too long", raw(stream.Stdout, stream.MaxPayload+1, nil), stream.ErrTooLong},
 		{"length 2^32-1", raw(stream.Stdout, 0xffffffff, nil), stream.ErrTooLong},
@@ -235,6 +242,9 @@ func FuzzDecodeFrame(f *testing.F) {
 	f.Add(stream.Append(nil, stream.Start, []byte(`{"argv":["sh"]}`)))
 	f.Add(stream.Append(nil, stream.Exit, []byte{1, 9}))
 	f.Add(stream.Append(nil, stream.StdinEOF, nil))
+	f.Add(stream.Append(nil, stream.File, stream.AppendFile(nil, "core-1.img", []byte{1, 2})))
+	f.Add(stream.Append(nil, stream.Moved, []byte(`{"gid":"g0123456789ab","node":"n2"}`)))
+	f.Add(stream.Append(nil, stream.Pages, []byte{0}))
 	f.Add(raw(stream.Signal, 1, []byte{65}))
 	f.Add(raw(stream.Stdout, 0xffffffff, nil))
 	f.Add([]byte{})
