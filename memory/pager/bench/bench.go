@@ -124,7 +124,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	res.RTTP50us, res.RTTP99us = us(pct(rtt, 50)), us(pct(rtt, 99))
-	fault, _, err := e.run(ctx, "fault", 64, 1, 4<<20, "")
+	fault, _, err := e.run(ctx, "fault", min(64, o.SizeMiB), 1, 4<<20, "")
 	if err != nil {
 		return nil, err
 	}

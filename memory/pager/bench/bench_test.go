@@ -21,7 +21,7 @@ func TestRun(t *testing.T) {
 		t.Skip("runs real workloads")
 	}
 	var log strings.Builder
-	r, err := Run(context.Background(), Options{SizeMiB: 64, NoSwap: true, Log: &log})
+	r, err := Run(context.Background(), Options{SizeMiB: 24, NoSwap: true, Log: &log})
 	if err != nil {
 		t.Fatalf("%v\n%s", err, log.String())
 	}
