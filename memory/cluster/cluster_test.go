@@ -365,3 +365,33 @@ func TestGarbageFrames(t *testing.T) {
 		conn.Close()
 	}
 }
+
+// A holder that restarts (same name, same address, alive all along) has
+// lost its copies: loads must not take its zeros, and the pool copies the
+// chunks again.
+func TestHolderRestarted(t *testing.T) {
+	c, p := start(t, 4, 64<<20, cluster.Options{RepairInterval: 50 * time.Millisecond})
+	ctx := context.Background()
+	r := pool.Region{Owner: "o", ID: 1}
+	data := random(2<<20, 4)
+	if err := p.Store(ctx, r, 0, data); err != nil {
+		t.Fatal(err)
+	}
+	for node := range p.Stats().NodeBytes {
+		if err := c.Restart(node); err != nil {
+			t.Fatal(err)
+		}
+		break
+	}
+	got := make([]byte, len(data))
+	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("load after a holder restarted: %v, equal %v", err, bytes.Equal(got, data))
+	}
+	waitFor(t, "copies made again", func() bool {
+		total, _ := used(c)
+		return p.Under() == 0 && total == 2*uint64(len(data))
+	})
+	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("load after repair: %v", err)
+	}
+}

@@ -187,6 +187,10 @@ func (cn *conn) wait(ctx context.Context, cl *call) error {
 			}
 			cn.readUntil(cl)
 			<-cn.readTok
+			// readUntil returns when cl is answered or the connection
+			// broke; a close running on another goroutine may still be
+			// failing the pending calls, cl among them.
+			<-cl.done
 			return nil
 		case <-ctx.Done():
 			cn.mu.Lock()

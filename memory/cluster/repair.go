@@ -58,6 +58,7 @@ type chunkRef struct {
 // copies than Replicas, and copies those chunks to new nodes.
 func (p *Pool) repairPass() {
 	alive := p.aliveSet()
+	p.pingHolders(alive)
 	instances := map[string]uint64{}
 	p.mu.Lock()
 	var refs []repairJob
@@ -134,6 +135,39 @@ func (p *Pool) repairPass() {
 		}
 	}
 	close(work)
+	wg.Wait()
+}
+
+// pingHolders asks every live node this pool has placed copies on for its
+// account, redialing broken connections: a node that restarted (its copies
+// gone) answers with a new instance even if no load has gone its way.
+func (p *Pool) pingHolders(alive map[string]bool) {
+	nodes := map[string]bool{}
+	for _, ch := range p.allChunks() {
+		ch.mu.RLock()
+		for _, h := range ch.holders {
+			if alive[h.node] {
+				nodes[h.node] = true
+			}
+		}
+		ch.mu.RUnlock()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.opts.Timeout)
+	defer cancel()
+	var wg sync.WaitGroup
+	for n := range nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 2 { // a broken connection fails once, then is redialed
+				_, err := p.Stat(ctx, n)
+				if err == nil {
+					return
+				}
+				p.noteFailure(n, err)
+			}
+		}()
+	}
 	wg.Wait()
 }
 

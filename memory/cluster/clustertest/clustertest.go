@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 
@@ -42,7 +43,7 @@ type Cluster struct {
 	mu     sync.Mutex
 	alive  map[string]bool            // guarded by mu
 	certs  map[string]tls.Certificate // client identities; guarded by mu
-	byName map[string]*Node
+	byName map[string]*Node           // guarded by mu
 }
 
 // NodeCert makes a certificate for node signed by ca.
@@ -111,7 +112,11 @@ func start(names []string, capacity uint64, plain bool) (*Cluster, error) {
 }
 
 // Node returns the named node, or nil.
-func (c *Cluster) Node(name string) *Node { return c.byName[name] }
+func (c *Cluster) Node(name string) *Node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.byName[name]
+}
 
 // Members is the membership view: every node, alive until Kill.
 func (c *Cluster) Members() []cluster.Member {
@@ -135,7 +140,7 @@ func (c *Cluster) SetAlive(node string, alive bool) {
 // Kill stops node's server and mux (its pages are gone) and marks it
 // failed.
 func (c *Cluster) Kill(node string) {
-	n := c.byName[node]
+	n := c.Node(node)
 	c.SetAlive(node, false)
 	n.stop.Do(func() {
 		n.cancel()
@@ -146,6 +151,44 @@ func (c *Cluster) Kill(node string) {
 		}
 		n.Server.Close()
 	})
+}
+
+// Restart replaces node's server by a new one (a new instance, empty) on
+// the same address, as an agent restarted by its supervisor would be; the
+// node stays alive in Members throughout.
+func (c *Cluster) Restart(node string) error {
+	old := c.Node(node)
+	capacity := old.Server.Stat().Capacity
+	old.stop.Do(func() {
+		old.cancel()
+		if old.mux != nil {
+			old.mux.Close()
+		} else {
+			old.plain.Close()
+		}
+		old.Server.Close()
+	})
+	ln, err := net.Listen("tcp", old.Addr)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.DiscardHandler)
+	n := &Node{Name: node, Addr: old.Addr, Server: pageserver.New(capacity, log), cert: old.cert}
+	ctx, cancel := context.WithCancel(context.Background())
+	n.cancel = cancel
+	n.mux = transport.NewMux(ln, pki.ServerTLS(n.cert, c.CA.Cert), log, nil)
+	n.mux.Handle(pki.ProtoPage, n.Server.ServeConn)
+	go n.mux.Serve(ctx)
+	c.mu.Lock()
+	for i, x := range c.Nodes {
+		if x == old {
+			c.Nodes[i] = n
+		}
+	}
+	c.byName[node] = n
+	c.alive[node] = true
+	c.mu.Unlock()
+	return nil
 }
 
 // ClientTLS is the TLS configuration of a member named self dialing a
@@ -175,7 +218,7 @@ func (c *Cluster) Dialer(self string) (func(ctx context.Context, node string) (n
 		return nil, err
 	}
 	return func(ctx context.Context, node string) (net.Conn, error) {
-		n := c.byName[node]
+		n := c.Node(node)
 		if n == nil {
 			return nil, fmt.Errorf("clustertest: no node %s", node)
 		}
@@ -225,7 +268,10 @@ func (c *Cluster) NewPool(opts cluster.Options) (*cluster.Pool, error) {
 
 // Close stops every server.
 func (c *Cluster) Close() {
-	for _, n := range c.Nodes {
+	c.mu.Lock()
+	nodes := slices.Clone(c.Nodes)
+	c.mu.Unlock()
+	for _, n := range nodes {
 		c.Kill(n.Name)
 	}
 }
