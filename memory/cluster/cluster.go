@@ -673,6 +673,7 @@ func (p *Pool) Drop(ctx context.Context, r pool.Region, off, n uint64) error {
 	}
 	first, last := off/ChunkSize, (off+n-1)/ChunkSize
 	nodes := map[string]bool{}
+	var touched []*chunk
 	p.mu.Lock()
 	m := p.regions[r]
 	for idx, ch := range m {
@@ -685,11 +686,7 @@ func (p *Pool) Drop(ctx context.Context, r pool.Region, off, n uint64) error {
 		if np < 64 {
 			mask = (uint64(1)<<np - 1) << ((lo % ChunkSize) / pool.PageSize)
 		}
-		ch.mu.RLock()
-		for _, h := range ch.holders {
-			nodes[h.node] = true
-		}
-		ch.mu.RUnlock()
+		touched = append(touched, ch)
 		if ch.pages.And(^mask)&^mask == 0 {
 			delete(m, idx)
 		}
@@ -698,6 +695,15 @@ func (p *Pool) Drop(ctx context.Context, r pool.Region, off, n uint64) error {
 		delete(p.regions, r)
 	}
 	p.mu.Unlock()
+	// Holders are read outside p.mu: a chunk under repair is locked for
+	// network round trips, and p.mu must never wait for those.
+	for _, ch := range touched {
+		ch.mu.RLock()
+		for _, h := range ch.holders {
+			nodes[h.node] = true
+		}
+		ch.mu.RUnlock()
+	}
 	return p.toNodes(ctx, nodes, pageproto.Header{Op: pageproto.OpDrop, Region: r.ID, Offset: off, Arg: n}, r.Owner)
 }
 
@@ -736,18 +742,20 @@ func (p *Pool) DropOwner(ctx context.Context, owner string) error {
 	if err := checkOwner(owner); err != nil {
 		return err
 	}
+	// Every live node, not only the holders known now: a node dropped as
+	// a holder (it missed a store) may still have some of the pages.
 	nodes := map[string]bool{}
+	for _, n := range p.candidates() {
+		nodes[n] = true
+	}
+	var touched []*chunk
 	p.mu.Lock()
 	for r, m := range p.regions {
 		if r.Owner != owner {
 			continue
 		}
 		for _, ch := range m {
-			ch.mu.RLock()
-			for _, h := range ch.holders {
-				nodes[h.node] = true
-			}
-			ch.mu.RUnlock()
+			touched = append(touched, ch)
 		}
 		delete(p.regions, r)
 	}
@@ -756,6 +764,13 @@ func (p *Pool) DropOwner(ctx context.Context, owner string) error {
 	}
 	delete(p.res, owner)
 	p.mu.Unlock()
+	for _, ch := range touched {
+		ch.mu.RLock()
+		for _, h := range ch.holders {
+			nodes[h.node] = true
+		}
+		ch.mu.RUnlock()
+	}
 	return p.toNodes(ctx, nodes, pageproto.Header{Op: pageproto.OpDropOwner}, owner)
 }
 
