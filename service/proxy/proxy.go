@@ -25,6 +25,9 @@ const (
 	DefaultDialTimeout   = 3 * time.Second // one target: connect, handshake, header and reply
 	DefaultHeaderTimeout = 5 * time.Second // backend: a client's header must arrive within this
 	DefaultLocalTimeout  = 2 * time.Second // backend: connect to the local port
+	// DefaultHedgeAfter: a dial to a target on a LAN answers in
+	// milliseconds; one silent for this long is probably not coming.
+	DefaultHedgeAfter = 500 * time.Millisecond
 )
 
 // ErrNoTarget is the failure of a client connection for which every
@@ -70,7 +73,10 @@ type Frontend struct {
 	Pool        *balance.Pool
 	Dial        Dialer
 	DialTimeout time.Duration // per target tried; default DefaultDialTimeout
-	Log         *slog.Logger
+	// HedgeAfter is how long a dial may go unanswered before the next
+	// target is dialed as well; default DefaultHedgeAfter.
+	HedgeAfter time.Duration
+	Log        *slog.Logger
 	// OnDial, if set, hears of every dial (err nil: the connection is
 	// carried to key).
 	OnDial func(key string, err error)
@@ -96,6 +102,9 @@ func (f *Frontend) init() {
 		f.conns = map[net.Conn]struct{}{}
 		if f.DialTimeout <= 0 {
 			f.DialTimeout = DefaultDialTimeout
+		}
+		if f.HedgeAfter <= 0 {
+			f.HedgeAfter = DefaultHedgeAfter
 		}
 		if f.Log == nil {
 			f.Log = slog.Default()
@@ -193,36 +202,92 @@ func (f *Frontend) handle(c net.Conn) {
 	}
 }
 
-// connect tries targets until one accepts, each at most once.
+// connect tries targets until one accepts, each at most once. A dial
+// that has not finished after HedgeAfter gets company: the next target is
+// dialed too and the first to connect carries the connection (the other,
+// if it connects, is closed). So a target whose node stopped answering
+// (packets dropped, not refused) delays a client by HedgeAfter, not by
+// the whole DialTimeout.
 func (f *Frontend) connect() (string, net.Conn, error) {
+	type result struct {
+		key string
+		c   net.Conn
+		err error
+	}
 	tried := map[string]bool{}
-	var errs []error
-	for {
+	results := make(chan result, 8)
+	pending := 0
+	start := func() bool {
 		key, ok := f.Pool.Pick(func(k string) bool { return tried[k] })
 		if !ok {
-			return "", nil, errors.Join(append([]error{ErrNoTarget}, errs...)...)
+			return false
 		}
 		tried[key] = true
-		ctx, cancel := context.WithTimeout(f.ctx, f.DialTimeout)
-		up, err := f.Dial(ctx, key)
-		cancel()
-		if f.ctx.Err() != nil {
-			// Shutting down: not the target's fault.
-			if up != nil {
-				up.Close()
+		pending++
+		go func() {
+			ctx, cancel := context.WithTimeout(f.ctx, f.DialTimeout)
+			c, err := f.Dial(ctx, key)
+			cancel()
+			results <- result{key, c, err}
+		}()
+		return true
+	}
+	// discard handles the results still to come once the connection is
+	// settled: dials that failed count against their target, those that
+	// connected are closed unused.
+	discard := func(n int) {
+		for range n {
+			r := <-results
+			if r.err == nil {
+				r.c.Close()
+				f.Pool.Release(r.key)
+			} else if f.ctx.Err() == nil {
+				f.Pool.Dialed(r.key, r.err)
+				if f.OnDial != nil {
+					f.OnDial(r.key, r.err)
+				}
+			} else {
+				f.Pool.Release(r.key)
 			}
-			f.Pool.Release(key)
-			return "", nil, net.ErrClosed
 		}
-		f.Pool.Dialed(key, err)
-		if f.OnDial != nil {
-			f.OnDial(key, err)
+	}
+	var errs []error
+	if !start() {
+		return "", nil, ErrNoTarget
+	}
+	hedge := time.NewTimer(f.HedgeAfter)
+	defer hedge.Stop()
+	for {
+		select {
+		case r := <-results:
+			pending--
+			if f.ctx.Err() != nil {
+				// Shutting down: not the target's fault.
+				if r.c != nil {
+					r.c.Close()
+				}
+				f.Pool.Release(r.key)
+				go discard(pending)
+				return "", nil, net.ErrClosed
+			}
+			f.Pool.Dialed(r.key, r.err)
+			if f.OnDial != nil {
+				f.OnDial(r.key, r.err)
+			}
+			if r.err == nil {
+				go discard(pending)
+				return r.key, r.c, nil
+			}
+			f.Log.Info("service target failed; trying another", "target", r.key, "err", r.err)
+			errs = append(errs, r.err)
+			if !start() && pending == 0 {
+				return "", nil, errors.Join(append([]error{ErrNoTarget}, errs...)...)
+			}
+			hedge.Reset(f.HedgeAfter)
+		case <-hedge.C:
+			start()
+			hedge.Reset(f.HedgeAfter)
 		}
-		if err == nil {
-			return key, up, nil
-		}
-		f.Log.Info("service target failed; trying another", "target", key, "err", err)
-		errs = append(errs, err)
 	}
 }
 

@@ -82,6 +82,11 @@ func backend(t *testing.T) (addr string, b *Backend) {
 // frontend serves pool keys "PORT" through the backend at baddr.
 func frontend(t *testing.T, baddr string, policy balance.Policy, ports ...int) (string, *Frontend) {
 	t.Helper()
+	f := newFrontend(baddr, policy, ports...)
+	return serve(t, f), f
+}
+
+func newFrontend(baddr string, policy balance.Policy, ports ...int) *Frontend {
 	var keys []string
 	for _, p := range ports {
 		keys = append(keys, strconv.Itoa(p))
@@ -103,13 +108,18 @@ func frontend(t *testing.T, baddr string, policy balance.Policy, ports ...int) (
 		},
 		DialTimeout: 2 * time.Second,
 	}
+	return f
+}
+
+func serve(t *testing.T, f *Frontend) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	go f.Serve(ln)
 	t.Cleanup(func() { f.Close() })
-	return ln.Addr().String(), f
+	return ln.Addr().String()
 }
 
 func ask(t *testing.T, addr, line string) (string, error) {
@@ -250,5 +260,45 @@ func TestSpliceHalfClose(t *testing.T) {
 	b, err := io.ReadAll(c)
 	if err != nil || string(b) != "HELLO" {
 		t.Fatalf("got %q, %v", b, err)
+	}
+}
+
+// A target whose dial never answers (a node whose packets are dropped)
+// delays a client by HedgeAfter, not DialTimeout, and is taken out when
+// its dial times out.
+func TestFrontendHedgesSilentTarget(t *testing.T) {
+	pa, stop := echoServer(t, "a")
+	defer stop()
+	baddr, _ := backend(t)
+	f := newFrontend(baddr, balance.RoundRobin, pa)
+	live := f.Dial
+	f.Pool.SetTargets([]string{"silent", strconv.Itoa(pa)})
+	f.HedgeAfter = 200 * time.Millisecond
+	f.Dial = func(ctx context.Context, key string) (net.Conn, error) {
+		if key == "silent" {
+			<-ctx.Done()
+			return nil, ctx.Err()
+		}
+		return live(ctx, key)
+	}
+	addr := serve(t, f)
+	start := time.Now()
+	got, err := ask(t, addr, "x")
+	if err != nil || got != "a: x" {
+		t.Fatalf("answer %q, %v", got, err)
+	}
+	if d := time.Since(start); d > f.DialTimeout {
+		t.Errorf("served after %v: the silent target was waited for", d)
+	}
+	deadline := time.Now().Add(2 * f.DialTimeout)
+	for {
+		st := f.Pool.States()[0]
+		if !st.Healthy && st.Active == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("silent target not taken out: %+v", st)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -513,7 +513,9 @@ func TestServiceTargetNodeCut(t *testing.T) {
 	failed, slowest := 0, 0.0
 	for _, r := range rs {
 		slowest = max(slowest, r.Dur)
-		if r.Dur > 7 {
+		// Bounded by the hedge (0.5 s, then the other target is dialed
+		// too), well under the 3 s a dial to the cut node may take.
+		if r.Dur > 2.5 {
 			t.Errorf("a request took %.1fs (started %.1fs in; n3 cut at %.1fs)", r.Dur, r.Start, cutAt)
 		}
 		if !r.OK {
