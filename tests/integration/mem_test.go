@@ -73,6 +73,8 @@ func TestMemPool(t *testing.T) {
 	}
 	if r := cli(t, nil, "mem", "--agent", n1.Agent()); r.code != 0 || !strings.Contains(r.stdout, "replicas 2") || !strings.Contains(r.stdout, "n3") {
 		t.Fatalf("mem table: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	} else {
+		t.Logf("onebox mem:\n%s", r.stdout)
 	}
 
 	// Exhaustion: 2 copies of 100 MiB do not fit in 2 x 64 MiB.
@@ -111,6 +113,7 @@ func TestMemPool(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("onebox mem with n3 failed:\n%s", cli(t, nil, "mem", "--agent", n1.Agent()).stdout)
 	// A new node: the pool copies the missing copies there.
 	n4, err := c.AddNode(ctxT(t, 60*time.Second))
 	if err != nil {
