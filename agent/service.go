@@ -373,12 +373,16 @@ func (s *svcState) resolve(ctx context.Context, gid string, fresh bool) (string,
 		return loc.node, nil
 	}
 	l := s.a.proc.list(ctx)
+	// While it migrates a process may be listed by two nodes; the one
+	// it runs on wins.
+	var ended string
 	for _, p := range l.Procs {
 		if p.GID != gid {
 			continue
 		}
 		if p.State != "running" {
-			return "", fmt.Errorf("process %s on %s is %s", gid, p.Node, p.State)
+			ended = fmt.Sprintf("process %s on %s is %s", gid, p.Node, p.State)
+			continue
 		}
 		s.gidMu.Lock()
 		if len(s.gids) > 10000 {
@@ -387,6 +391,9 @@ func (s *svcState) resolve(ctx context.Context, gid string, fresh bool) (string,
 		s.gids[gid] = gidLoc{node: p.Node, at: time.Now()}
 		s.gidMu.Unlock()
 		return p.Node, nil
+	}
+	if ended != "" {
+		return "", errors.New(ended)
 	}
 	if ok {
 		for _, u := range l.Unreachable {
