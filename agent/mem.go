@@ -121,6 +121,9 @@ func (a *Agent) memJanitor(st *memState) {
 	defer close(st.done)
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
+	// Once gossip has had a moment to list the members, greet them: if
+	// this node restarted, they drop what its previous run stored.
+	greeted := false
 	// A node that just joined may store here before gossip lists it:
 	// unlisted peers are dropped only after 3 ticks in a row.
 	unlisted := map[string]int{}
@@ -129,6 +132,12 @@ func (a *Agent) memJanitor(st *memState) {
 		case <-st.stop:
 			return
 		case <-t.C:
+		}
+		if !greeted {
+			greeted = true
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			st.pool.Greet(ctx)
+			cancel()
 		}
 		status := map[string]membership.Status{}
 		for _, m := range a.members.Members() {

@@ -774,6 +774,24 @@ func (p *Pool) DropOwner(ctx context.Context, owner string) error {
 	return p.toNodes(ctx, nodes, pageproto.Header{Op: pageproto.OpDropOwner}, owner)
 }
 
+// Greet says hello to every live node. A node that restarted is known by
+// its new instance: servers drop what its previous incarnation stored
+// (whose programs are gone) at the first hello, and an agent calls Greet
+// once it has joined rather than waiting for its first store.
+func (p *Pool) Greet(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, n := range p.candidates() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := p.conn(ctx, n); err != nil {
+				p.log.Debug("memory pool: hello", "node", n, "err", err)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
 // Stat asks node for its account.
 func (p *Pool) Stat(ctx context.Context, node string) (pageproto.Stat, error) {
 	c, err := p.conn(ctx, node)

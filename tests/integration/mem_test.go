@@ -136,7 +136,19 @@ func TestMemPool(t *testing.T) {
 	if r := probe(t, n1, "verify", "--size", "16MiB", "--name", "t"); r.code != 0 {
 		t.Fatalf("verify from n4 alone: exit %d: %s", r.code, r.stderr)
 	}
-	_ = n4
+	// n1 restarts: its programs are gone, so n4 drops what n1 stored.
+	if err := c.Kill(n1); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.StartNode(ctxT(t, 60*time.Second), n1); err != nil {
+		t.Fatal(err)
+	}
+	err = testbed.WaitFor(ctxT(t, 60*time.Second), time.Minute, "n4 to drop the pages of n1's previous run", func(context.Context) (bool, error) {
+		return memNode(memJSON(t, n4), "n4").UsedBytes == 0, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // The page port (ALPN onebox-page/1 on the fabric port) rejects garbage
