@@ -563,7 +563,7 @@ func (e *entry) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn
 	// or moved); otherwise the path, checked to still name this file.
 	// The kernel passes the handle only for ftruncate: fchmod or
 	// futimens of an open file whose name is gone use any open handle.
-	r := proto.SetattrReq{Export: e.export, UID: ^uint32(0), GID: ^uint32(0)}
+	r := proto.SetattrReq{Export: e.export, UID: ^uint32(0), GID: ^uint32(0), Caller: callerCred(ctx)}
 	var gen uint64
 	if fh, ok := f.(*fileHandle); ok {
 		r.Handle, gen = fh.h, fh.gen
@@ -650,7 +650,7 @@ func (e *entry) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, 
 		return nil, 0, syscall.ESTALE
 	}
 	var hr proto.HandleReply
-	gen, errno := e.c.Call(ctx, proto.OpOpen, &proto.OpenReq{Export: e.export, Path: p, Flags: flags, Dev: e.dev, Ino: e.ino}, &hr)
+	gen, errno := e.c.Call(ctx, proto.OpOpen, &proto.OpenReq{Export: e.export, Path: p, Flags: flags, Dev: e.dev, Ino: e.ino, Caller: callerCred(ctx)}, &hr)
 	if errno != 0 {
 		return nil, 0, errno
 	}
@@ -677,8 +677,7 @@ func (e *entry) Create(ctx context.Context, name string, flags, mode uint32, out
 		return nil, nil, 0, errno
 	}
 	var hr proto.HandleReply
-	r := proto.OpenReq{Export: e.export, Path: p, Flags: flags, Mode: mode, DirDev: e.dev, DirIno: e.ino}
-	r.UID, r.GID = caller(ctx)
+	r := proto.OpenReq{Export: e.export, Path: p, Flags: flags, Mode: mode, DirDev: e.dev, DirIno: e.ino, Caller: callerCred(ctx)}
 	gen, errno := e.c.Call(ctx, proto.OpCreate, &r, &hr)
 	if errno != 0 {
 		return nil, nil, 0, errno
@@ -700,8 +699,7 @@ func (e *entry) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.E
 		return nil, errno
 	}
 	var rep proto.EntryReply
-	r := proto.OpenReq{Export: e.export, Path: p, Mode: mode, DirDev: e.dev, DirIno: e.ino}
-	r.UID, r.GID = caller(ctx)
+	r := proto.OpenReq{Export: e.export, Path: p, Mode: mode, DirDev: e.dev, DirIno: e.ino, Caller: callerCred(ctx)}
 	if _, errno := e.c.Call(ctx, proto.OpMkdir, &r, &rep); errno != 0 {
 		return nil, errno
 	}
@@ -719,8 +717,7 @@ func (e *entry) Symlink(ctx context.Context, target, name string, out *fuse.Entr
 		return nil, errno
 	}
 	var a proto.Attr
-	r := proto.SymlinkReq{Export: e.export, Path: p, Target: target, DirDev: e.dev, DirIno: e.ino}
-	r.UID, r.GID = caller(ctx)
+	r := proto.SymlinkReq{Export: e.export, Path: p, Target: target, DirDev: e.dev, DirIno: e.ino, Caller: callerCred(ctx)}
 	e.changed(nil)
 	if _, errno := e.c.Call(ctx, proto.OpSymlink, &r, &a); errno != 0 {
 		return nil, errno
@@ -766,7 +763,7 @@ func (e *entry) remove(ctx context.Context, op proto.Op, name string) syscall.Er
 	if errno != 0 {
 		return errno
 	}
-	r := proto.RemoveReq{Export: e.export, Path: p}
+	r := proto.RemoveReq{Export: e.export, Path: p, Caller: callerCred(ctx)}
 	r.Dev, r.Ino = e.childID(name)
 	var dir proto.Attr
 	_, errno = e.c.Call(ctx, op, &r, &dir)
@@ -789,7 +786,7 @@ func (e *entry) Rename(ctx context.Context, name string, newParent fs.InodeEmbed
 	if errno != 0 {
 		return errno
 	}
-	r := proto.RenameReq{Export: e.export, From: from, To: to, Flags: flags}
+	r := proto.RenameReq{Export: e.export, From: from, To: to, Flags: flags, Caller: callerCred(ctx)}
 	r.Dev, r.Ino = e.childID(name)
 	r.ToDev, r.ToIno = np.childID(newName)
 	e.changed(nil)
@@ -815,7 +812,7 @@ func (e *entry) Link(ctx context.Context, target fs.InodeEmbedder, name string, 
 	}
 	e.changed(nil)
 	var a proto.Attr
-	if _, errno := e.c.Call(ctx, proto.OpLink, &proto.LinkReq{Export: e.export, From: from, To: to, Dev: te.dev, Ino: te.ino, DirDev: e.dev, DirIno: e.ino}, &a); errno != 0 {
+	if _, errno := e.c.Call(ctx, proto.OpLink, &proto.LinkReq{Export: e.export, From: from, To: to, Dev: te.dev, Ino: te.ino, DirDev: e.dev, DirIno: e.ino, Caller: callerCred(ctx)}, &a); errno != 0 {
 		return nil, errno
 	}
 	return e.newChild(ctx, &a, out)
@@ -920,14 +917,6 @@ func (f *fileHandle) Release(ctx context.Context) syscall.Errno {
 		}
 	})
 	return 0
-}
-
-// caller is the user and group of the process behind a request.
-func caller(ctx context.Context) (uid, gid uint32) {
-	if c, ok := fuse.FromContext(ctx); ok {
-		return c.Uid, c.Gid
-	}
-	return 0, 0
 }
 
 // dots are the "." and ".." entries every directory lists.

@@ -42,13 +42,51 @@ type PathReq struct {
 func (m *PathReq) encode(e *enc) { e.str(m.Export); e.str(m.Path) }
 func (m *PathReq) decode(d *dec) { m.Export = d.str(MaxName); m.Path = d.str(MaxPath) }
 
+// MaxGroups bounds the supplementary groups a request carries.
+const MaxGroups = 256
+
+// Cred is the user a request is made for: the calling process on the
+// client, with its supplementary groups. The server acts with these
+// filesystem credentials, so its own kernel checks permissions too, and
+// what is created is the caller's.
+type Cred struct {
+	UID, GID uint32
+	Groups   []uint32
+}
+
+func (c *Cred) encode(e *enc) {
+	e.u32(c.UID)
+	e.u32(c.GID)
+	e.u32(uint32(len(c.Groups)))
+	for _, g := range c.Groups {
+		e.u32(g)
+	}
+}
+
+func (c *Cred) decode(d *dec) {
+	c.UID = d.u32()
+	c.GID = d.u32()
+	n := d.count(4)
+	if d.err == nil && n > MaxGroups {
+		d.fail("too many groups")
+		return
+	}
+	c.Groups = nil
+	if n > 0 {
+		c.Groups = make([]uint32, n)
+	}
+	for i := range c.Groups {
+		c.Groups[i] = d.u32()
+	}
+}
+
 // OpenReq opens, creates or makes a directory at a path.
 type OpenReq struct {
-	Export   string
-	Path     string
-	Flags    uint32 // open(2) flags
-	Mode     uint32 // permission bits for create and mkdir
-	UID, GID uint32 // owner of what create and mkdir make: the caller
+	Export string
+	Path   string
+	Flags  uint32 // open(2) flags
+	Mode   uint32 // permission bits for create and mkdir
+	Caller Cred
 	// Dev and Ino, if Ino is non-zero, are the identity of the file the
 	// client checked permissions against (its cached attributes): the
 	// server answers ESTALE if the path now names another file, so a
@@ -66,8 +104,7 @@ func (m *OpenReq) encode(e *enc) {
 	e.str(m.Path)
 	e.u32(m.Flags)
 	e.u32(m.Mode)
-	e.u32(m.UID)
-	e.u32(m.GID)
+	m.Caller.encode(e)
 	e.u64(m.Dev)
 	e.u64(m.Ino)
 	e.u64(m.DirDev)
@@ -79,8 +116,7 @@ func (m *OpenReq) decode(d *dec) {
 	m.Path = d.str(MaxPath)
 	m.Flags = d.u32()
 	m.Mode = d.u32()
-	m.UID = d.u32()
-	m.GID = d.u32()
+	m.Caller.decode(d)
 	m.Dev = d.u64()
 	m.Ino = d.u64()
 	m.DirDev = d.u64()
@@ -91,10 +127,10 @@ func (m *OpenReq) decode(d *dec) {
 // stored as it is (the client's kernel resolves it, in the client's
 // namespace).
 type SymlinkReq struct {
-	Export   string
-	Path     string
-	Target   string
-	UID, GID uint32 // owner of the link: the caller
+	Export string
+	Path   string
+	Target string
+	Caller Cred
 	// DirDev, DirIno: the parent directory the client checked (OpenReq).
 	DirDev, DirIno uint64
 }
@@ -103,8 +139,7 @@ func (m *SymlinkReq) encode(e *enc) {
 	e.str(m.Export)
 	e.str(m.Path)
 	e.str(m.Target)
-	e.u32(m.UID)
-	e.u32(m.GID)
+	m.Caller.encode(e)
 	e.u64(m.DirDev)
 	e.u64(m.DirIno)
 }
@@ -113,8 +148,7 @@ func (m *SymlinkReq) decode(d *dec) {
 	m.Export = d.str(MaxName)
 	m.Path = d.str(MaxPath)
 	m.Target = d.str(MaxPath)
-	m.UID = d.u32()
-	m.GID = d.u32()
+	m.Caller.decode(d)
 	m.DirDev = d.u64()
 	m.DirIno = d.u64()
 	if d.err == nil && m.Target == "" {
@@ -299,6 +333,7 @@ type SetattrReq struct {
 	// Dev and Ino, if Ino is non-zero, are the identity the client
 	// checked (see OpenReq); a path naming another file gets ESTALE.
 	Dev, Ino uint64
+	Caller   Cred // who asks (UID and GID above are chown's new owner)
 }
 
 func (m *SetattrReq) encode(e *enc) {
@@ -314,6 +349,7 @@ func (m *SetattrReq) encode(e *enc) {
 	m.Mtime.encode(e)
 	e.u64(m.Dev)
 	e.u64(m.Ino)
+	m.Caller.encode(e)
 }
 
 func (m *SetattrReq) decode(d *dec) {
@@ -329,6 +365,7 @@ func (m *SetattrReq) decode(d *dec) {
 	m.Mtime.decode(d)
 	m.Dev = d.u64()
 	m.Ino = d.u64()
+	m.Caller.decode(d)
 	if d.err == nil && (m.Valid&^setAll != 0 || m.Size > 1<<63-1) {
 		d.fail("setattr out of range")
 	}
@@ -341,14 +378,23 @@ type RemoveReq struct {
 	Export   string
 	Path     string
 	Dev, Ino uint64
+	Caller   Cred
 }
 
-func (m *RemoveReq) encode(e *enc) { e.str(m.Export); e.str(m.Path); e.u64(m.Dev); e.u64(m.Ino) }
+func (m *RemoveReq) encode(e *enc) {
+	e.str(m.Export)
+	e.str(m.Path)
+	e.u64(m.Dev)
+	e.u64(m.Ino)
+	m.Caller.encode(e)
+}
+
 func (m *RemoveReq) decode(d *dec) {
 	m.Export = d.str(MaxName)
 	m.Path = d.str(MaxPath)
 	m.Dev = d.u64()
 	m.Ino = d.u64()
+	m.Caller.decode(d)
 }
 
 // RenameReq renames within one export. Dev and Ino identify the file the
@@ -360,6 +406,7 @@ type RenameReq struct {
 	Flags        uint32 // renameat2(2) flags
 	Dev, Ino     uint64
 	ToDev, ToIno uint64
+	Caller       Cred
 }
 
 func (m *RenameReq) encode(e *enc) {
@@ -371,6 +418,7 @@ func (m *RenameReq) encode(e *enc) {
 	e.u64(m.Ino)
 	e.u64(m.ToDev)
 	e.u64(m.ToIno)
+	m.Caller.encode(e)
 }
 
 func (m *RenameReq) decode(d *dec) {
@@ -382,6 +430,7 @@ func (m *RenameReq) decode(d *dec) {
 	m.Ino = d.u64()
 	m.ToDev = d.u64()
 	m.ToIno = d.u64()
+	m.Caller.decode(d)
 }
 
 // LinkReq makes To a new name (a hard link) of the file at From, which
@@ -392,6 +441,7 @@ type LinkReq struct {
 	From, To       string
 	Dev, Ino       uint64
 	DirDev, DirIno uint64
+	Caller         Cred
 }
 
 func (m *LinkReq) encode(e *enc) {
@@ -402,6 +452,7 @@ func (m *LinkReq) encode(e *enc) {
 	e.u64(m.Ino)
 	e.u64(m.DirDev)
 	e.u64(m.DirIno)
+	m.Caller.encode(e)
 }
 
 func (m *LinkReq) decode(d *dec) {
@@ -412,6 +463,7 @@ func (m *LinkReq) decode(d *dec) {
 	m.Ino = d.u64()
 	m.DirDev = d.u64()
 	m.DirIno = d.u64()
+	m.Caller.decode(d)
 }
 
 // FallocateReq is fallocate(2) on an open handle.

@@ -146,7 +146,7 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		}
 		buf := make([]byte, proto.MaxPath+1)
 		var n int
-		errno = e.atParent(r.Path, func(dfd int, name string) (err error) {
+		errno = e.atParent(r.Path, nil, func(dfd int, name string) (err error) {
 			n, err = unix.Readlinkat(dfd, name, buf)
 			return err
 		})
@@ -166,12 +166,12 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if errno != 0 {
 			return errno, nil
 		}
-		errno = e.atDir(r.Path, r.DirDev, r.DirIno, func(dfd int, name string) error {
+		errno = e.atDir(r.Path, r.DirDev, r.DirIno, &r.Caller, func(dfd int, name string) error {
 			if err := unix.Symlinkat(r.Target, dfd, name); err != nil {
 				return err
 			}
-			if unix.Geteuid() == 0 && (r.UID != 0 || r.GID != 0) {
-				_ = unix.Fchownat(dfd, name, int(r.UID), int(r.GID), unix.AT_SYMLINK_NOFOLLOW)
+			if asRoot && !switched(&r.Caller) && r.Caller.GID != 0 {
+				_ = unix.Fchownat(dfd, name, int(r.Caller.UID), int(r.Caller.GID), unix.AT_SYMLINK_NOFOLLOW)
 			}
 			return nil
 		})
@@ -194,7 +194,7 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 			return errno, nil
 		}
 		var rep proto.EntryReply
-		errno = e.atDir(r.Path, r.DirDev, r.DirIno, func(dfd int, name string) error {
+		errno = e.atDir(r.Path, r.DirDev, r.DirIno, &r.Caller, func(dfd int, name string) error {
 			if err := unix.Mkdirat(dfd, name, r.Mode&0o7777); err != nil {
 				return err
 			}
@@ -230,7 +230,7 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 			flags = unix.AT_REMOVEDIR
 		}
 		var dir proto.Attr
-		errno = e.atParent(r.Path, func(dfd int, name string) error {
+		errno = e.atParent(r.Path, &r.Caller, func(dfd int, name string) error {
 			if errno := sameAt(dfd, name, r.Dev, r.Ino); errno != 0 {
 				return errno
 			}
@@ -259,8 +259,8 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if r.Flags&^(unix.RENAME_NOREPLACE|unix.RENAME_EXCHANGE) != 0 {
 			return unix.EINVAL, nil
 		}
-		return e.atParent(r.From, func(fdfd int, fname string) error {
-			return errnoErr(e.atParent(r.To, func(tdfd int, tname string) error {
+		return e.atParent(r.From, nil, func(fdfd int, fname string) error {
+			return errnoErr(e.atParent(r.To, &r.Caller, func(tdfd int, tname string) error {
 				if errno := sameAt(fdfd, fname, r.Dev, r.Ino); errno != 0 {
 					return errno
 				}
@@ -296,8 +296,10 @@ func (cn *conn) dispatch(op proto.Op, b []byte) (unix.Errno, proto.Msg) {
 		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
 			return unix.EPERM, nil
 		}
-		errno = e.atDir(r.To, r.DirDev, r.DirIno, func(dfd int, name string) error {
-			if unix.Geteuid() == 0 {
+		errno = e.atDir(r.To, r.DirDev, r.DirIno, &r.Caller, func(dfd int, name string) error {
+			// AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH, which a
+			// caller's credentials do not have.
+			if asRoot && !switched(&r.Caller) {
 				return unix.Linkat(pfd, "", dfd, name, unix.AT_EMPTY_PATH)
 			}
 			return unix.Linkat(unix.AT_FDCWD, "/proc/self/fd/"+strconv.Itoa(pfd), dfd, name, unix.AT_SYMLINK_FOLLOW)
@@ -429,8 +431,13 @@ func resolveAt(dirfd int, path string, flags int, mode uint32) (int, unix.Errno)
 }
 
 // atParent runs f with an open directory descriptor of path's parent
-// (resolved beneath the root) and path's last name.
-func (e *export) atParent(path string, f func(dfd int, name string) error) unix.Errno {
+// (resolved beneath the root) and path's last name. The path is resolved
+// as the node's root; f runs with the caller's credentials (asCaller; as
+// root if caller is nil): the client's kernel checked the search
+// permissions of the path, and a process may work in a directory whose
+// ancestors it cannot search (its working directory), so the node checks
+// the operation itself, as the local kernel would.
+func (e *export) atParent(path string, caller *proto.Cred, f func(dfd int, name string) error) unix.Errno {
 	if path == "" {
 		return unix.EBUSY // the export's root itself
 	}
@@ -443,14 +450,14 @@ func (e *export) atParent(path string, f func(dfd int, name string) error) unix.
 		return errno
 	}
 	defer unix.Close(dfd)
-	return errnoOf(f(dfd, name))
+	return asCaller(caller, func() unix.Errno { return errnoOf(f(dfd, name)) })
 }
 
 // atDir is atParent for an operation that adds a name to the parent: if
 // dirIno is non-zero, the parent must be the directory (dirDev, dirIno)
 // whose write permission the client checked, else ESTALE.
-func (e *export) atDir(path string, dirDev, dirIno uint64, f func(dfd int, name string) error) unix.Errno {
-	return e.atParent(path, func(dfd int, name string) error {
+func (e *export) atDir(path string, dirDev, dirIno uint64, caller *proto.Cred, f func(dfd int, name string) error) unix.Errno {
+	return e.atParent(path, caller, func(dfd int, name string) error {
 		if dirIno != 0 {
 			var st unix.Stat_t
 			if err := unix.Fstat(dfd, &st); err != nil {
@@ -480,7 +487,7 @@ func (cn *conn) open(e *export, r *proto.OpenReq, create bool) (unix.Errno, prot
 		// Try to create; if the file exists (and O_EXCL was not asked
 		// for) open it. Only a file created here gets the mode exactly
 		// (the client's kernel already applied the caller's umask).
-		errno = e.atDir(r.Path, r.DirDev, r.DirIno, func(dfd int, name string) error {
+		errno = e.atDir(r.Path, r.DirDev, r.DirIno, &r.Caller, func(dfd int, name string) error {
 			var errno unix.Errno
 			fd, errno = resolveAt(dfd, name, flags|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW, r.Mode&0o7777)
 			if errno == 0 {
@@ -494,13 +501,12 @@ func (cn *conn) open(e *export, r *proto.OpenReq, create bool) (unix.Errno, prot
 		} else if errno == unix.EEXIST && flags&unix.O_EXCL == 0 {
 			// The client's kernel found no file there, so it checked no
 			// permission on one: a file that appeared since is checked
-			// here, against the caller's user and group.
-			fd, errno = e.openFile(r.Path, flags, 0, 0, func(st *unix.Stat_t) unix.Errno {
-				return mayOpen(st, r.UID, r.GID, flags)
-			})
+			// by this kernel when it is opened, with the caller's
+			// credentials (asCaller).
+			fd, errno = e.openFile(r.Path, flags, 0, 0, &r.Caller)
 		}
 	} else {
-		fd, errno = e.openFile(r.Path, flags, r.Dev, r.Ino, nil)
+		fd, errno = e.openFile(r.Path, flags, r.Dev, r.Ino, &r.Caller)
 	}
 	if errno != 0 {
 		return errno, nil
@@ -555,17 +561,12 @@ func (e *export) pathFD(path string, dev, ino uint64) (int, *unix.Stat_t, unix.E
 // for reading) at path, checking its identity as pathFD does. Anything
 // else is refused before it is opened: a symlink (ELOOP), a FIFO, socket
 // or device (ENXIO), whose open could block or have effects.
-func (e *export) openFile(path string, flags int, dev, ino uint64, check func(*unix.Stat_t) unix.Errno) (int, unix.Errno) {
+func (e *export) openFile(path string, flags int, dev, ino uint64, caller *proto.Cred) (int, unix.Errno) {
 	pfd, st, errno := e.pathFD(path, dev, ino)
 	if errno != 0 {
 		return -1, errno
 	}
 	defer unix.Close(pfd)
-	if check != nil {
-		if errno := check(st); errno != 0 {
-			return -1, errno
-		}
-	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFREG:
 	case unix.S_IFDIR:
@@ -577,40 +578,14 @@ func (e *export) openFile(path string, flags int, dev, ino uint64, check func(*u
 	default:
 		return -1, unix.ENXIO
 	}
-	return reopen(pfd, flags)
-}
-
-// mayOpen checks the permission bits of st for opening with flags by
-// uid and gid, as the client's kernel would have (without supplementary
-// groups, which the request does not carry: it may refuse more). Root,
-// and a server that is not root (the kernel checks for it), pass.
-func mayOpen(st *unix.Stat_t, uid, gid uint32, flags int) unix.Errno {
-	if uid == 0 || unix.Geteuid() != 0 {
-		return 0
-	}
-	var want uint32
-	switch flags & unix.O_ACCMODE {
-	case unix.O_RDONLY:
-		want = 4
-	case unix.O_WRONLY:
-		want = 2
-	default:
-		want = 6
-	}
-	if flags&unix.O_TRUNC != 0 {
-		want |= 2
-	}
-	bits := st.Mode & 7
-	switch {
-	case st.Uid == uid:
-		bits = st.Mode >> 6 & 7
-	case st.Gid == gid:
-		bits = st.Mode >> 3 & 7
-	}
-	if bits&want != want {
-		return unix.EACCES
-	}
-	return 0
+	// Found as root; opened as the caller (its permission checked).
+	fd := -1
+	errno = asCaller(caller, func() unix.Errno {
+		var errno unix.Errno
+		fd, errno = reopen(pfd, flags)
+		return errno
+	})
+	return fd, errno
 }
 
 // reopen opens the file an O_PATH descriptor names (by its /proc link:
@@ -625,11 +600,12 @@ func reopen(pfd int, flags int) (int, unix.Errno) {
 	}
 }
 
-// owner gives what create or mkdir made to the caller on the client (the
-// server runs as root; an unprivileged server leaves it its own).
+// owner gives what create or mkdir made as root to the caller on the
+// client (root with another group); made with the caller's credentials it
+// is the caller's already, and an unprivileged server leaves it its own.
 func owner(fd int, r *proto.OpenReq) {
-	if unix.Geteuid() == 0 && (r.UID != 0 || r.GID != 0) {
-		_ = unix.Fchownat(fd, "", int(r.UID), int(r.GID), unix.AT_EMPTY_PATH)
+	if asRoot && !switched(&r.Caller) && (r.Caller.UID != 0 || r.Caller.GID != 0) {
+		_ = unix.Fchownat(fd, "", int(r.Caller.UID), int(r.Caller.GID), unix.AT_EMPTY_PATH)
 	}
 }
 
@@ -713,6 +689,15 @@ func (cn *conn) setattr(e *export, r *proto.SetattrReq) (unix.Errno, proto.Msg) 
 		}
 		defer unix.Close(fd)
 	}
+	// Resolved as the node's root (the client's kernel checked the
+	// search permissions of the path); changed with the caller's
+	// credentials, so the node's kernel checks ownership and access too.
+	return runAs(&r.Caller, func() (unix.Errno, proto.Msg) { return applySetattr(fd, h, st, r) })
+}
+
+// applySetattr changes the attributes of fd (h's if h is set, else the
+// file st describes).
+func applySetattr(fd int, h *handle, st *unix.Stat_t, r *proto.SetattrReq) (unix.Errno, proto.Msg) {
 	if r.Valid&proto.SetSize != 0 {
 		var errno unix.Errno
 		switch {

@@ -492,7 +492,7 @@ func TestFSCreateOverExistingChecked(t *testing.T) {
 		t.Fatal(err)
 	}
 	var hr proto.HandleReply
-	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "secret", Flags: syscall.O_RDWR | syscall.O_TRUNC, Mode: 0o644, UID: 1000, GID: 1000}, &hr); e != syscall.EACCES {
+	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "secret", Flags: syscall.O_RDWR | syscall.O_TRUNC, Mode: 0o644, Caller: proto.Cred{UID: 1000, GID: 1000}}, &hr); e != syscall.EACCES {
 		t.Fatalf("create over a root-only file by uid 1000: %v, want EACCES", e)
 	}
 	if b, _ := os.ReadFile(filepath.Join(rw, "secret")); string(b) != "s" {
@@ -679,5 +679,80 @@ func TestFSAddToSwappedDirRefused(t *testing.T) {
 	call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "d.moved"}, &cur)
 	if e := call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "d.moved/x", Flags: syscall.O_WRONLY, Mode: 0o644, DirDev: cur.Dev, DirIno: cur.Ino}, &hr); e != 0 {
 		t.Errorf("create in the checked directory: %v", e)
+	}
+}
+
+// A root server performs requests with the caller's credentials: its own
+// kernel checks the caller's permissions (with supplementary groups), and
+// what is created belongs to the caller, setgid directories included.
+func TestFSCallerCredentials(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("a server that is not root acts as itself")
+	}
+	c, rw, _ := setup(t)
+	must(t, os.Chmod(rw, 0o755))
+	user := proto.Cred{UID: 1000, GID: 1000}
+	withGroup := proto.Cred{UID: 1000, GID: 1000, Groups: []uint32{4242}}
+	root := proto.Cred{}
+	mk := func(name string, mode uint32, gid int) {
+		t.Helper()
+		p := filepath.Join(rw, name)
+		must(t, os.Mkdir(p, 0o700))
+		must(t, os.Chown(p, 0, gid))
+		must(t, syscall.Chmod(p, uint32(mode))) // raw bits: 0o2000 is setgid
+	}
+	mk("pub", 0o777, 0)
+	mk("sgid", 0o2777, 50)
+	mk("grp", 0o770, 4242)
+	must(t, os.WriteFile(filepath.Join(rw, "rootfile"), []byte("r"), 0o644))
+	var rf proto.Attr
+	call(t, c, proto.OpGetattr, &proto.PathReq{Export: "rw", Path: "rootfile"}, &rf)
+
+	var hr proto.HandleReply
+	var a proto.Attr
+	create := func(path string, cr proto.Cred) syscall.Errno {
+		return call(t, c, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: path, Flags: syscall.O_WRONLY, Mode: 0o640, Caller: cr}, &hr)
+	}
+	for _, tc := range []struct {
+		what string
+		got  syscall.Errno
+		want syscall.Errno
+	}{
+		{"create in root's 0755 directory", create("x", user), syscall.EACCES},
+		{"create there as root", create("x", root), 0},
+		{"create in a 0777 directory", create("pub/f", user), 0},
+		{"create in a setgid directory", create("sgid/f", user), 0},
+		{"create in a 0770 directory of a group not held", create("grp/f", user), syscall.EACCES},
+		{"create there with the group as a supplementary one", create("grp/f", withGroup), 0},
+		{"mkdir in root's directory", call(t, c, proto.OpMkdir, &proto.OpenReq{Export: "rw", Path: "d", Mode: 0o755, Caller: user}, &proto.EntryReply{}), syscall.EACCES},
+		{"symlink in root's directory", call(t, c, proto.OpSymlink, &proto.SymlinkReq{Export: "rw", Path: "l", Target: "t", Caller: user}, &a), syscall.EACCES},
+		{"unlink of root's file", call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "rw", Path: "rootfile", Dev: rf.Dev, Ino: rf.Ino, Caller: user}, &a), syscall.EACCES},
+		{"rename of root's file", call(t, c, proto.OpRename, &proto.RenameReq{Export: "rw", From: "rootfile", To: "pub/stolen", Dev: rf.Dev, Ino: rf.Ino, Caller: user}, nil), syscall.EACCES},
+		{"open of root's 0644 file for writing", call(t, c, proto.OpOpen, &proto.OpenReq{Export: "rw", Path: "rootfile", Flags: syscall.O_WRONLY, Dev: rf.Dev, Ino: rf.Ino, Caller: user}, &hr), syscall.EACCES},
+		{"open of root's 0644 file for reading", call(t, c, proto.OpOpen, &proto.OpenReq{Export: "rw", Path: "rootfile", Flags: syscall.O_RDONLY, Dev: rf.Dev, Ino: rf.Ino, Caller: user}, &hr), 0},
+		{"chmod of root's file", call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "rw", Path: "rootfile", Valid: proto.SetMode, Mode: 0o666, Dev: rf.Dev, Ino: rf.Ino, Caller: user}, &a), syscall.EPERM},
+		{"truncate of root's file", call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "rw", Path: "rootfile", Valid: proto.SetSize, Dev: rf.Dev, Ino: rf.Ino, Caller: user}, &a), syscall.EACCES},
+		{"hard link of root's file into a 0777 directory", call(t, c, proto.OpLink, &proto.LinkReq{Export: "rw", From: "rootfile", To: "pub/hard", Dev: rf.Dev, Ino: rf.Ino, Caller: user}, &a), syscall.EPERM}, // fs.protected_hardlinks
+	} {
+		if tc.got != tc.want {
+			t.Errorf("%s by uid 1000: %v, want %v", tc.what, tc.got, tc.want)
+		}
+	}
+	for name, want := range map[string][2]uint32{"pub/f": {1000, 1000}, "sgid/f": {1000, 50}, "grp/f": {1000, 1000}} {
+		st, err := os.Stat(filepath.Join(rw, name))
+		must(t, err)
+		if s := st.Sys().(*syscall.Stat_t); s.Uid != want[0] || s.Gid != want[1] || st.Mode().Perm() != 0o640 {
+			t.Errorf("%s created by uid 1000: %d:%d %v, want %d:%d -rw-r-----", name, s.Uid, s.Gid, st.Mode(), want[0], want[1])
+		}
+	}
+	if b, _ := os.ReadFile(filepath.Join(rw, "rootfile")); string(b) != "r" {
+		t.Errorf("root's file changed: %q", b)
+	}
+	// The owner may chmod, and the server's threads are root again after.
+	if e := call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "rw", Path: "pub/f", Valid: proto.SetMode, Mode: 0o600, Caller: user}, &a); e != 0 || a.Mode&0o777 != 0o600 {
+		t.Errorf("chmod by the owner: %v %o", e, a.Mode)
+	}
+	if e := create("x2", root); e != 0 {
+		t.Errorf("create as root after requests as uid 1000: %v", e)
 	}
 }
