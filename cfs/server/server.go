@@ -13,6 +13,12 @@
 // a link leading outside is still refused. Only regular files and
 // directories are opened: FIFOs, sockets and devices answer ENXIO, so no
 // request can block on an open.
+//
+// A server running as root performs changes and opens with the caller's
+// filesystem credentials (cred.go), after resolving the path as root, so
+// its kernel checks the caller's permissions as a local one would; every
+// request on an existing name also carries the identity of the file the
+// client checked, and a name that now names another file is ESTALE.
 package server
 
 import (
