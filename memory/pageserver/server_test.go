@@ -80,3 +80,50 @@ func TestPeersIsolatedAndRestartDrops(t *testing.T) {
 		t.Fatalf("after n1 restarted: %+v", st)
 	}
 }
+
+// FuzzServeConn: whatever a member sends, the server answers with frames
+// that parse, never panics, never holds more than its capacity, and ends
+// the connection when the input ends.
+func FuzzServeConn(f *testing.F) {
+	hello := pageproto.AppendFrame(nil, pageproto.Header{Op: pageproto.OpHello, ID: 1, Arg: 3}, "", nil)
+	f.Add(hello)
+	f.Add(append(bytes.Clone(hello), pageproto.AppendFrame(nil, pageproto.Header{Op: pageproto.OpStore, ID: 2, Region: 1}, "o", make([]byte, pageproto.PageSize))...))
+	f.Add(append(bytes.Clone(hello), pageproto.AppendFrame(nil, pageproto.Header{Op: pageproto.OpLoad, ID: 2, Arg: pageproto.PageSize}, "o", nil)...))
+	f.Add(append(bytes.Clone(hello), pageproto.AppendFrame(nil, pageproto.Header{Op: pageproto.OpReserve, ID: 2, Arg: 1 << 40}, "o", nil)...))
+	f.Add([]byte("\x0bP\x02\x01\x00\x00\x10\x01"))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		s := New(8*pageproto.PageSize, nil)
+		a, b := net.Pipe()
+		s.PeerName = func(net.Conn) string { return "n1" }
+		done := make(chan struct{})
+		go func() {
+			s.ServeConn(b)
+			close(done)
+		}()
+		go func() {
+			a.Write(in)
+			// Then nothing more: like a peer that closed its side.
+			time.Sleep(10 * time.Millisecond)
+			a.Close()
+		}()
+		a.SetReadDeadline(time.Now().Add(5 * time.Second))
+		for {
+			h, _, err := pageproto.ReadFrame(a, nil)
+			if err != nil {
+				break
+			}
+			if h.Op&pageproto.RespBit == 0 {
+				t.Fatalf("server sent a request %v", h.Op)
+			}
+		}
+		a.Close()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("ServeConn did not return")
+		}
+		if st := s.Stat(); st.Used > st.Capacity || st.Reserved > st.Capacity {
+			t.Fatalf("beyond capacity: %+v", st)
+		}
+	})
+}
