@@ -135,7 +135,7 @@ func (a *Agent) startService(_ context.Context) error {
 		bind: a.cfg.ServiceBind, ctx: ctx, cancel: cancel,
 		svcs: map[string]*exposed{}, gids: map[string]gidLoc{},
 		conns: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "onebox_service_connections_total", Help: "Connections to this node's service addresses, by service, target and result (ok: carried; failed: the dial failed and another target was tried; no_target: no target took it).",
+			Name: "onebox_service_connections_total", Help: "Connections to this node's service addresses, by service, target and result (ok: carried; failed: the dial failed and another target was tried; no_target: no target took it; busy: refused, the service had too many connections).",
 		}, []string{"service", "target", "result"}),
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "onebox_service_bytes_total", Help: "Bytes carried by this node's service addresses, by service and direction (in: client to target).",
@@ -225,9 +225,14 @@ func (s *svcState) newExposed(sp service.Spec) *exposed {
 			s.conns.WithLabelValues(name, key, res).Inc()
 		},
 		OnDone: func(key string, in, out int64) {
-			if key == "" {
+			switch key {
+			case "":
 				e.failed.Add(1)
 				s.conns.WithLabelValues(name, "", "no_target").Inc()
+				return
+			case proxy.Busy:
+				e.failed.Add(1)
+				s.conns.WithLabelValues(name, "", "busy").Inc()
 				return
 			}
 			e.bytesIn.Add(in)

@@ -28,7 +28,14 @@ const (
 	// DefaultHedgeAfter: a dial to a target on a LAN answers in
 	// milliseconds; one silent for this long is probably not coming.
 	DefaultHedgeAfter = 500 * time.Millisecond
+	// DefaultMaxConns bounds one service address's connections (each
+	// holds two descriptors on the exposing node and two on the target's).
+	DefaultMaxConns = 4096
 )
+
+// Busy is the key OnDone reports for a client refused because the
+// frontend already handles MaxConns connections.
+const Busy = "(busy)"
 
 // ErrNoTarget is the failure of a client connection for which every
 // target was tried and none answered.
@@ -76,24 +83,29 @@ type Frontend struct {
 	// HedgeAfter is how long a dial may go unanswered before the next
 	// target is dialed as well; default DefaultHedgeAfter.
 	HedgeAfter time.Duration
-	Log        *slog.Logger
+	// MaxConns bounds the client connections handled at once; one more is
+	// closed at once (and reported to OnDone with key "busy"). Default
+	// DefaultMaxConns.
+	MaxConns int
+	Log      *slog.Logger
 	// OnDial, if set, hears of every dial (err nil: the connection is
 	// carried to key).
 	OnDial func(key string, err error)
 	// OnDone, if set, hears of every client connection that ended, with
-	// the target that carried it ("" if none could) and the bytes
-	// client→target and target→client.
+	// the target that carried it ("" if none could, Busy if it was refused
+	// for MaxConns) and the bytes client→target and target→client.
 	OnDone func(key string, in, out int64)
 
 	once   sync.Once
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	mu     sync.Mutex
-	ln     net.Listener          // guarded by mu
-	conns  map[net.Conn]struct{} // client connections; guarded by mu
-	closed bool                  // guarded by mu
-	wg     sync.WaitGroup
+	mu      sync.Mutex
+	ln      net.Listener          // guarded by mu
+	conns   map[net.Conn]struct{} // client and target connections; guarded by mu
+	clients int                   // client connections handled; guarded by mu
+	closed  bool                  // guarded by mu
+	wg      sync.WaitGroup
 }
 
 func (f *Frontend) init() {
@@ -105,6 +117,9 @@ func (f *Frontend) init() {
 		}
 		if f.HedgeAfter <= 0 {
 			f.HedgeAfter = DefaultHedgeAfter
+		}
+		if f.MaxConns <= 0 {
+			f.MaxConns = DefaultMaxConns
 		}
 		if f.Log == nil {
 			f.Log = slog.Default()
@@ -141,29 +156,48 @@ func (f *Frontend) Serve(ln net.Listener) error {
 			continue
 		}
 		backoff = 5 * time.Millisecond
-		if !f.track(c) {
+		switch f.track(c) {
+		case trackClosed:
 			return nil
+		case trackBusy:
+			continue
 		}
 		go f.handle(c)
 	}
 }
 
-func (f *Frontend) track(c net.Conn) bool {
+const (
+	trackOK     = iota
+	trackBusy   // refused: MaxConns reached (accepting goes on: connections end and make room)
+	trackClosed // the frontend is closed
+)
+
+// track registers a client connection, or closes it.
+func (f *Frontend) track(c net.Conn) int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
 		c.Close()
-		return false
+		return trackClosed
 	}
+	if f.clients >= f.MaxConns {
+		c.Close()
+		if f.OnDone != nil {
+			go f.OnDone(Busy, 0, 0)
+		}
+		return trackBusy
+	}
+	f.clients++
 	f.conns[c] = struct{}{}
 	f.wg.Add(1)
-	return true
+	return trackOK
 }
 
 func (f *Frontend) untrack(c net.Conn) {
 	c.Close()
 	f.mu.Lock()
 	delete(f.conns, c)
+	f.clients--
 	f.mu.Unlock()
 	f.wg.Done()
 }

@@ -302,3 +302,49 @@ func TestFrontendHedgesSilentTarget(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// Beyond MaxConns a client is closed at once, and served again once
+// connections end.
+func TestFrontendMaxConns(t *testing.T) {
+	pa, stop := echoServer(t, "a")
+	defer stop()
+	baddr, _ := backend(t)
+	f := newFrontend(baddr, balance.RoundRobin, pa)
+	f.MaxConns = 1
+	busy := make(chan string, 4)
+	f.OnDone = func(key string, _, _ int64) {
+		if key == Busy {
+			busy <- key
+		}
+	}
+	addr := serve(t, f)
+	held, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(held, "first\n")
+	if s, err := bufio.NewReader(held).ReadString('\n'); err != nil || s != "a: first\n" {
+		t.Fatalf("first connection: %q %v", s, err)
+	}
+	if got, err := ask(t, addr, "second"); err == nil {
+		t.Fatalf("second connection served past MaxConns: %q", got)
+	}
+	select {
+	case <-busy:
+	case <-time.After(5 * time.Second):
+		t.Fatal("refusal not reported")
+	}
+	held.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got, err := ask(t, addr, "third")
+		if err == nil && got == "a: third" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not served after the first connection ended: %q %v", got, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
