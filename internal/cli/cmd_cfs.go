@@ -45,9 +45,10 @@ func newExportsCmd() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "exports",
 		Short: "List the directories nodes export to the cluster filesystem",
-		Long: `exports lists every node's exported directories: what an agent started with
---mount MOUNT shows as MOUNT/NODE/EXPORT on every node. It exits 1 if a
-live node did not answer (its last known exports are shown, marked stale).`,
+		Long: `exports lists every node's exported directories: what every agent's mount of
+the cluster filesystem (/onebox unless --mount says otherwise) shows as
+/onebox/NODE/EXPORT. It exits 1 if a live node did not answer (its last
+known exports are shown, marked stale). See docs/filesystem.md.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			format, cl, err := readCommand(cmd)
