@@ -34,7 +34,9 @@ type Pages interface {
 	// Release gives back n bytes reserved by owner.
 	Release(owner string, n uint64)
 	// Store keeps data (a whole number of pages) at offset off of r. It
-	// returns once the pages are held in as many copies as configured.
+	// returns once the pages are held in as many copies as configured, or
+	// in fewer (at least one) when fewer live nodes can take them: the
+	// pool then restores the others in the background.
 	Store(ctx context.Context, r Region, off uint64, data []byte) error
 	// Load fills data (a whole number of pages) from offset off of r;
 	// pages never stored read as zeros.
