@@ -185,3 +185,72 @@ func isZombie(pid int) bool {
 	i := strings.LastIndexByte(s, ')')
 	return i > 0 && len(s) > i+2 && s[i+2] == 'Z'
 }
+
+// TestMemExpandPoolNodeLoss: a pool node dies while a program has most of
+// its memory in the pool; the program goes on and reads its data intact
+// from the other copies.
+func TestMemExpandPoolNodeLoss(t *testing.T) {
+	needMemExpand(t)
+	py, err := exec.LookPath("python3")
+	testenv.NeedNoError(t, err, "no python3")
+	t.Parallel()
+	c := startCluster(t, testbed.Options{Nodes: 3, DonateMemory: "256MiB"})
+	n1, n3 := c.Nodes[0], c.Nodes[2]
+	script := `
+import hashlib, sys
+b = bytearray(range(256)) * (256 * 1024)
+for i in range(0, len(b), 4096):
+    b[i] = (i >> 12) % 251
+print(hashlib.sha256(b).hexdigest())
+print("ready", flush=True)
+sys.stdin.readline()
+print(hashlib.sha256(b).hexdigest(), flush=True)
+`
+	cmd := exec.Command(binary, "run", "--agent", n1.Agent(), "--node", n1.Name, "--memory-expand", "--local-memory", "8MiB", "--", py, "-c", script)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	lines := bufio.NewScanner(stdout)
+	var got []string
+	for lines.Scan() && lines.Text() != "ready" {
+		got = append(got, lines.Text())
+	}
+	if len(got) != 1 {
+		cmd.Process.Kill()
+		t.Fatalf("before ready: %q; stderr %s", got, stderr.String())
+	}
+	if err := c.Kill(n3); err != nil {
+		t.Fatal(err)
+	}
+	stdin.Write([]byte("go\n"))
+	go func() {
+		for lines.Scan() {
+			got = append(got, lines.Text())
+		}
+		done <- cmd.Wait()
+	}()
+	select {
+	case err = <-done:
+	case <-time.After(90 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("program did not finish within 90 s of the pool node's death")
+	}
+	if err != nil || len(got) != 2 || got[0] != got[1] {
+		t.Fatalf("exit %v, output %q (the two hashes must match); stderr %s", err, got, stderr.String())
+	}
+	want := strings.Fields(plainOutput(t, "sh", "-c", "echo | "+py+" -c '"+script+"'"))
+	if len(want) != 3 || want[0] != got[0] {
+		t.Fatalf("hash %s, plain run %q", got[0], want)
+	}
+}
