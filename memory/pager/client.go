@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -18,7 +19,8 @@ type client struct {
 	p        *Pager
 	id       uint64
 	owner    string // pool owner of its reservations
-	limit    int    // resident pages allowed; 0: no limit
+	g        *group // the program it belongs to: the local limit
+	wake     int    // eventfd: the group asks this process to evict
 	pid      uint32
 	sockf    *os.File
 	sock     int
@@ -26,8 +28,9 @@ type client struct {
 	regs     []*region // sorted by start, non-overlapping
 	reserved uint64    // bytes reserved in the pool under owner
 
-	resident int       // pages of regs resident
-	fifo     []pageRef // resident pages in fill order (clock hand at fifoHead)
+	resident int          // pages of regs resident
+	res      atomic.Int64 // resident, for the group's other members
+	fifo     []pageRef    // resident pages in fill order (clock hand at fifoHead)
 	fifoHead int
 
 	inherit *snapshot // the fork snapshot this process was born from
@@ -61,7 +64,14 @@ var errGone = errors.New("pager: program gone")
 func (c *client) run() {
 	c.p.live.Add(1)
 	defer c.p.live.Add(^uint64(0))
-	err := c.loop()
+	var err error
+	if c.wake, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC); err != nil {
+		c.wake = -1
+	}
+	c.g.join(c) // after wake is set: other members read it
+	if err == nil {
+		err = c.loop()
+	}
 	if err != nil && !errors.Is(err, errGone) {
 		c.p.dropped.Add(1)
 		c.p.cfg.Logf("pager: client %d (pid %d) dropped: %v", c.id, c.pid, err)
@@ -92,6 +102,10 @@ func (c *client) run() {
 	if c.reserved > 0 {
 		c.p.cfg.Pool.Release(c.owner, c.reserved)
 	}
+	c.g.leave(c) // before wake closes: nobody pokes it after
+	if c.wake >= 0 {
+		unix.Close(c.wake)
+	}
 }
 
 // loop polls the socket, the userfaultfd and the stop pipe until one of them
@@ -102,6 +116,7 @@ func (c *client) loop() error {
 		fds := []unix.PollFd{
 			{Fd: int32(c.p.stopR.Fd()), Events: unix.POLLIN},
 			{Fd: int32(c.sock), Events: unix.POLLIN},
+			{Fd: int32(c.wake), Events: unix.POLLIN},
 		}
 		if c.uffd >= 0 {
 			fds = append(fds, unix.PollFd{Fd: int32(c.uffd), Events: unix.POLLIN})
@@ -120,8 +135,15 @@ func (c *client) loop() error {
 				return err
 			}
 		}
-		if len(fds) > 2 && fds[2].Revents != 0 {
-			if fds[2].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
+		if fds[2].Revents != 0 {
+			var b [8]byte
+			unix.Read(c.wake, b[:])
+			if err := c.relieve(false); err != nil {
+				return err
+			}
+		}
+		if len(fds) > 3 && fds[3].Revents != 0 {
+			if fds[3].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
 				return errors.New("userfaultfd error")
 			}
 			if err := c.serve(buf); err != nil {

@@ -8,8 +8,8 @@
 // (pool.Pages) when it is registered: a full pool fails the allocation with
 // ENOMEM.
 //
-// Paging: the pager keeps at most a local limit of each process's block pages
-// resident. A fault on a page fills it with UFFDIO_COPY from the pool (or
+// Paging: the pager keeps at most a local limit of each program's block
+// pages resident (a program: the processes connected through one socket). A fault on a page fills it with UFFDIO_COPY from the pool (or
 // zeros for a page never written), write-protected unless the access is a
 // write, so the first write raises a WP fault that marks the page dirty.
 // Sequential faults grow a prefetch window: one pool Load and one UFFDIO_COPY
@@ -157,8 +157,9 @@ func Listen(path string) (*net.UnixListener, error) {
 }
 
 // Serve accepts programs on l until Close or until l is closed; it returns
-// ErrClosed then. Each process connected through l keeps at most
-// localMemory bytes of its blocks resident (0: no limit, nothing evicted).
+// ErrClosed then. The processes connected through l (a program, its forked
+// children, the programs it execs) keep at most localMemory bytes of their
+// blocks resident together (0: no limit, nothing evicted).
 // Processes already connected go on after l is closed, until they exit.
 func (p *Pager) Serve(l *net.UnixListener, localMemory uint64) error {
 	p.mu.Lock()
@@ -178,6 +179,7 @@ func (p *Pager) Serve(l *net.UnixListener, localMemory uint64) error {
 	if localMemory > 0 && limit < minLimit {
 		limit = minLimit
 	}
+	g := newGroup(limit)
 	backoff := 5 * time.Millisecond
 	for {
 		c, err := l.AcceptUnix()
@@ -216,8 +218,8 @@ func (p *Pager) Serve(l *net.UnixListener, localMemory uint64) error {
 		p.wg.Add(1)
 		p.mu.Unlock()
 		id := p.nextID.Add(1)
-		cl := &client{p: p, id: id, owner: fmt.Sprintf("%s/p%d", p.cfg.Owner, id), limit: limit,
-			sockf: f, sock: int(f.Fd()), uffd: -1}
+		cl := &client{p: p, id: id, owner: fmt.Sprintf("%s/p%d", p.cfg.Owner, id), g: g,
+			sockf: f, sock: int(f.Fd()), uffd: -1, wake: -1}
 		go func() {
 			defer p.wg.Done()
 			cl.run()

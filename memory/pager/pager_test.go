@@ -271,6 +271,41 @@ func TestFork(t *testing.T) {
 	}
 }
 
+// TestForkSharesLimit: a program's processes share its local limit: a
+// parent and its child writing at once stay near the limit together, not
+// at twice it.
+func TestForkSharesLimit(t *testing.T) {
+	needUffd(t)
+	shim, bin := buildShim(t), buildProg(t, "fork")
+	plain, _ := runProg(t, os.Environ(), bin, "48")
+	const limit = 8 << 20
+	p, sock := startPager(t, Config{}, limit)
+	stop := make(chan struct{})
+	peak := make(chan uint64)
+	go func() {
+		var m uint64
+		for {
+			select {
+			case <-stop:
+				peak <- m
+				return
+			case <-time.After(200 * time.Microsecond):
+				m = max(m, p.Stats().Resident*uint64(PageSize))
+			}
+		}
+	}()
+	got, _ := runProg(t, shimEnv(shim, sock), bin, "48")
+	close(stop)
+	m := <-peak
+	if got != plain {
+		t.Fatalf("under the pager:\n%s\nplain:\n%s", got, plain)
+	}
+	t.Logf("peak resident %d KiB with a limit of %d KiB; stats %+v", m>>10, limit>>10, p.Stats())
+	if m > limit*3/2 {
+		t.Fatalf("peak resident %d KiB: the processes of one program must share its %d KiB", m>>10, limit>>10)
+	}
+}
+
 // TestMadvise: MADV_DONTNEED'd ranges read back as zeros, evicted or not.
 func TestMadvise(t *testing.T) {
 	needUffd(t)

@@ -106,8 +106,7 @@ func (c *client) release(r *region) {
 			pooled++
 		}
 	}
-	c.resident -= res
-	c.p.resident.Add(-int64(res))
+	c.addResident(-res)
 	c.p.pooled.Add(-int64(pooled))
 	r.dead = true
 	unix.Close(r.memfd)
@@ -183,8 +182,8 @@ func (c *client) fill(r *region, pg int, write bool) error {
 	if seq && r.window >= 16 {
 		// A stream: read further ahead while the program is busy.
 		dist := raPages
-		if c.limit > 0 {
-			dist = min(dist, c.limit/2)
+		if sh := c.share(); sh > 0 {
+			dist = min(dist, sh/2)
 		}
 		c.raRegion, c.raNext, c.raEnd, c.raWrite = r, pg+done, min(pg+done+dist, len(r.state)), write
 	} else if c.raRegion == r {
@@ -218,24 +217,14 @@ func (c *client) readahead() error {
 	return c.limitResident()
 }
 
-// limitResident evicts down to the local limit (with some slack, so
-// eviction runs in batches).
-func (c *client) limitResident() error {
-	if c.limit > 0 && c.resident > c.limit {
-		slack := max(1, min(c.limit/16, maxWindow))
-		return c.evict(c.resident - c.limit + slack)
-	}
-	return nil
-}
-
 // fillRun fills up to n pages from pg of r that are not resident (it stops
 // at the first resident one), write-enabled and dirty if write. It returns
 // the pages filled and how many came from the pool.
 func (c *client) fillRun(r *region, pg, n int, write bool) (int, int, error) {
 	ps := uint64(PageSize)
 	n = min(n, len(r.state)-pg)
-	if c.limit > 0 {
-		n = min(n, max(1, c.limit/4))
+	if sh := c.share(); sh > 0 {
+		n = min(n, max(1, sh/4))
 	}
 	for k := 1; k < n; k++ {
 		if r.state[pg+k]&stResident != 0 {
@@ -275,8 +264,7 @@ func (c *client) fillRun(r *region, pg, n int, write bool) (int, int, error) {
 		}
 	}
 	r.next = pg + done
-	c.resident += done
-	c.p.resident.Add(int64(done))
+	c.addResident(done)
 	c.p.copies.Add(uint64(done))
 	c.p.loaded.Add(uint64(min(loaded, done)))
 	return done, loaded, nil
@@ -558,8 +546,7 @@ func (c *client) evict(n int) error {
 		for k := pg; k < pg+cnt; k++ {
 			r.state[k] &^= stResident | stDirty | stRef
 		}
-		c.resident -= cnt
-		c.p.resident.Add(-int64(cnt))
+		c.addResident(-cnt)
 		c.p.evicted.Add(uint64(cnt))
 	}
 	c.victims = v[:0]
@@ -593,8 +580,7 @@ func (c *client) discard(start, n uint64) error {
 			r.state[k] &= stQueued
 			r.where[k] = noSrc
 		}
-		c.resident -= res
-		c.p.resident.Add(-int64(res))
+		c.addResident(-res)
 		c.p.pooled.Add(-int64(pooled))
 		c.p.discarded.Add((b - a) / ps)
 		ctx, cancel := c.p.ctx()
