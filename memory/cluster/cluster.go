@@ -88,6 +88,9 @@ type nodeClient struct {
 	next     int     // guarded by mu
 	instance uint64  // the server's instance last seen; guarded by mu
 	capacity uint64  // guarded by mu
+	// The last dial that failed (Unix ns) and why; guarded by mu.
+	dialFailedAt int64
+	dialErr      error
 
 	failedAt atomic.Int64 // last dial or connection failure (Unix ns); not under mu, which a dial holds
 }
@@ -195,6 +198,11 @@ func (p *Pool) conn(ctx context.Context, node string) (*conn, error) {
 	if c := nc.conns[i]; c != nil && c.broken() == nil {
 		return c, nil
 	}
+	// Callers queued behind a dial that failed (a cut link makes each
+	// take Timeout) fail at once instead of dialing in turn.
+	if since := time.Duration(time.Now().UnixNano() - nc.dialFailedAt); since < redialAfter {
+		return nil, fmt.Errorf("cluster: node %s unreachable (a dial failed %v ago): %w", node, since.Round(time.Millisecond), nc.dialErr)
+	}
 	dctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
 	defer cancel()
 	raw, err := p.opts.Dial(dctx, node)
@@ -212,9 +220,16 @@ func (p *Pool) conn(ctx context.Context, node string) (*conn, error) {
 	} else {
 		err = fmt.Errorf("cluster: dial %s: %w", node, err)
 	}
-	nc.failedAt.Store(time.Now().UnixNano())
+	now := time.Now().UnixNano()
+	nc.failedAt.Store(now)
+	if ctx.Err() == nil {
+		nc.dialFailedAt, nc.dialErr = now, err
+	}
 	return nil, err
 }
+
+// redialAfter is how long after a failed dial a node is not dialed again.
+const redialAfter = time.Second
 
 func (p *Pool) noteFailure(node string, err error) {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
@@ -228,9 +243,13 @@ func (p *Pool) noteFailure(node string, err error) {
 	p.kickRepair()
 }
 
+// failedFor is how long a node that failed a request or a dial is tried
+// last for loads, passed over for stores and placement.
+const failedFor = 5 * time.Second
+
 // failedRecently is a node to try last and not to place on.
 func (p *Pool) failedRecently(node string) bool {
-	return time.Now().UnixNano()-p.node(node).failedAt.Load() < int64(5*time.Second)
+	return time.Now().UnixNano()-p.node(node).failedAt.Load() < int64(failedFor)
 }
 
 func (p *Pool) kickRepair() {
@@ -432,7 +451,22 @@ func (p *Pool) storeHolders(ctx context.Context, r pool.Region, pc piece, ch *ch
 		cl *call
 	}
 	out := make([]sent, len(hs))
+	// A holder that failed in the last seconds (a cut link) is passed over
+	// when another can take the store, rather than awaited for Timeout on
+	// every store: it becomes stale and repair makes a new copy.
+	healthy := 0
+	for _, h := range hs {
+		if !p.failedRecently(h.node) {
+			healthy++
+		}
+	}
+	skipped := make([]bool, len(hs))
 	for i, h := range hs {
+		if healthy > 0 && p.failedRecently(h.node) {
+			errs[i] = fmt.Errorf("cluster: node %s failed in the last %v", h.node, failedFor)
+			skipped[i] = true
+			continue
+		}
 		c, err := p.conn(ctx, h.node)
 		if err == nil && c.stat.Instance != h.instance {
 			err = fmt.Errorf("cluster: node %s restarted since it took the chunk", h.node)
@@ -452,7 +486,7 @@ func (p *Pool) storeHolders(ctx context.Context, r pool.Region, pc piece, ch *ch
 		}
 	}
 	for i, err := range errs {
-		if err != nil {
+		if err != nil && !skipped[i] {
 			p.noteFailure(hs[i].node, err)
 		}
 	}

@@ -395,3 +395,67 @@ func TestHolderRestarted(t *testing.T) {
 		t.Fatalf("load after repair: %v", err)
 	}
 }
+
+// A holder whose link is cut (alive to membership, answering nothing)
+// costs at most about one Timeout, not one per request: loads go to the
+// other copy, stores pass over it, queued dials fail at once.
+func TestCutHolderBounded(t *testing.T) {
+	const timeout = time.Second
+	c, p := start(t, 3, 64<<20, cluster.Options{Timeout: timeout, RepairInterval: time.Hour})
+	ctx := context.Background()
+	r := pool.Region{Owner: "o", ID: 1}
+	data := random(16*cluster.ChunkSize, 5)
+	if err := p.Store(ctx, r, 0, data); err != nil {
+		t.Fatal(err)
+	}
+	// Cut the node holding the most chunks (every chunk is on 2 of 3).
+	victim, most := "", uint64(0)
+	for n, b := range p.Stats().NodeBytes {
+		if b > most {
+			victim, most = n, b
+		}
+	}
+	c.Cut(victim)
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	// Loads first: those that try the cut node find the connection dead
+	// after Timeout and read the other copy.
+	for i := range 16 {
+		wg.Add(1)
+		off := uint64(i) * cluster.ChunkSize
+		go func() {
+			defer wg.Done()
+			got := make([]byte, cluster.ChunkSize)
+			if err := p.Load(ctx, r, off, got); err != nil || !bytes.Equal(got, data[off:off+cluster.ChunkSize]) {
+				errs <- fmt.Errorf("load at %d: %v", off, err)
+			}
+		}()
+	}
+	wg.Wait()
+	// Then stores: they must not each wait a dial Timeout for the cut
+	// node (one at a time, under its lock, that would be ~10 timeouts).
+	for i := range 16 {
+		wg.Add(1)
+		off := uint64(i) * cluster.ChunkSize
+		go func() {
+			defer wg.Done()
+			if err := p.Store(ctx, r, off, data[off:off+pool.PageSize]); err != nil {
+				errs <- fmt.Errorf("store at %d: %v", off, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if d := time.Since(start); d > 6*timeout {
+		t.Fatalf("32 requests with a holder cut off took %v (Timeout %v)", d, timeout)
+	}
+	c.Heal(victim)
+	got := make([]byte, len(data))
+	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("load after heal: %v", err)
+	}
+}

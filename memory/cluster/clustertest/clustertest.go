@@ -11,9 +11,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/onebox-project/onebox/fabric/pki"
 	"github.com/onebox-project/onebox/fabric/transport"
@@ -42,6 +44,7 @@ type Cluster struct {
 
 	mu     sync.Mutex
 	alive  map[string]bool            // guarded by mu
+	cut    map[string]bool            // guarded by mu
 	certs  map[string]tls.Certificate // client identities; guarded by mu
 	byName map[string]*Node           // guarded by mu
 }
@@ -191,6 +194,73 @@ func (c *Cluster) Restart(node string) error {
 	return nil
 }
 
+// Cut makes node unreachable from the pools of this cluster without
+// stopping it, like a cut link: dials hang until their deadline, and reads
+// on connections already open wait for their deadline. Heal undoes it.
+func (c *Cluster) Cut(node string) { c.setCut(node, true) }
+
+// Heal reconnects a cut node.
+func (c *Cluster) Heal(node string) { c.setCut(node, false) }
+
+func (c *Cluster) setCut(node string, cut bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cut == nil {
+		c.cut = map[string]bool{}
+	}
+	c.cut[node] = cut
+}
+
+func (c *Cluster) isCut(node string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cut[node]
+}
+
+// cutConn blackholes a connection while its node is cut.
+type cutConn struct {
+	net.Conn
+	c    *Cluster
+	node string
+
+	mu       sync.Mutex
+	deadline time.Time // read deadline; guarded by mu
+}
+
+func (cc *cutConn) SetReadDeadline(t time.Time) error {
+	cc.mu.Lock()
+	cc.deadline = t
+	cc.mu.Unlock()
+	return cc.Conn.SetReadDeadline(t)
+}
+
+func (cc *cutConn) SetDeadline(t time.Time) error {
+	cc.mu.Lock()
+	cc.deadline = t
+	cc.mu.Unlock()
+	return cc.Conn.SetDeadline(t)
+}
+
+func (cc *cutConn) Read(b []byte) (int, error) {
+	for cc.c.isCut(cc.node) {
+		cc.mu.Lock()
+		d := cc.deadline
+		cc.mu.Unlock()
+		if !d.IsZero() && time.Now().After(d) {
+			return 0, os.ErrDeadlineExceeded
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return cc.Conn.Read(b)
+}
+
+func (cc *cutConn) Write(b []byte) (int, error) {
+	if cc.c.isCut(cc.node) {
+		return len(b), nil // lost on the way
+	}
+	return cc.Conn.Write(b)
+}
+
 // ClientTLS is the TLS configuration of a member named self dialing a
 // page server.
 func (c *Cluster) ClientTLS(self string) (*tls.Config, error) {
@@ -222,6 +292,10 @@ func (c *Cluster) Dialer(self string) (func(ctx context.Context, node string) (n
 		if n == nil {
 			return nil, fmt.Errorf("clustertest: no node %s", node)
 		}
+		if c.isCut(node) {
+			<-ctx.Done()
+			return nil, fmt.Errorf("clustertest: dial %s: %w", node, ctx.Err())
+		}
 		if c.plain {
 			var d net.Dialer
 			conn, err := d.DialContext(ctx, "tcp", n.Addr)
@@ -238,12 +312,17 @@ func (c *Cluster) Dialer(self string) (func(ctx context.Context, node string) (n
 			}
 			return conn, nil
 		}
-		d := tls.Dialer{Config: cfg}
-		conn, err := d.DialContext(ctx, "tcp", n.Addr)
+		var d net.Dialer
+		raw, err := d.DialContext(ctx, "tcp", n.Addr)
 		if err != nil {
 			return nil, err
 		}
-		if got := pki.PeerName(conn.(*tls.Conn).ConnectionState()); got != node {
+		conn := tls.Client(&cutConn{Conn: raw, c: c, node: node}, cfg)
+		if err := conn.HandshakeContext(ctx); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		if got := pki.PeerName(conn.ConnectionState()); got != node {
 			conn.Close()
 			return nil, fmt.Errorf("clustertest: %s presented %q", n.Addr, got)
 		}
