@@ -116,6 +116,14 @@ pool refuses or a byte differs.`,
 			if err != nil {
 				return err
 			}
+			switch args[0] {
+			case "store", "verify", "drop", "reserve", "release":
+			default:
+				return usagef("unknown probe %q: use store, verify, drop, reserve or release", args[0])
+			}
+			if sz <= 0 || sz%4096 != 0 {
+				return usagef("--size %v: want a positive multiple of 4KiB", sz)
+			}
 			probe.Op, probe.Size = args[0], uint64(sz)
 			if probe.Op == "drop" {
 				probe.Size = 0
