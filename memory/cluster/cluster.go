@@ -297,16 +297,28 @@ func mix(x uint64) uint64 {
 }
 
 // candidates are the nodes pages may be placed on now: alive, not this
-// node (unless IncludeSelf), not failing to answer.
+// node (unless IncludeSelf), not known to donate nothing.
 func (p *Pool) candidates() []string {
 	var out []string
 	for _, m := range p.opts.Members() {
-		if !m.Alive || (m.Name == p.opts.Self && !p.opts.IncludeSelf) {
+		if !m.Alive || (m.Name == p.opts.Self && !p.opts.IncludeSelf) || p.donatesNothing(m.Name) {
 			continue
 		}
 		out = append(out, m.Name)
 	}
 	return out
+}
+
+// donatesNothing: the node said hello with a capacity of 0.
+func (p *Pool) donatesNothing(node string) bool {
+	p.mu.Lock()
+	nc := p.nodes[node]
+	p.mu.Unlock()
+	if nc == nil || !nc.mu.TryLock() { // being dialed: not known yet
+		return false
+	}
+	defer nc.mu.Unlock()
+	return nc.instance != 0 && nc.capacity == 0
 }
 
 func (p *Pool) aliveSet() map[string]bool {
