@@ -299,23 +299,29 @@ func shorten(s string, n int) string {
 func newBenchExposeCmd() *cobra.Command {
 	size := agent.ByteSize(svcbench.DefaultSize)
 	var requests, connects int
+	var noSSH bool
 	c := &cobra.Command{
 		Use:   "expose",
-		Short: "Measure throughput and latency through an exposed port against a direct connection",
+		Short: "Measure throughput and latency through an exposed port against a direct connection and ssh -L",
 		Long: `expose starts a 2-node cluster on loopback (as 'onebox dev --nodes 2' does), a
 TCP test server standing for a program on n2, exposes it on a port of n1
 ('onebox expose --node n1 --port P --to n2:SERVER') and measures, on the
-direct connection to the server and then through the exposed port:
+direct connection to the server, through the exposed port, and through what
+a user would set up instead, an 'ssh -N -L' port forward to a private sshd on
+127.0.0.1 (own port and keys in a temporary directory; the system's sshd
+configuration and ~/.ssh are not used):
 
   upload     --size bytes sent to the server (it counts them and answers)
   download   --size bytes sent by the server
   rtt        --requests round trips of 64 bytes on one connection (p50, p99)
   connect    --connects new connections, each until its first answer (p50, p99)
 
-and prints exposed/direct ratios. Every wait is bounded; the cluster is
-removed on every path out. Progress goes to stderr.`,
+and prints the ratios exposed/direct and exposed/ssh. Every wait is bounded;
+the cluster, sshd and ssh are removed on every path out. Progress goes to
+stderr.`,
 		Example: `  onebox bench expose
-  onebox bench expose --size 1GiB -o json`,
+  onebox bench expose --size 1GiB -o json
+  onebox bench expose --no-ssh`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			format, err := outputFormat(cmd)
@@ -328,8 +334,13 @@ removed on every path out. Progress goes to stderr.`,
 			if requests < 10 || requests > 1000000 || connects < 10 || connects > 100000 {
 				return usagef("--requests (10 to 1000000) or --connects (10 to 100000) out of range")
 			}
+			if !noSSH {
+				if err := svcbench.CheckSSH(); err != nil {
+					return err
+				}
+			}
 			start := time.Now()
-			r, err := svcbench.Run(cmd.Context(), svcbench.Options{Size: int64(size), Requests: requests, Connects: connects, Log: cmd.ErrOrStderr()})
+			r, err := svcbench.Run(cmd.Context(), svcbench.Options{Size: int64(size), Requests: requests, Connects: connects, NoSSH: noSSH, Log: cmd.ErrOrStderr()})
 			if r != nil && len(r.Measures) > 0 {
 				if format == "json" {
 					if werr := writeJSON(cmd.OutOrStdout(), r); werr != nil && err == nil {
@@ -346,6 +357,7 @@ removed on every path out. Progress goes to stderr.`,
 	c.Flags().Var(&size, "size", "bytes moved each way (e.g. 256MiB, 1GiB)")
 	c.Flags().IntVar(&requests, "requests", svcbench.DefaultRequests, "round trips on one connection")
 	c.Flags().IntVar(&connects, "connects", svcbench.DefaultConnects, "new connections")
+	c.Flags().BoolVar(&noSSH, "no-ssh", false, "skip the ssh -L comparison (no sshd or ssh needed)")
 	addOutputFlag(c)
 	return c
 }

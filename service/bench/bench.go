@@ -1,8 +1,9 @@
 // Package bench measures an exposed service against a direct connection
-// to its target in one run ('onebox bench expose'): it starts a 2-node
+// to its target, and against what a user would set up instead (an ssh -L
+// port forward), in one run ('onebox bench expose'): it starts a 2-node
 // cluster on loopback, a TCP test server standing for the program on n2,
-// exposes it through a port of n1 and times the same workloads on both
-// paths: bulk upload and download, request round trips on one connection,
+// exposes it through a port of n1 and times the same workloads on every
+// path: bulk upload and download, request round trips on one connection,
 // and new connections (connect plus one round trip).
 package bench
 
@@ -37,12 +38,20 @@ const (
 	opTimeout       = 60 * time.Second // any one workload on one path
 )
 
+// Path names, in the order they are measured.
+const (
+	Direct  = "direct"  // to the server's port
+	Exposed = "exposed" // through n1's service address, carried to n2
+	SSH     = "ssh -L"  // through an ssh port forward on loopback
+)
+
 // Options of a run.
 type Options struct {
 	Size     int64
 	Requests int
 	Connects int
 	Binary   string    // onebox executable for the agents; default: this one
+	NoSSH    bool      // skip the ssh -L comparison
 	Log      io.Writer // progress; may be nil
 }
 
@@ -106,11 +115,21 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if err := WaitHealthy(ctx, cl.Client(cl.Nodes[0]), "bench", 1, 15*time.Second); err != nil {
 		return nil, err
 	}
+	paths := []struct{ name, addr string }{
+		{Direct, srv.Addr().String()},
+		{Exposed, st.Address},
+	}
+	if !o.NoSSH {
+		tun, err := startSSHTunnel(ctx, target)
+		if err != nil {
+			return nil, fmt.Errorf("bench: %w", err)
+		}
+		defer tun.Close()
+		logf("ssh -L %s:127.0.0.1:%d through a private sshd on 127.0.0.1", tun.Addr, target)
+		paths = append(paths, struct{ name, addr string }{SSH, tun.Addr})
+	}
 	r := &Result{Size: o.Size, Requests: o.Requests, Connects: o.Connects}
-	for _, p := range []struct{ name, addr string }{
-		{"direct", srv.Addr().String()},
-		{"exposed", st.Address},
-	} {
+	for _, p := range paths {
 		logf("measuring %s (%s)", p.name, p.addr)
 		m, err := measure(ctx, p.addr, o)
 		m.Path = p.name
@@ -375,26 +394,41 @@ func WaitHealthy(ctx context.Context, cl *api.Client, name string, want int, tim
 	})
 }
 
-// PrintTable prints the measures and the exposed/direct ratios.
+func (r *Result) measure(name string) *Measure {
+	for i := range r.Measures {
+		if r.Measures[i].Path == name {
+			return &r.Measures[i]
+		}
+	}
+	return nil
+}
+
+// PrintTable prints the measures and the ratios of the exposed path to
+// the others.
 func PrintTable(w io.Writer, r *Result) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "path\tupload\tdownload\trtt p50\trtt p99\tconnect p50\tconnect p99\n")
 	for _, m := range r.Measures {
 		fmt.Fprintf(tw, "%s\t%.0f MB/s\t%.0f MB/s\t%.0f us\t%.0f us\t%.0f us\t%.0f us\n", m.Path, m.UploadMBs, m.DownloadMBs, m.RTTp50us, m.RTTp99us, m.Connp50us, m.Connp99us)
 	}
-	if len(r.Measures) == 2 {
-		d, e := r.Measures[0], r.Measures[1]
-		ratio := func(a, b float64) string {
-			if b == 0 {
-				return "-"
-			}
-			return fmt.Sprintf("%.2fx", a/b)
+	ratio := func(a, b float64) string {
+		if b == 0 {
+			return "-"
 		}
-		fmt.Fprintf(tw, "exposed/direct\t%s\t%s\t%s\t%s\t%s\t%s\n", ratio(e.UploadMBs, d.UploadMBs), ratio(e.DownloadMBs, d.DownloadMBs),
+		return fmt.Sprintf("%.2fx", a/b)
+	}
+	e := r.measure(Exposed)
+	for _, base := range []string{Direct, SSH} {
+		d := r.measure(base)
+		if e == nil || d == nil {
+			continue
+		}
+		fmt.Fprintf(tw, "exposed/%s\t%s\t%s\t%s\t%s\t%s\t%s\n", base, ratio(e.UploadMBs, d.UploadMBs), ratio(e.DownloadMBs, d.DownloadMBs),
 			ratio(e.RTTp50us, d.RTTp50us), ratio(e.RTTp99us, d.RTTp99us), ratio(e.Connp50us, d.Connp50us), ratio(e.Connp99us, d.Connp99us))
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "(%s each way; %d round trips of %d bytes on one connection; %d new connections, each until its first answer)\n",
+	fmt.Fprintf(w, "(%s each way; %d round trips of %d bytes on one connection; %d new connections, each until its first answer;\n"+
+		" MB/s = 10^6 bytes/s; for times, lower is better; paths measured one after the other in one run, all on this machine's CPUs)\n",
 		sizeText(r.Size), r.Requests, requestSize, r.Connects)
 }
 
