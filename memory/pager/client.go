@@ -43,8 +43,11 @@ type client struct {
 	// pages [raNext, raEnd) of raRegion, write-enabled if raWrite (the
 	// stream writes).
 	raRegion      *region
-	raNext, raEnd int
+	raNext, raEnd int // raNext: the next page to start loading
 	raWrite       bool
+	raJob         *raJob // the chunk loading, if any
+	raBufs        [2][]byte
+	raFlip        int
 }
 
 type pageRef struct {
@@ -77,6 +80,9 @@ func (c *client) run() {
 		c.p.cfg.Logf("pager: client %d (pid %d) dropped: %v", c.id, c.pid, err)
 	}
 	c.sockf.Close() // the shim's watchdog sees the hang-up at once
+	if c.raJob != nil {
+		<-c.raJob.done // bounded by the pool timeout
+	}
 	for _, r := range c.regs {
 		c.release(r)
 	}
@@ -351,7 +357,7 @@ func (c *client) serve(buf []byte) error {
 	var idleSince time.Time
 	for {
 		n, err := unix.Read(c.uffd, buf)
-		if err == unix.EAGAIN && c.raRegion != nil {
+		if err == unix.EAGAIN && (c.raRegion != nil || c.raJob != nil) {
 			// Idle: fill the pages a sequential stream will touch next,
 			// while the program works on those it has.
 			if err := c.readahead(); err != nil {

@@ -165,6 +165,18 @@ func (c *client) fill(r *region, pg int, write bool) error {
 		uffd.Wake(c.uffd, r.start+uint64(pg)*ps, ps)
 		return nil
 	}
+	if j := c.raJob; j != nil && j.r == r && pg >= j.pg && pg < j.pg+j.n {
+		// The program caught up with the readahead: its chunk is on the
+		// way, take it rather than load the page twice.
+		c.raJob = nil
+		if err := c.finishJob(j); err != nil {
+			return err
+		}
+		if r.state[pg]&stResident != 0 {
+			c.startReadahead()
+			return nil
+		}
+	}
 	seq := pg == r.next && pg > 0
 	if seq {
 		r.window = min(2*r.window, maxWindow)
@@ -185,36 +197,182 @@ func (c *client) fill(r *region, pg int, write bool) error {
 		if sh := c.share(); sh > 0 {
 			dist = min(dist, sh/2)
 		}
-		c.raRegion, c.raNext, c.raEnd, c.raWrite = r, pg+done, min(pg+done+dist, len(r.state)), write
+		next := pg + done
+		if j := c.raJob; j != nil && j.r == r && next >= j.pg && next < j.pg+j.n {
+			next = j.pg + j.n // already loading
+		}
+		c.raRegion, c.raNext, c.raEnd, c.raWrite = r, next, min(pg+done+dist, len(r.state)), write
 	} else if c.raRegion == r {
 		c.raRegion = nil
 	}
 	return c.limitResident()
 }
 
-// readahead fills the next chunk of the sequential stream being read.
+// raJob is a readahead chunk loading from the pool in the background while
+// the client goroutine copies the previous one in: the two overlap.
+type raJob struct {
+	r     *region
+	pg, n int
+	write bool
+	where []uint16 // r.where[pg:pg+n] when the load started: changed means stale
+	buf   []byte
+	segs  []raSeg
+
+	// Set by the loading goroutine before done is closed.
+	loaded int
+	err    error
+	done   chan struct{}
+}
+
+// raSeg is a run of a job's pages with the same source.
+type raSeg struct {
+	reg  pool.Region
+	off  uint64
+	b    []byte
+	zero bool
+}
+
+// readahead moves the sequential stream being read forward, one chunk at a
+// time: it starts the load of the next chunk, and copies a loaded one in.
+// It never waits for a load (the caller keeps reading faults meanwhile).
 func (c *client) readahead() error {
+	if j := c.raJob; j != nil {
+		select {
+		case <-j.done:
+		default:
+			return nil
+		}
+		c.raJob = nil
+		c.startReadahead() // the next load overlaps this copy
+		return c.finishJob(j)
+	}
+	c.startReadahead()
+	if c.raJob == nil {
+		c.raRegion = nil
+	}
+	return nil
+}
+
+// startReadahead starts loading the next chunk of the stream, if any.
+func (c *client) startReadahead() {
 	r := c.raRegion
+	if r == nil || c.raJob != nil {
+		return
+	}
+	for !r.dead && c.raNext < c.raEnd && r.state[c.raNext]&stResident != 0 {
+		c.raNext++
+	}
 	if r.dead || c.raNext >= c.raEnd {
 		c.raRegion = nil
+		return
+	}
+	pg := c.raNext
+	n := min(maxWindow, c.raEnd-pg)
+	if sh := c.share(); sh > 0 {
+		n = min(n, max(1, sh/4))
+	}
+	for k := 1; k < n; k++ {
+		if r.state[pg+k]&stResident != 0 {
+			n = k
+			break
+		}
+	}
+	c.raFlip ^= 1
+	if c.raBufs[c.raFlip] == nil {
+		c.raBufs[c.raFlip] = make([]byte, maxWindow*PageSize)
+	}
+	j := &raJob{r: r, pg: pg, n: n, write: c.raWrite, where: append([]uint16(nil), r.where[pg:pg+n]...),
+		buf: c.raBufs[c.raFlip][:n*PageSize], done: make(chan struct{})}
+	remote := false
+	for k := 0; k < n; {
+		w := j.where[k]
+		e := k + 1
+		for e < n && j.where[e] == w {
+			e++
+		}
+		sg := raSeg{off: uint64(pg+k) * uint64(PageSize), b: j.buf[k*PageSize : e*PageSize], zero: w == noSrc}
+		if !sg.zero {
+			sg.reg, remote = r.srcs[w].r, true
+			j.loaded += e - k
+		}
+		j.segs = append(j.segs, sg)
+		k = e
+	}
+	c.raNext = pg + n
+	c.raJob = j
+	if !remote {
+		for _, sg := range j.segs {
+			clear(sg.b)
+		}
+		close(j.done)
+		return
+	}
+	// The goroutine touches only j's buffer and the pool: never the
+	// program's memory, never the client's state.
+	go func() {
+		defer close(j.done)
+		ctx, cancel := c.p.ctx()
+		defer cancel()
+		for _, sg := range j.segs {
+			if sg.zero {
+				clear(sg.b)
+			} else if err := c.p.cfg.Pool.Load(ctx, sg.reg, sg.off, sg.b); err != nil {
+				j.err = fmt.Errorf("load %d pages from the pool: %w", len(sg.b)/PageSize, err)
+				return
+			}
+		}
+	}()
+}
+
+// finishJob copies a loaded chunk in, up to the first page that changed
+// since its load started (filled by a fault, discarded, its block freed).
+func (c *client) finishJob(j *raJob) error {
+	<-j.done
+	if j.err != nil {
+		return j.err
+	}
+	r := j.r
+	if r.dead {
 		return nil
 	}
-	if r.state[c.raNext]&stResident != 0 {
-		c.raNext++
+	m := 0
+	for m < j.n && r.state[j.pg+m]&stResident == 0 && r.where[j.pg+m] == j.where[m] {
+		m++
+	}
+	if m == 0 {
 		return nil
 	}
-	done, _, err := c.fillRun(r, c.raNext, min(maxWindow, c.raEnd-c.raNext), c.raWrite)
-	if err != nil {
+	done, err := c.copyIn(r, j.pg, m, j.buf, j.write)
+	switch {
+	case err == unix.ENOENT:
+		return nil
+	case err != nil && err != unix.EEXIST:
 		return err
 	}
-	if done == 0 {
-		c.raRegion = nil
-		return nil
-	}
+	c.markFilled(r, j.pg, done, j.write || err == unix.EEXIST)
+	c.p.loaded.Add(uint64(min(j.loaded, done)))
 	c.p.prefetch.Add(uint64(done))
-	c.raNext += done
-	r.next = c.raNext // the fault past it is still the same stream
+	if c.raRegion == r && r.next < j.pg+done {
+		r.next = j.pg + done // the fault past it is still the same stream
+	}
 	return c.limitResident()
+}
+
+// markFilled records pages [pg, pg+n) of r as resident.
+func (c *client) markFilled(r *region, pg, n int, dirty bool) {
+	st := uint8(stResident)
+	if dirty {
+		st |= stDirty
+	}
+	for k := pg; k < pg+n; k++ {
+		r.state[k] = r.state[k]&(stInPool|stQueued) | st
+		if r.state[k]&stQueued == 0 {
+			r.state[k] |= stQueued
+			c.fifo = append(c.fifo, pageRef{r, int32(k)})
+		}
+	}
+	c.addResident(n)
+	c.p.copies.Add(uint64(n))
 }
 
 // fillRun fills up to n pages from pg of r that are not resident (it stops
@@ -252,20 +410,8 @@ func (c *client) fillRun(r *region, pg, n int, write bool) (int, int, error) {
 	case err != nil && err != unix.EEXIST:
 		return 0, 0, err
 	}
-	st := uint8(stResident)
-	if write || err == unix.EEXIST {
-		st |= stDirty
-	}
-	for k := pg; k < pg+done; k++ {
-		r.state[k] = r.state[k]&(stInPool|stQueued) | st
-		if r.state[k]&stQueued == 0 {
-			r.state[k] |= stQueued
-			c.fifo = append(c.fifo, pageRef{r, int32(k)})
-		}
-	}
+	c.markFilled(r, pg, done, write || err == unix.EEXIST)
 	r.next = pg + done
-	c.addResident(done)
-	c.p.copies.Add(uint64(done))
 	c.p.loaded.Add(uint64(min(loaded, done)))
 	return done, loaded, nil
 }
