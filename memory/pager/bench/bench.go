@@ -63,6 +63,8 @@ type Result struct {
 	FaultP50us float64 `json:"fault_4k_p50_us"` // a page fault served from the pool
 	FaultP99us float64 `json:"fault_4k_p99_us"` //
 	FaultVsRTT float64 `json:"fault_vs_rtt_p50"`
+	LoadP50us  float64 `json:"pool_load_4k_p50_us"` // the pool's Load of one page, no fault
+	LoadP99us  float64 `json:"pool_load_4k_p99_us"`
 	Rows       []Row   `json:"rows"`
 	Swap       string  `json:"swap"` // how the swap baseline ran, or why not
 }
@@ -124,6 +126,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	res.RTTP50us, res.RTTP99us = us(pct(rtt, 50)), us(pct(rtt, 99))
+	load, err := e.poolLoad(ctx, 2000)
+	if err != nil {
+		return nil, err
+	}
+	res.LoadP50us, res.LoadP99us = us(pct(load, 50)), us(pct(load, 99))
 	fault, _, err := e.run(ctx, "fault", min(64, o.SizeMiB), 1, 4<<20, "")
 	if err != nil {
 		return nil, err
@@ -206,6 +213,31 @@ func (e *env) rtt(n int) ([]time.Duration, error) {
 			return nil, err
 		}
 		d[i] = time.Since(t)
+	}
+	return d, nil
+}
+
+// poolLoad times Loads of one stored page from the cluster pool.
+func (e *env) poolLoad(ctx context.Context, n int) ([]time.Duration, error) {
+	r := pool.Region{Owner: "bench-load", ID: 1}
+	page := make([]byte, pool.PageSize)
+	if err := e.pool.Reserve(ctx, r.Owner, pool.PageSize); err != nil {
+		return nil, err
+	}
+	defer e.pool.Release(r.Owner, pool.PageSize)
+	if err := e.pool.Store(ctx, r, 0, page); err != nil {
+		return nil, err
+	}
+	defer e.pool.Drop(ctx, r, 0, pool.PageSize)
+	d := make([]time.Duration, n)
+	for i := -200; i < n; i++ {
+		t := time.Now()
+		if err := e.pool.Load(ctx, r, 0, page); err != nil {
+			return nil, err
+		}
+		if i >= 0 {
+			d[i] = time.Since(t)
+		}
 	}
 	return d, nil
 }

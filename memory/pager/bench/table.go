@@ -9,6 +9,7 @@ import (
 // PrintTable writes r as the table docs/memory.md shows.
 func PrintTable(w io.Writer, r *Result) {
 	fmt.Fprintf(w, "remote 4 KiB fault (cluster pool, TLS):     p50 %.1f us, p99 %.1f us\n", r.FaultP50us, r.FaultP99us)
+	fmt.Fprintf(w, "  of which the pool's Load of the page:     p50 %.1f us, p99 %.1f us\n", r.LoadP50us, r.LoadP99us)
 	fmt.Fprintf(w, "raw 4 KiB TCP round trip, same run:        p50 %.1f us, p99 %.1f us\n", r.RTTP50us, r.RTTP99us)
 	fmt.Fprintf(w, "remote fault / raw round trip (p50):       %.2fx\n", r.FaultVsRTT)
 	fmt.Fprintf(w, "\nworkloads, %d MiB footprint; swap baseline: %s\n", r.SizeMiB, r.Swap)
