@@ -405,16 +405,21 @@ func TestServiceRefusesNonMembers(t *testing.T) {
 		t.Fatal("a client without a certificate got a service reply")
 	}
 	t.Logf("refused: handshake=%v write=%v read=%v", hs, werr, rerr)
-	// The agent counts it as a connection without a certificate.
+	// The agent counts it as a connection without a certificate (just
+	// after the alert it sent: poll).
 	hc := c.Client(n1).HTTPClient()
-	resp, err := hc.Get("http://agent/metrics")
+	var m []byte
+	err = testbed.WaitFor(ctxT(t, 15*time.Second), 10*time.Second, "the refusal to be counted", func(context.Context) (bool, error) {
+		resp, err := hc.Get("http://agent/metrics")
+		if err != nil {
+			return false, err
+		}
+		defer resp.Body.Close()
+		m, _ = io.ReadAll(resp.Body)
+		return strings.Contains(string(m), `onebox_fabric_rejected_connections_total{reason="no_certificate"} 1`), nil
+	})
 	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	m, _ := io.ReadAll(resp.Body)
-	if !strings.Contains(string(m), `onebox_fabric_rejected_connections_total{reason="no_certificate"} 1`) {
-		t.Errorf("no rejected connection counted:\n%s", grepLines(string(m), "onebox_fabric_rejected"))
+		t.Errorf("%v:\n%s", err, grepLines(string(m), "onebox_fabric_rejected"))
 	}
 }
 
