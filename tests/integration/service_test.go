@@ -173,11 +173,19 @@ func TestServiceExposeHTTP(t *testing.T) {
 	}
 
 	waitHealthy(t, n2, "web", 1)
-	l := services(t, n2)
-	st, ok := l.Find("web")
-	if !ok || st.Node != "n1" || st.Address != "127.0.0.1:"+strconv.Itoa(web) || len(st.State) != 1 ||
-		!st.State[0].Healthy || st.State[0].Node != "n2" || st.Total < 1 || st.BytesOut < int64(len(body)) {
-		t.Errorf("services shows web as %+v", st)
+	// Bytes are counted when a connection's handler ends, just after the
+	// client has its answer: poll.
+	var l service.List
+	var st service.Status
+	err = testbed.WaitFor(ctxT(t, 15*time.Second), 10*time.Second, "services to show web", func(context.Context) (bool, error) {
+		l = services(t, n2)
+		var ok bool
+		st, ok = l.Find("web")
+		return ok && st.Node == "n1" && st.Address == "127.0.0.1:"+strconv.Itoa(web) && len(st.State) == 1 &&
+			st.State[0].Healthy && st.State[0].Node == "n2" && st.Total >= 1 && st.BytesOut >= int64(len(body)), nil
+	})
+	if err != nil {
+		t.Errorf("services shows web as %+v: %v", st, err)
 	}
 	if st, ok := l.Find("web-gid"); !ok || len(st.State) != 1 || st.State[0].Node != "n2" || st.State[0].Key != gid+":"+strconv.Itoa(sport) {
 		t.Errorf("services shows web-gid as %+v", st)
@@ -372,15 +380,19 @@ func TestServiceBalanceFailover(t *testing.T) {
 	if ok.Load() < 20 {
 		t.Errorf("only %d requests succeeded", ok.Load())
 	}
-	st, _ := services(t, n1).Find("lb")
-	for _, ts := range st.State {
-		wantHealthy := ts.Key != "n2:"+strconv.Itoa(pa)
-		if ts.Healthy != wantHealthy {
-			t.Errorf("after A died: target %s healthy=%v (%s)", ts.Key, ts.Healthy, ts.LastError)
+	// The last handlers end just after their clients are answered: poll.
+	var st service.Status
+	err := testbed.WaitFor(ctxT(t, 15*time.Second), 10*time.Second, "A out and no connection open", func(context.Context) (bool, error) {
+		st, _ = services(t, n1).Find("lb")
+		for _, ts := range st.State {
+			if ts.Healthy != (ts.Key != "n2:"+strconv.Itoa(pa)) || ts.Active != 0 {
+				return false, nil
+			}
 		}
-		if ts.Active != 0 {
-			t.Errorf("target %s: %d connections still counted open", ts.Key, ts.Active)
-		}
+		return len(st.State) == 2, nil
+	})
+	if err != nil {
+		t.Errorf("after A died: %+v: %v", st.State, err)
 	}
 }
 
