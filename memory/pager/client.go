@@ -308,7 +308,10 @@ func (c *client) register(start, n uint64, memfd int) (unix.Errno, uint64, error
 	case n == 0 || start%ps != 0 || n%ps != 0 || start+n < start || n/ps > 1<<31:
 		unix.Close(memfd)
 		return 0, 0, fmt.Errorf("bad block %#x+%#x", start, n)
-	case unix.Fstat(memfd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || uint64(st.Size) < n:
+	case unix.Fstat(memfd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || uint64(st.Size) < n ||
+		st.Nlink != 0 || !isShmem(memfd):
+		// Eviction punches holes in it: only an anonymous memory file
+		// will do, never a file of the file system.
 		unix.Close(memfd)
 		return 0, 0, fmt.Errorf("block %#x: descriptor is not a memfd of %d bytes", start, n)
 	}
@@ -341,6 +344,13 @@ func (c *client) register(start, n uint64, memfd int) (unix.Errno, uint64, error
 	c.regs[i] = r
 	c.p.regions.Add(1)
 	return 0, 0, nil
+}
+
+// isShmem tells whether fd's file lives in shared memory (memfd_create
+// makes such files; TMPFS_MAGIC).
+func isShmem(fd int) bool {
+	var fs unix.Statfs_t
+	return unix.Fstatfs(fd, &fs) == nil && fs.Type == unix.TMPFS_MAGIC
 }
 
 // find returns the index of the block holding addr, or -1.

@@ -3,6 +3,7 @@ package pager
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/onebox-project/onebox/internal/testenv"
 	"github.com/onebox-project/onebox/memory/pool"
+	"github.com/onebox-project/onebox/memory/uffd"
 )
 
 func TestParseMsg(t *testing.T) {
@@ -306,6 +308,22 @@ func TestForkSharesLimit(t *testing.T) {
 	}
 }
 
+// TestForkMany: a program forking more often than a block's list of frozen
+// pool regions may grow (compaction) keeps copy-on-write right every time.
+func TestForkMany(t *testing.T) {
+	needUffd(t)
+	shim, bin := buildShim(t), buildProg(t, "forkmany")
+	plain, _ := runProg(t, os.Environ(), bin, "2", "300")
+	p, sock := startPager(t, Config{}, 1<<20)
+	got, _ := runProg(t, shimEnv(shim, sock), bin, "2", "300")
+	if got != plain {
+		t.Fatalf("under the pager %q, plain %q", got, plain)
+	}
+	if st := p.Stats(); st.Forks != 300 || st.Dropped != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
 // TestMadvise: MADV_DONTNEED'd ranges read back as zeros, evicted or not.
 func TestMadvise(t *testing.T) {
 	needUffd(t)
@@ -484,6 +502,57 @@ func TestGarbageDropped(t *testing.T) {
 		if st := p.Stats(); st.Dropped != uint64(i+1) {
 			t.Errorf("case %d: stats %+v", i, st)
 		}
+	}
+}
+
+// TestRegisterNotMemfd: a block whose descriptor is a file of the file
+// system (eviction would punch holes in it) is refused.
+func TestRegisterNotMemfd(t *testing.T) {
+	needUffd(t)
+	logs := make(chan string, 10)
+	p, sock := startPager(t, Config{Logf: func(f string, a ...any) { logs <- fmt.Sprintf(f, a...) }}, 0)
+	uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
+	if e != 0 {
+		t.Fatal(e)
+	}
+	defer unix.Close(int(uf))
+	if _, err := uffd.Handshake(int(uf), 0); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Create(filepath.Join(t.TempDir(), "file"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	f.Truncate(1 << 20)
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	send := func(op byte, start, n uint64, fd int) {
+		b := make([]byte, msgSize)
+		b[0] = op
+		binary.NativeEndian.PutUint64(b[8:16], start)
+		binary.NativeEndian.PutUint64(b[16:24], n)
+		if _, _, err := c.WriteMsgUnix(b, unix.UnixRights(fd), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(opHello, 0, 0, int(uf))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := c.Read(make([]byte, 32)); err != nil || n != replySize {
+		t.Fatalf("hello reply: %d, %v", n, err)
+	}
+	send(opRegister, 1<<30, 1<<20, int(f.Fd()))
+	if n, err := c.Read(make([]byte, 32)); err == nil {
+		t.Fatalf("register of a plain file answered (%d bytes); want the client dropped", n)
+	}
+	if l := <-logs; !strings.Contains(l, "not a memfd") {
+		t.Fatalf("dropped for %q", l)
+	}
+	if st := p.Stats(); st.Regions != 0 {
+		t.Fatalf("stats %+v", st)
 	}
 }
 

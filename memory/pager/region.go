@@ -739,6 +739,38 @@ func (c *client) discard(start, n uint64) error {
 	return nil
 }
 
+// compact forgets the srcs no page of r uses any more (each fork adds one
+// to the parent's blocks): a program forking for ever keeps a bounded list.
+func (c *client) compact(r *region) {
+	used := make([]bool, len(r.srcs))
+	used[r.own] = true
+	for _, w := range r.where {
+		if w != noSrc {
+			used[w] = true
+		}
+	}
+	remap := make([]uint16, len(r.srcs))
+	kept := r.srcs[:0]
+	for i, s := range r.srcs {
+		if !used[i] {
+			s.unref(c.p)
+			continue
+		}
+		remap[i] = uint16(len(kept))
+		kept = append(kept, s)
+	}
+	for i := len(kept); i < len(r.srcs); i++ {
+		r.srcs[i] = nil
+	}
+	r.srcs = kept
+	r.own = int(remap[r.own])
+	for i, w := range r.where {
+		if w != noSrc {
+			r.where[i] = remap[w]
+		}
+	}
+}
+
 // snapshot is the memory a forked child starts from: each block's pool
 // pages, frozen at the fork.
 type snapshot struct {
@@ -791,6 +823,9 @@ func (s *snapshot) release(p *Pager) {
 func (c *client) fork() (unix.Errno, uint64, error) {
 	var total uint64
 	for _, r := range c.regs {
+		if len(r.srcs) >= 256 {
+			c.compact(r)
+		}
 		if len(r.srcs) >= maxSrcs {
 			return unix.ENOMEM, 0, nil
 		}
