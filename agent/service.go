@@ -115,6 +115,8 @@ type gidLoc struct {
 
 // exposed is one service of this node.
 type exposed struct {
+	// spec is written under both svcState.mu and mu, so either lock
+	// reads it (statusOf and Collect take mu only).
 	spec service.Spec
 	pool *balance.Pool
 	fe   *proxy.Frontend
@@ -244,6 +246,16 @@ func (s *svcState) newExposed(sp service.Spec) *exposed {
 	return e
 }
 
+// setSpec changes e's spec and its pool's targets together.
+//
+// Preconditions: s.mu held.
+func (e *exposed) setSpec(sp service.Spec) {
+	e.mu.Lock()
+	e.spec = sp
+	e.pool.SetTargets(targetKeys(sp.Targets))
+	e.mu.Unlock()
+}
+
 func targetKeys(ts []service.Target) []string {
 	keys := make([]string, len(ts))
 	for i, t := range ts {
@@ -257,6 +269,7 @@ func targetKeys(ts []service.Target) []string {
 //
 // Preconditions: s.mu held.
 func (s *svcState) run(e *exposed) {
+	name, port := e.spec.Name, e.spec.Port
 	ctx, cancel := context.WithCancel(s.ctx)
 	e.stop = cancel
 	var wg sync.WaitGroup
@@ -265,9 +278,9 @@ func (s *svcState) run(e *exposed) {
 		defer wg.Done()
 		balance.RunChecks(ctx, e.pool, svcCheckInterval, svcCheckTimeout, s.check, func(key string, healthy bool, err error) {
 			if healthy {
-				s.a.log.Info("service target healthy again", "service", e.spec.Name, "target", key)
+				s.a.log.Info("service target healthy again", "service", name, "target", key)
 			} else {
-				s.a.log.Warn("service target taken out", "service", e.spec.Name, "target", key, "err", err)
+				s.a.log.Warn("service target taken out", "service", name, "target", key, "err", err)
 			}
 		})
 	}()
@@ -286,7 +299,7 @@ func (s *svcState) run(e *exposed) {
 				return
 			case <-time.After(svcRelisten):
 			}
-			ln, err := s.listen(e.spec.Port)
+			ln, err := s.listen(port)
 			e.mu.Lock()
 			if err != nil {
 				e.err = err.Error()
@@ -294,7 +307,7 @@ func (s *svcState) run(e *exposed) {
 				ln.Close()
 			} else {
 				e.ln, e.err = ln, ""
-				s.a.log.Info("service port taken", "service", e.spec.Name, "port", e.spec.Port)
+				s.a.log.Info("service port taken", "service", name, "port", port)
 			}
 			e.mu.Unlock()
 		}
@@ -597,28 +610,32 @@ func (s *svcState) local(ctx context.Context, req wire.Request) (net.Conn, wire.
 
 // statusOf reports e. Preconditions: none (reads e under its own lock).
 func (s *svcState) statusOf(e *exposed) service.Status {
-	st := service.Status{Spec: e.spec, Listen: net.JoinHostPort(s.bind, strconv.Itoa(e.spec.Port)),
-		Address: s.address(e.spec.Port), Failed: e.failed.Load(), BytesIn: e.bytesIn.Load(), BytesOut: e.bytesOut.Load()}
-	st.Targets = slices.Clone(e.spec.Targets)
 	e.mu.Lock()
+	sp := e.spec
+	sp.Targets = slices.Clone(sp.Targets)
+	states := e.pool.States() // taken with the spec: the same targets
+	listenErr := ""
 	if e.ln == nil {
-		st.Error = e.err
-		if st.Error == "" {
-			st.Error = "not listening"
+		listenErr = e.err
+		if listenErr == "" {
+			listenErr = "not listening"
 		}
 	}
 	e.mu.Unlock()
-	for i, ts := range e.pool.States() {
+	st := service.Status{Spec: sp, Listen: net.JoinHostPort(s.bind, strconv.Itoa(sp.Port)), Error: listenErr,
+		Address: s.address(sp.Port), Failed: e.failed.Load(), BytesIn: e.bytesIn.Load(), BytesOut: e.bytesOut.Load()}
+	for _, ts := range states {
 		node := ""
-		if i < len(e.spec.Targets) {
-			t := e.spec.Targets[i]
+		if t, err := service.ParseTarget(ts.Key); err == nil {
 			node = t.Node
 			if t.GID != "" {
 				s.gidMu.Lock()
 				node = s.gids[t.GID].node
 				s.gidMu.Unlock()
-				if _, ok := s.a.proc.mgr.Get(t.GID); ok {
-					node = s.a.id.Node
+				if s.a.proc != nil {
+					if _, ok := s.a.proc.mgr.Get(t.GID); ok {
+						node = s.a.id.Node
+					}
 				}
 			}
 		}
@@ -808,8 +825,7 @@ func (s *svcState) expose(ctx context.Context, req service.ExposeRequest) (servi
 		if err := s.saveLocked(req.Name, &sp); err != nil {
 			return service.Status{}, err
 		}
-		e.spec = sp
-		e.pool.SetTargets(targetKeys(sp.Targets))
+		e.setSpec(sp)
 		s.a.log.Info("service targets added", "service", sp.Name, "targets", targetKeys(sp.Targets))
 		return s.statusOf(e), nil
 	}
@@ -866,8 +882,7 @@ func (s *svcState) unexpose(name, target string) (service.Status, error) {
 			return service.Status{}, err
 		}
 		// Connections already carried to the target go on; new ones do not.
-		e.spec = sp
-		e.pool.SetTargets(targetKeys(sp.Targets))
+		e.setSpec(sp)
 		s.a.log.Info("service target removed", "service", name, "target", t.String())
 		return s.statusOf(e), nil
 	}
@@ -1076,13 +1091,16 @@ func (c svcCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	c.s.mu.Unlock()
 	for _, e := range es {
+		e.mu.Lock()
+		name := e.spec.Name
+		e.mu.Unlock()
 		for _, st := range e.pool.States() {
 			h := 0.0
 			if st.Healthy {
 				h = 1
 			}
-			ch <- prometheus.MustNewConstMetric(descSvcHealthy, prometheus.GaugeValue, h, e.spec.Name, st.Key)
-			ch <- prometheus.MustNewConstMetric(descSvcActive, prometheus.GaugeValue, float64(st.Active), e.spec.Name, st.Key)
+			ch <- prometheus.MustNewConstMetric(descSvcHealthy, prometheus.GaugeValue, h, name, st.Key)
+			ch <- prometheus.MustNewConstMetric(descSvcActive, prometheus.GaugeValue, float64(st.Active), name, st.Key)
 		}
 	}
 }
