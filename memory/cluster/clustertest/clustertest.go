@@ -69,7 +69,7 @@ func NodeCert(ca *pki.CA, node string) (tls.Certificate, error) {
 // Start starts one page server of capacity bytes per name, on 127.0.0.1.
 func Start(names []string, capacity uint64) (*Cluster, error) { return start(names, capacity, false) }
 
-// StartPlain is Start without TLS: plain TCP, the peer named by a line
+// StartPlain is Start without TLS: plain TCP, the peer named by 64 bytes
 // the dialer sends first. For measuring what TLS costs only; agents never
 // serve pages without mutual TLS.
 func StartPlain(names []string, capacity uint64) (*Cluster, error) {
