@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"math/rand/v2"
 	"net/http"
@@ -440,39 +439,6 @@ func (s *balanceState) fetchReport(ctx context.Context, m membership.Member) (lo
 	return r, nil
 }
 
-// call makes one control-API request to member m over mutual TLS, bounded
-// by timeout (longer than PeerTimeout allows: a drain takes as long as its
-// migrations), and checks the answer comes from m.
-func (s *balanceState) call(ctx context.Context, m membership.Member, method, path string, timeout time.Duration, v any) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, "https://"+m.FabricAddr+path, nil)
-	if err != nil {
-		return err
-	}
-	hc := &http.Client{Transport: s.a.peers.hc.Transport} // bounded by ctx
-	resp, err := hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.TLS == nil || pki.PeerName(*resp.TLS) != m.Name {
-		return fmt.Errorf("the node at %s is not %s", m.FabricAddr, m.Name)
-	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode/100 != 2 {
-		var eb api.ErrorBody
-		if json.Unmarshal(body, &eb) == nil && eb.Error != "" {
-			return &peerError{code: resp.StatusCode, msg: eb.Error}
-		}
-		return &peerError{code: resp.StatusCode, msg: fmt.Sprintf("node %s: HTTP %d", m.Name, resp.StatusCode)}
-	}
-	return json.Unmarshal(body, v)
-}
-
 // drain cordons this node and moves every running process off it, one at
 // a time, each to the least loaded schedulable node (counting what the
 // drain already sent there). Processes that cannot move are listed with
@@ -661,7 +627,9 @@ func (s *balanceState) forward(r *http.Request, verb string, timeout time.Durati
 	}
 	q.Set("scope", "node")
 	v := answer()
-	if err := s.call(r.Context(), m, http.MethodPost, r.URL.Path+"?"+q.Encode(), timeout, v); err != nil {
+	// Bounded by timeout, longer than PeerTimeout allows: a drain takes
+	// as long as its migrations.
+	if err := s.a.proc.peerCallTimeout(r.Context(), m, http.MethodPost, r.URL.Path+"?"+q.Encode(), timeout, v); err != nil {
 		var pe *peerError
 		if errors.As(err, &pe) {
 			return fail(pe.code, "%s", pe.msg)
