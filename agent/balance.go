@@ -118,10 +118,11 @@ type balanceState struct {
 	done   chan struct{}
 	moves  *prometheus.CounterVec
 
-	drainMu sync.Mutex // one drain at a time
+	drainMu  sync.Mutex // one drain at a time
+	cordonMu sync.Mutex // one cordon change at a time (file, then gossip)
 
 	mu       sync.Mutex
-	cordoned bool // guarded by mu
+	cordoned bool // guarded by mu; what the file says
 }
 
 // balances maps an *Agent to its *balanceState, so the balancer's state
@@ -222,10 +223,12 @@ func (s *balanceState) isCordoned() bool {
 }
 
 // setCordon marks or unmarks this node: the file first (the truth across
-// restarts), then the gossip tag.
+// restarts, and what this node goes by at once), then the gossip tag.
+// The tag's broadcast may take seconds on a busy node: s.mu is not held
+// meanwhile, so placement and metrics are not held up.
 func (s *balanceState) setCordon(on bool) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.cordonMu.Lock()
+	defer s.cordonMu.Unlock()
 	p := filepath.Join(s.a.cfg.DataDir, cordonFile)
 	if on {
 		tmp := p + ".tmp"
@@ -239,18 +242,18 @@ func (s *balanceState) setCordon(on bool) error {
 	} else if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove the cordon mark: %w", err)
 	}
+	s.mu.Lock()
+	changed := s.cordoned != on
+	s.cordoned = on
+	s.mu.Unlock()
+	if changed {
+		s.a.log.Info("cordon changed", "cordoned", on)
+	}
 	val := ""
 	if on {
 		val = "1"
 	}
-	if err := s.a.members.SetTag(membership.TagCordon, val); err != nil {
-		return err
-	}
-	if s.cordoned != on {
-		s.a.log.Info("cordon changed", "cordoned", on)
-	}
-	s.cordoned = on
-	return nil
+	return s.a.members.SetTag(membership.TagCordon, val)
 }
 
 // sample reads this node's running onebox processes: the runnable
