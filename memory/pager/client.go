@@ -64,6 +64,12 @@ var spinFor = 50 * time.Microsecond
 // errGone means the program exited or closed its socket: not an error.
 var errGone = errors.New("pager: program gone")
 
+// errStop means the pager is closing.
+var errStop = errors.New("pager: closing")
+
+// errPool wraps the pool's failures.
+var errPool = errors.New("pager: cluster memory pool")
+
 func (c *client) run() {
 	c.p.live.Add(1)
 	defer c.p.live.Add(^uint64(0))
@@ -76,8 +82,19 @@ func (c *client) run() {
 		err = c.loop()
 	}
 	if err != nil && !errors.Is(err, errGone) {
-		c.p.dropped.Add(1)
-		c.p.cfg.Logf("pager: client %d (pid %d) dropped: %v", c.id, c.pid, err)
+		reason := uint64(byeProtocol)
+		switch {
+		case errors.Is(err, errStop):
+			reason = byeShutdown
+		case errors.Is(err, errPool):
+			reason = byePool
+		}
+		if reason != byeShutdown {
+			c.p.dropped.Add(1)
+			c.p.cfg.Logf("pager: client %d (pid %d) dropped: %v", c.id, c.pid, err)
+		}
+		// Best effort: a full socket buffer or a gone peer loses it.
+		unix.SendmsgN(c.sock, encodeBye(reason), nil, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
 	}
 	c.sockf.Close() // the shim's watchdog sees the hang-up at once
 	if c.raJob != nil {
@@ -134,7 +151,7 @@ func (c *client) loop() error {
 			return fmt.Errorf("poll: %w", err)
 		}
 		if fds[0].Revents != 0 {
-			return errGone
+			return errStop
 		}
 		if fds[1].Revents != 0 {
 			if err := c.drain(); err != nil {

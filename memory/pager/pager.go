@@ -9,7 +9,8 @@
 // ENOMEM.
 //
 // Paging: the pager keeps at most a local limit of each program's block
-// pages resident (a program: the processes connected through one socket). A fault on a page fills it with UFFDIO_COPY from the pool (or
+// pages resident (a program: the processes connected through one socket). A
+// fault on a page fills it with UFFDIO_COPY from the pool (or
 // zeros for a page never written), write-protected unless the access is a
 // write, so the first write raises a WP fault that marks the page dirty.
 // Sequential faults grow a prefetch window: one pool Load and one UFFDIO_COPY
@@ -37,7 +38,9 @@
 //
 // If the pager goes away, the shim notices its socket hang up and stops the
 // program ("onebox: memory pager gone; stopping to avoid reading wrong data")
-// rather than letting it hang or read zero pages. The program keeps its own
+// rather than letting it hang or read zero pages. When the pager itself drops
+// a program (the pool lost or refused its pages, a protocol error, the agent
+// stopping), it first sends a goodbye with the reason, which the shim prints. The program keeps its own
 // uffd open, so the kernel never zero-fills behind the pager's back.
 package pager
 

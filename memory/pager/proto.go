@@ -21,6 +21,14 @@ const (
 
 	msgSize   = 24
 	replySize = 16
+
+	// A goodbye is a reply-sized message the pager sends before it drops a
+	// program: pad = byeMagic, val = the reason (bye*). The shim prints
+	// the reason and stops the program.
+	byeMagic    = 0xb1eb1e
+	byePool     = 1 // the pool failed to fetch or store the program's pages
+	byeProtocol = 2 // the shim broke the protocol (or the pager failed)
+	byeShutdown = 3 // the agent is stopping
 )
 
 type msg struct {
@@ -53,5 +61,11 @@ func encodeReply(errno int32, val uint64) []byte {
 	b := make([]byte, replySize)
 	binary.NativeEndian.PutUint32(b[0:4], uint32(errno))
 	binary.NativeEndian.PutUint64(b[8:16], val)
+	return b
+}
+
+func encodeBye(reason uint64) []byte {
+	b := encodeReply(0, reason)
+	binary.NativeEndian.PutUint32(b[4:8], byeMagic)
 	return b
 }

@@ -317,7 +317,7 @@ func (c *client) startReadahead() {
 			if sg.zero {
 				clear(sg.b)
 			} else if err := c.p.cfg.Pool.Load(ctx, sg.reg, sg.off, sg.b); err != nil {
-				j.err = fmt.Errorf("load %d pages from the pool: %w", len(sg.b)/PageSize, err)
+				j.err = fmt.Errorf("%w: load %d pages: %w", errPool, len(sg.b)/PageSize, err)
 				return
 			}
 		}
@@ -434,7 +434,7 @@ func (c *client) load(r *region, pg, n int, buf []byte) (int, error) {
 			err := c.p.cfg.Pool.Load(ctx, r.srcs[w].r, uint64(k)*uint64(PageSize), b)
 			cancel()
 			if err != nil {
-				return 0, fmt.Errorf("load %d pages from the pool: %w", e-k, err)
+				return 0, fmt.Errorf("%w: load %d pages: %w", errPool, e-k, err)
 			}
 			loaded += e - k
 		}
@@ -562,7 +562,7 @@ func (c *client) storeBatch(runs []pageRun) error {
 		go func(reg pool.Region) {
 			defer func() { <-sem; wg.Done() }()
 			if err := c.p.cfg.Pool.Store(ctx, reg, uint64(r.pg)*ps, r.data); err != nil {
-				errs <- fmt.Errorf("store %d pages in the pool: %w", r.n, err)
+				errs <- fmt.Errorf("%w: store %d pages: %w", errPool, r.n, err)
 			}
 		}(r.r.srcs[r.r.own].r)
 	}
@@ -733,7 +733,7 @@ func (c *client) discard(start, n uint64) error {
 		err := c.p.cfg.Pool.Drop(ctx, r.srcs[r.own].r, a-r.start, b-a)
 		cancel()
 		if err != nil {
-			return fmt.Errorf("drop from the pool: %w", err)
+			return fmt.Errorf("%w: drop: %w", errPool, err)
 		}
 	}
 	return nil

@@ -70,9 +70,10 @@ struct obx_msg {
 };
 struct obx_reply {
 	int32_t err; /* 0 or an errno value (ENOMEM: the pool is full) */
-	uint32_t pad;
+	uint32_t pad; /* OBX_BYE: a goodbye before the pager drops us; val: why */
 	uint64_t val;
 };
+#define OBX_BYE 0xb1eb1e
 _Static_assert(sizeof(struct obx_msg) == 24, "obx_msg is 24 bytes (proto.go)");
 _Static_assert(sizeof(struct obx_reply) == 16, "obx_reply is 16 bytes (proto.go)");
 
@@ -126,7 +127,7 @@ static void *boot_alloc(size_t len)
 	return p; /* static storage: already zero */
 }
 
-static void die(const char *msg)
+__attribute__((noreturn)) static void die(const char *msg)
 {
 	ssize_t r = write(2, msg, strlen(msg));
 	(void)r;
@@ -172,19 +173,51 @@ static int send_msg(uint32_t op, uintptr_t start, size_t len, int fd)
 	return sendmsg(sock, &h, MSG_NOSIGNAL) == (ssize_t)sizeof m ? 0 : -1;
 }
 
+__attribute__((noreturn)) static void bye(const struct obx_reply *r);
+
+/* gone stops the program: the pager hung up. Its goodbye, if it sent one,
+ * says why. */
+static void gone(void)
+{
+	static int dying;
+	if (__atomic_exchange_n(&dying, 1, __ATOMIC_ACQ_REL))
+		for (;;)
+			pause(); /* another thread is printing the reason and aborting */
+	struct obx_reply r;
+	if (recv(sock, &r, sizeof r, MSG_DONTWAIT) == (ssize_t)sizeof r && r.pad == OBX_BYE)
+		bye(&r);
+	die(GONE);
+}
+
+static void bye(const struct obx_reply *r)
+{
+	switch (r->val) {
+	case 1:
+		die("onebox: the cluster memory pool could not fetch or store this program's pages "
+		    "(see the agent's log); stopping to avoid reading wrong data\n");
+	case 3:
+		die("onebox: memory pager stopped (the agent is shutting down); stopping to avoid reading wrong data\n");
+	default:
+		die("onebox: memory pager dropped this program (protocol error, see the agent's log); "
+		    "stopping to avoid reading wrong data\n");
+	}
+}
+
 /* request sends a message that gets a reply and waits for it; a pager that
  * is gone stops the program. Returns the reply's err. Precondition: mu held. */
 static int request(uint32_t op, uintptr_t start, size_t len, int fd, uint64_t *val)
 {
 	if (send_msg(op, start, len, fd) < 0)
-		die(GONE);
+		gone();
 	struct obx_reply r;
 	ssize_t n;
 	do
 		n = recv(sock, &r, sizeof r, 0);
 	while (n < 0 && errno == EINTR);
 	if (n != (ssize_t)sizeof r)
-		die(GONE);
+		gone();
+	if (r.pad == OBX_BYE)
+		bye(&r);
 	if (val)
 		*val = r.val;
 	return r.err;
@@ -322,7 +355,7 @@ static void *watchdog(void *arg)
 		if (poll(&p, 1, -1) < 0 && errno == EINTR)
 			continue;
 		if (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))
-			die(GONE);
+			gone();
 	}
 	return NULL;
 }
