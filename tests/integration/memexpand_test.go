@@ -191,11 +191,27 @@ func isZombie(pid int) bool {
 // from the other copies.
 func TestMemExpandPoolNodeLoss(t *testing.T) {
 	needMemExpand(t)
-	py, err := exec.LookPath("python3")
-	testenv.NeedNoError(t, err, "no python3")
 	t.Parallel()
 	c := startCluster(t, testbed.Options{Nodes: 3, DonateMemory: "256MiB"})
-	n1, n3 := c.Nodes[0], c.Nodes[2]
+	poolNodeLost(t, c, func() error { return c.Kill(c.Nodes[2]) })
+}
+
+// TestMemExpandLinkCut: the same with the pool node's link cut (netns
+// testbed): its pages must come from the other copies after the timeout.
+func TestMemExpandLinkCut(t *testing.T) {
+	needMemExpand(t)
+	needNetns(t)
+	t.Parallel()
+	c := startCluster(t, testbed.Options{Nodes: 3, NetNS: true, DonateMemory: "256MiB"})
+	poolNodeLost(t, c, func() error { return c.Cut(ctxT(t, time.Minute), c.Nodes[2]) })
+}
+
+// poolNodeLost runs a program on n1 with most of its memory in the pool,
+// calls lose once it has written it, and checks it reads it back intact.
+func poolNodeLost(t *testing.T, c *testbed.Cluster, lose func() error) {
+	py, err := exec.LookPath("python3")
+	testenv.NeedNoError(t, err, "no python3")
+	n1 := c.Nodes[0]
 	script := `
 import hashlib, sys
 b = bytearray(range(256)) * (256 * 1024)
@@ -230,7 +246,7 @@ print(hashlib.sha256(b).hexdigest(), flush=True)
 		cmd.Process.Kill()
 		t.Fatalf("before ready: %q; stderr %s", got, stderr.String())
 	}
-	if err := c.Kill(n3); err != nil {
+	if err := lose(); err != nil {
 		t.Fatal(err)
 	}
 	stdin.Write([]byte("go\n"))
