@@ -593,11 +593,14 @@ int madvise(void *addr, size_t len, int advice)
 {
 	resolve();
 	int r = real_madvise(addr, len, advice);
-	if (r < 0 || !active || len == 0 ||
-	    (advice != MADV_DONTNEED && advice != MADV_REMOVE && advice != MADV_FREE))
+	if (!active || len == 0 || (advice != MADV_DONTNEED && advice != MADV_REMOVE && advice != MADV_FREE))
 		return r;
 	uintptr_t a = (uintptr_t)addr, e = a + ((len + pagesz - 1) & ~(size_t)(pagesz - 1));
 	if (e <= __atomic_load_n(&lo, __ATOMIC_ACQUIRE) || a >= __atomic_load_n(&hi, __ATOMIC_ACQUIRE))
+		return r;
+	/* MADV_FREE is for private memory only: on our shared blocks the kernel
+	 * refuses it, where anonymous memory would take it. */
+	if (r < 0 && !(advice == MADV_FREE && errno == EINVAL && !(a & (pagesz - 1))))
 		return r;
 	pthread_mutex_lock(&mu);
 	for (int i = 0; i < nslots; i++) {
