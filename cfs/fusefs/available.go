@@ -36,6 +36,9 @@ func InUse(dir string) error {
 			return fmt.Errorf("cfs: %s is already a mount point (%s)", dir, fstype)
 		}
 		err := probe(dir)
+		if errors.Is(err, errNoAnswer) {
+			return fmt.Errorf("cfs: %s %w", dir, err)
+		}
 		if !errors.Is(err, syscall.ENOTCONN) && !errors.Is(err, syscall.ECONNABORTED) {
 			return fmt.Errorf("cfs: %s is mounted by another running onebox agent", dir)
 		}

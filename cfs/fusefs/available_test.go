@@ -6,6 +6,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
+
+	"github.com/onebox-project/onebox/cfs/client"
 )
 
 // The default mount point is taken only when free.
@@ -63,5 +66,38 @@ func TestInUseMounted(t *testing.T) {
 	}
 	if err := CanMount(); err != nil {
 		t.Errorf("CanMount as root with /dev/fuse: %v", err)
+	}
+}
+
+// A onebox mount whose agent is alive but does not answer (stopped,
+// stuck) does not hang the next agent's start: the probe is bounded.
+func TestInUseHungMount(t *testing.T) {
+	needFUSE(t)
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	release := make(chan struct{})
+	m, err := New(Options{
+		Mountpoint: mnt,
+		Nodes:      func() []string { <-release; return nil },
+		Client:     func(string) *client.Client { return nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	defer close(release) // before Close: the hung request ends first
+	old := probeTimeout
+	probeTimeout = 300 * time.Millisecond
+	defer func() { probeTimeout = old }()
+	for name, f := range map[string]func(string) error{"InUse": InUse, "PrepareMountpoint": PrepareMountpoint} {
+		done := make(chan error, 1)
+		go func() { done <- f(mnt) }()
+		select {
+		case err := <-done:
+			if err == nil || !strings.Contains(err.Error(), "does not answer") {
+				t.Errorf("%s(a mount whose agent does not answer) = %v", name, err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%s of a mount whose agent does not answer still waiting after 30 s", name)
+		}
 	}
 }

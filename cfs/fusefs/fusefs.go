@@ -179,6 +179,9 @@ func PrepareMountpoint(dir string) error {
 		_, onebox := mountID(real)
 		err := probe(dir)
 		dead := errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECONNABORTED)
+		if errors.Is(err, errNoAnswer) {
+			return fmt.Errorf("cfs: %s %w", dir, err)
+		}
 		if !dead && onebox && err == nil {
 			return fmt.Errorf("cfs: %s is already mounted by a running onebox agent: use another --mount", dir)
 		}
@@ -199,9 +202,29 @@ func PrepareMountpoint(dir string) error {
 	return nil
 }
 
+// probeTimeout bounds probe: a onebox mount whose agent is alive but does
+// not answer (stopped, stuck) must not hang the next agent's start.
+var probeTimeout = 5 * time.Second
+
+// errNoAnswer is probe's error for a mount that did not answer in time.
+var errNoAnswer = errors.New("is mounted by a onebox agent that does not answer (stopped or stuck: end it, or give another --mount)")
+
 // probe reads the directory: unlike stat, which the kernel may answer from
 // its attribute cache, opening a FUSE directory always reaches its server.
+// It gives up after probeTimeout (the read itself goes on in the
+// background until the server answers or the mount goes).
 func probe(dir string) error {
+	done := make(chan error, 1)
+	go func() { done <- probeNow(dir) }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(probeTimeout):
+		return errNoAnswer
+	}
+}
+
+func probeNow(dir string) error {
 	f, err := os.Open(dir)
 	if err != nil {
 		return err
