@@ -1,15 +1,11 @@
 package fusefs
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"syscall"
-
-	"github.com/onebox-project/onebox/fabric/resources"
 )
 
 // CanMount says why this process cannot mount the namespace at all: the
@@ -68,25 +64,9 @@ func InUse(dir string) error {
 // mountedAt is the type of the topmost filesystem mounted at mountpoint,
 // from /proc/self/mountinfo.
 func mountedAt(mountpoint string) (fstype string, ok bool) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
+	ms := mountsAt(mountpoint)
+	if len(ms) == 0 {
 		return "", false
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		// id parent major:minor root mountpoint options ... - fstype source super
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 || resources.UnescapeMountField(fields[4]) != mountpoint {
-			continue
-		}
-		for i, fl := range fields {
-			if fl == "-" && i+1 < len(fields) {
-				fstype, ok = fields[i+1], true // later lines are mounted on top
-				break
-			}
-		}
-	}
-	return fstype, ok
+	return ms[len(ms)-1].fstype, true
 }

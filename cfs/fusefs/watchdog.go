@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -89,12 +90,30 @@ func RunWatchdog(mountpoint string, mntID int, r io.Reader) error {
 // mountID finds the id of the topmost onebox FUSE mount at mountpoint in
 // /proc/self/mountinfo.
 func mountID(mountpoint string) (int, bool) {
+	id, found := 0, false
+	for _, m := range mountsAt(mountpoint) {
+		if m.fstype == "fuse.onebox" {
+			id, found = m.id, true // later lines are mounted on top
+		}
+	}
+	return id, found
+}
+
+// mountAt is a line of /proc/self/mountinfo.
+type mountAt struct {
+	id     int
+	fstype string
+}
+
+// mountsAt lists the mounts at mountpoint in /proc/self/mountinfo, in its
+// order (a later one is mounted on top of an earlier one).
+func mountsAt(mountpoint string) []mountAt {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return 0, false
+		return nil
 	}
 	defer f.Close()
-	id, found := 0, false
+	var out []mountAt
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -103,19 +122,13 @@ func mountID(mountpoint string) (int, bool) {
 		if len(fields) < 5 || resources.UnescapeMountField(fields[4]) != mountpoint {
 			continue
 		}
-		sep := -1
-		for i, f := range fields {
-			if f == "-" {
-				sep = i
-				break
-			}
-		}
-		if sep < 0 || sep+1 >= len(fields) || fields[sep+1] != "fuse.onebox" {
+		id, err := strconv.Atoi(fields[0])
+		if err != nil {
 			continue
 		}
-		if n, err := strconv.Atoi(fields[0]); err == nil {
-			id, found = n, true // later lines are mounted on top
+		if sep := slices.Index(fields, "-"); sep >= 0 && sep+1 < len(fields) {
+			out = append(out, mountAt{id: id, fstype: fields[sep+1]})
 		}
 	}
-	return id, found
+	return out
 }
