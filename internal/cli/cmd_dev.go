@@ -86,7 +86,7 @@ func newDemoCmd() *cobra.Command {
 			return runDemo(cmd.Context(), cmd.OutOrStdout(), nodes, netnsMode)
 		},
 	}
-	c.Flags().IntVar(&nodes, "nodes", 3, "number of agents")
+	c.Flags().IntVar(&nodes, "nodes", 4, "number of agents (4 let the memory step keep 2 copies of a program larger than one donation on the nodes other than its own)")
 	c.Flags().BoolVar(&netnsMode, "netns", false, "run each agent in its own network namespace (root)")
 	return c
 }
