@@ -37,7 +37,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,6 +47,7 @@ import (
 	"time"
 
 	"github.com/onebox-project/onebox/fabric/resources"
+	"github.com/onebox-project/onebox/internal/sshd"
 	"github.com/onebox-project/onebox/testbed"
 )
 
@@ -62,7 +62,6 @@ const (
 	SmallFileSize = 4 << 10
 
 	mountTimeout = 30 * time.Second
-	stopTimeout  = 10 * time.Second
 )
 
 // Path names, in the order they are measured.
@@ -158,20 +157,10 @@ func CheckSSHFS() error {
 			return ErrNoSSHFS
 		}
 	}
-	if sshdPath() == "" || sftpServerPath() == "" {
+	if sshd.Path() == "" || sftpServerPath() == "" {
 		return ErrNoSSHFS
 	}
 	return nil
-}
-
-func sshdPath() string {
-	if p, err := exec.LookPath("sshd"); err == nil {
-		return p
-	}
-	if _, err := os.Stat("/usr/sbin/sshd"); err == nil {
-		return "/usr/sbin/sshd"
-	}
-	return ""
 }
 
 func sftpServerPath() string {
@@ -507,14 +496,13 @@ func waitFor(ctx context.Context, timeout time.Duration, what string, cond func(
 // sshfsMount is a private sshd on 127.0.0.1 and an sshfs mount of one
 // directory through it.
 type sshfsMount struct {
-	dir     string // temporary: keys, sshd log, mount point
+	dir     string // temporary: the mount point
 	mnt     string
 	version string
-	sshd    *exec.Cmd
+	sshd    *sshd.Server
 	sshfs   *exec.Cmd
 	// sshfsDone is closed when sshfs exits.
-	sshfsDone, sshdDone chan struct{}
-	runSSHD             bool // /run/sshd was created by us
+	sshfsDone chan struct{}
 }
 
 func startSSHFS(ctx context.Context, export string, logf func(string, ...any)) (s *sshfsMount, err error) {
@@ -529,71 +517,10 @@ func startSSHFS(ctx context.Context, export string, logf func(string, ...any)) (
 	if out, err := exec.CommandContext(ctx, "sshfs", "--version").CombinedOutput(); err == nil {
 		s.version = versionLine(string(out))
 	}
-	hostKey, userKey := filepath.Join(s.dir, "host_key"), filepath.Join(s.dir, "user_key")
-	for _, k := range []string{hostKey, userKey} {
-		if out, err := exec.CommandContext(ctx, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "onebox-bench", "-f", k).CombinedOutput(); err != nil {
-			return s, fmt.Errorf("ssh-keygen: %w: %s", err, out)
-		}
-	}
-	pub, err := os.ReadFile(userKey + ".pub")
-	if err != nil {
+	if s.sshd, err = sshd.Start(ctx, mountTimeout, "Subsystem=sftp "+sftpServerPath()); err != nil {
 		return s, err
 	}
-	authKeys := filepath.Join(s.dir, "authorized_keys")
-	if err := os.WriteFile(authKeys, pub, 0o600); err != nil {
-		return s, err
-	}
-	// sshd refuses to start without its privilege separation directory.
-	if _, err := os.Stat("/run/sshd"); errors.Is(err, os.ErrNotExist) {
-		if err := os.Mkdir("/run/sshd", 0o755); err == nil {
-			s.runSSHD = true
-		}
-	}
-	port, err := testbed.FreePort()
-	if err != nil {
-		return s, err
-	}
-	sshdLog, err := os.Create(filepath.Join(s.dir, "sshd.log"))
-	if err != nil {
-		return s, err
-	}
-	defer sshdLog.Close()
-	// -f /dev/null: none of the system's configuration; everything needed
-	// is given here.
-	s.sshd = exec.Command(sshdPath(), "-D", "-e", "-f", "/dev/null",
-		"-o", "ListenAddress=127.0.0.1", "-o", "Port="+strconv.Itoa(port),
-		"-o", "HostKey="+hostKey, "-o", "AuthorizedKeysFile="+authKeys,
-		"-o", "PidFile=none", "-o", "StrictModes=no", "-o", "UsePAM=no",
-		"-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
-		"-o", "PermitRootLogin=prohibit-password", "-o", "LogLevel=ERROR",
-		"-o", "Subsystem=sftp "+sftpServerPath())
-	s.sshd.Stdout, s.sshd.Stderr = sshdLog, sshdLog
-	s.sshd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := s.sshd.Start(); err != nil {
-		return s, fmt.Errorf("sshd: %w", err)
-	}
-	s.sshdDone = waitChan(s.sshd)
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	if err := waitFor(ctx, mountTimeout, "sshd to listen on "+addr, func() bool {
-		select {
-		case <-s.sshdDone:
-			return true
-		default:
-		}
-		conn, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			conn.Close()
-		}
-		return err == nil
-	}); err != nil {
-		return s, err
-	}
-	select {
-	case <-s.sshdDone:
-		b, _ := os.ReadFile(sshdLog.Name())
-		return s, fmt.Errorf("sshd exited: %s", strings.TrimSpace(string(b)))
-	default:
-	}
+	addr, port, userKey := s.sshd.Addr, s.sshd.Port, s.sshd.UserKey
 	logf("sshd listening on %s; mounting %s with sshfs at %s", addr, export, s.mnt)
 
 	// -f: in the foreground, a child that cannot outlive us; -F /dev/null:
@@ -607,7 +534,7 @@ func startSSHFS(ctx context.Context, export string, logf func(string, ...any)) (
 	if err := s.sshfs.Start(); err != nil {
 		return s, fmt.Errorf("sshfs: %w", err)
 	}
-	s.sshfsDone = waitChan(s.sshfs)
+	s.sshfsDone = sshd.WaitChan(s.sshfs)
 	if err := waitFor(ctx, mountTimeout, "the sshfs mount at "+s.mnt, func() bool {
 		select {
 		case <-s.sshfsDone:
@@ -626,38 +553,6 @@ func startSSHFS(ctx context.Context, export string, logf func(string, ...any)) (
 	return s, nil
 }
 
-func waitChan(cmd *exec.Cmd) chan struct{} {
-	done := make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		close(done)
-	}()
-	return done
-}
-
-// stop signals the process and waits up to stopTimeout, then kills it.
-func stop(cmd *exec.Cmd, done chan struct{}, sig syscall.Signal) {
-	if cmd == nil || cmd.Process == nil || done == nil {
-		return
-	}
-	select {
-	case <-done:
-		return
-	default:
-	}
-	_ = cmd.Process.Signal(sig)
-	select {
-	case <-done:
-		return
-	case <-time.After(stopTimeout):
-	}
-	_ = cmd.Process.Kill()
-	select {
-	case <-done:
-	case <-time.After(stopTimeout):
-	}
-}
-
 // Close unmounts, stops sshfs and sshd and removes the temporary directory.
 func (s *sshfsMount) Close(logf func(string, ...any)) {
 	logf("unmounting sshfs and stopping sshd")
@@ -666,13 +561,12 @@ func (s *sshfsMount) Close(logf func(string, ...any)) {
 			_ = syscall.Unmount(s.mnt, syscall.MNT_DETACH)
 		}
 	}
-	stop(s.sshfs, s.sshfsDone, syscall.SIGTERM)
+	sshd.Stop(s.sshfs, s.sshfsDone, syscall.SIGTERM)
 	if s.mnt != "" && mounted(s.mnt) { // sshfs killed before its unmount
 		_ = syscall.Unmount(s.mnt, syscall.MNT_DETACH)
 	}
-	stop(s.sshd, s.sshdDone, syscall.SIGTERM)
-	if s.runSSHD {
-		_ = os.Remove("/run/sshd")
+	if s.sshd != nil {
+		s.sshd.Close()
 	}
 	if s.dir != "" && !mounted(s.mnt) {
 		_ = os.RemoveAll(s.dir)
