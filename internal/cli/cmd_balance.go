@@ -1,12 +1,8 @@
 package cli
 
 import (
-	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -17,7 +13,6 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/onebox-project/onebox/agent"
-	"github.com/onebox-project/onebox/fabric/api"
 	"github.com/onebox-project/onebox/fabric/pki"
 	loadbal "github.com/onebox-project/onebox/proc/balance"
 )
@@ -86,7 +81,7 @@ func runDrain(cmd *cobra.Command, args []string) error {
 	}
 	var res agent.DrainResult
 	q := url.Values{"node": {node}, "timeout": {timeout.String()}}
-	if err := balPost(cmd, "/v1/balance/drain?"+q.Encode(), timeout+30*time.Second, &res); err != nil {
+	if err := agentCall(cmd, http.MethodPost, "/v1/balance/drain?"+q.Encode(), timeout+30*time.Second, nil, &res); err != nil {
 		return err
 	}
 	out := cmd.OutOrStdout()
@@ -146,7 +141,7 @@ new and moved processes again.`
 				return usagef("%v", err)
 			}
 			var res agent.CordonResult
-			if err := balPost(cmd, "/v1/balance/"+verb+"?"+url.Values{"node": {node}}.Encode(), 30*time.Second, &res); err != nil {
+			if err := agentCall(cmd, http.MethodPost, "/v1/balance/"+verb+"?"+url.Values{"node": {node}}.Encode(), 30*time.Second, nil, &res); err != nil {
 				return err
 			}
 			if res.Cordoned {
@@ -242,48 +237,4 @@ func balCommand(argv []string) string {
 		s = s[:47] + "..."
 	}
 	return s
-}
-
-// balPost sends a POST to the agent (unix socket or mutual TLS, as
-// agentDial resolves it), bounded by timeout, and decodes the answer.
-func balPost(cmd *cobra.Command, path string, timeout time.Duration, v any) error {
-	dial, err := agentDial(cmd)
-	if err != nil {
-		return err
-	}
-	hc := &http.Client{Timeout: timeout, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
-	}}
-	ctx := cmd.Context()
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent"+path, nil)
-	if err != nil {
-		return err
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
-		return err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return fmt.Errorf("read the agent's answer: %w", err)
-	}
-	if resp.StatusCode/100 != 2 {
-		var eb api.ErrorBody
-		if json.Unmarshal(body, &eb) == nil && eb.Error != "" {
-			return errors.New(eb.Error)
-		}
-		return fmt.Errorf("agent: HTTP %d", resp.StatusCode)
-	}
-	if err := json.Unmarshal(body, v); err != nil {
-		return fmt.Errorf("decode the agent's answer: %w", err)
-	}
-	return nil
 }

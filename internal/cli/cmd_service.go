@@ -48,15 +48,16 @@ func serviceAgentFlags(f *pflag.FlagSet, cfg *agent.Config) func(final *agent.Co
 	}
 }
 
-// agentCall sends one request with a JSON body to the agent and decodes
-// the JSON answer into v; a non-2xx answer is an error carrying the
-// agent's message.
-func agentCall(cmd *cobra.Command, method, path string, body, v any) error {
+// agentCall sends one request with a JSON body (none if body is nil) to
+// the agent (unix socket or mutual TLS, as agentDial resolves it), bounded
+// by timeout, and decodes the JSON answer into v; a non-2xx answer is an
+// error carrying the agent's message.
+func agentCall(cmd *cobra.Command, method, path string, timeout time.Duration, body, v any) error {
 	dial, err := agentDial(cmd)
 	if err != nil {
 		return err
 	}
-	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+	hc := &http.Client{Timeout: timeout, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
 	}}
 	var rd io.Reader
@@ -67,7 +68,11 @@ func agentCall(cmd *cobra.Command, method, path string, body, v any) error {
 		}
 		rd = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(cmd.Context(), method, "http://agent"+path, rd)
+	ctx := cmd.Context()
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://agent"+path, rd)
 	if err != nil {
 		return err
 	}
@@ -82,7 +87,7 @@ func agentCall(cmd *cobra.Command, method, path string, body, v any) error {
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 	if err != nil {
-		return err
+		return fmt.Errorf("read the agent's answer: %w", err)
 	}
 	if resp.StatusCode/100 != 2 {
 		var eb api.ErrorBody
@@ -91,7 +96,10 @@ func agentCall(cmd *cobra.Command, method, path string, body, v any) error {
 		}
 		return fmt.Errorf("agent: HTTP %d", resp.StatusCode)
 	}
-	return json.Unmarshal(b, v)
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("decode the agent's answer: %w", err)
+	}
+	return nil
 }
 
 func newExposeCmd() *cobra.Command {
@@ -145,7 +153,7 @@ This can be run on any node: the local agent forwards it to NODE.`,
 				}
 			}
 			var st service.Status
-			if err := agentCall(cmd, http.MethodPost, "/v1/services", req, &st); err != nil {
+			if err := agentCall(cmd, http.MethodPost, "/v1/services", 30*time.Second, req, &st); err != nil {
 				return err
 			}
 			if format == "json" {
@@ -195,7 +203,7 @@ run on any node.`,
 				path += "?" + url.Values{"target": {target}}.Encode()
 			}
 			var st service.Status
-			if err := agentCall(cmd, http.MethodDelete, path, nil, &st); err != nil {
+			if err := agentCall(cmd, http.MethodDelete, path, 30*time.Second, nil, &st); err != nil {
 				return err
 			}
 			if target != "" {
