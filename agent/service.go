@@ -25,6 +25,7 @@ import (
 	"github.com/onebox-project/onebox/fabric/api"
 	"github.com/onebox-project/onebox/fabric/membership"
 	"github.com/onebox-project/onebox/fabric/pki"
+	"github.com/onebox-project/onebox/proc/manager"
 	"github.com/onebox-project/onebox/service"
 	"github.com/onebox-project/onebox/service/balance"
 	"github.com/onebox-project/onebox/service/proxy"
@@ -99,8 +100,14 @@ type svcState struct {
 	svcs   map[string]*exposed
 	closed bool
 
-	gidMu sync.Mutex
-	gids  map[string]gidLoc // GID → node it runs on; guarded by gidMu
+	gidMu     sync.Mutex
+	gids      map[string]gidLoc     // GID → node it runs on; guarded by gidMu
+	gidLookup map[string]*gidLookup // GID → the cluster lookup in flight; guarded by gidMu
+
+	// runsHere and listProcs find processes (this node's; the
+	// cluster's): the agent's process manager, or a test's.
+	runsHere  func(gid string) bool
+	listProcs func(ctx context.Context) manager.ClusterList
 
 	tlsOnce sync.Once
 	tls     *tls.Config
@@ -111,6 +118,16 @@ type svcState struct {
 type gidLoc struct {
 	node string
 	at   time.Time
+}
+
+// gidLookup is one cluster-wide search for a GID, shared by the client
+// connections that need it meanwhile: a burst of connections (anyone who
+// reaches the service port can make one) asks the members once, not once
+// per connection.
+type gidLookup struct {
+	done chan struct{}
+	node string // set before done is closed
+	err  error
 }
 
 // exposed is one service of this node.
@@ -135,7 +152,8 @@ func (a *Agent) startService(_ context.Context) error {
 	s := &svcState{
 		a: a, path: filepath.Join(a.cfg.DataDir, servicesFile),
 		bind: a.cfg.ServiceBind, ctx: ctx, cancel: cancel,
-		svcs: map[string]*exposed{}, gids: map[string]gidLoc{},
+		svcs: map[string]*exposed{}, gids: map[string]gidLoc{}, gidLookup: map[string]*gidLookup{},
+		runsHere: a.runsHere, listProcs: func(ctx context.Context) manager.ClusterList { return a.proc.list(ctx) },
 		conns: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "onebox_service_connections_total", Help: "Connections to this node's service addresses, by service, target and result (ok: carried; failed: the dial failed and another target was tried; no_target: no target took it; busy: refused, the service had too many connections).",
 		}, []string{"service", "target", "result"}),
@@ -374,23 +392,64 @@ func (s *svcState) member(node string) (membership.Member, error) {
 	return membership.Member{}, fmt.Errorf("unknown node %q ('onebox nodes' lists them)", node)
 }
 
+// runsHere reports whether process gid runs on this node.
+func (a *Agent) runsHere(gid string) bool {
+	if a.proc == nil {
+		return false
+	}
+	p, ok := a.proc.mgr.Get(gid)
+	if !ok {
+		return false
+	}
+	select {
+	case <-p.Done():
+		return false
+	default:
+		return true
+	}
+}
+
 // resolve finds the node a GID runs on: here, or as last found (if
-// recent), or by asking every member.
+// recent), or by asking every member (one search at a time per GID,
+// shared by the callers that come meanwhile, unless fresh).
 func (s *svcState) resolve(ctx context.Context, gid string, fresh bool) (string, error) {
-	if p, ok := s.a.proc.mgr.Get(gid); ok {
-		select {
-		case <-p.Done():
-		default:
-			return s.a.id.Node, nil
-		}
+	if s.runsHere(gid) {
+		return s.a.id.Node, nil
 	}
 	s.gidMu.Lock()
 	loc, ok := s.gids[gid]
-	s.gidMu.Unlock()
 	if ok && !fresh && time.Since(loc.at) < svcResolveTTL {
+		s.gidMu.Unlock()
 		return loc.node, nil
 	}
-	l := s.a.proc.list(ctx)
+	if f := s.gidLookup[gid]; f != nil && !fresh {
+		s.gidMu.Unlock()
+		select {
+		case <-f.done:
+			return f.node, f.err
+		case <-ctx.Done():
+			return "", fmt.Errorf("looking for process %s: %w", gid, ctx.Err())
+		}
+	}
+	f := &gidLookup{done: make(chan struct{})}
+	if !fresh {
+		s.gidLookup[gid] = f
+	}
+	s.gidMu.Unlock()
+	f.node, f.err = s.lookup(ctx, gid, loc, ok)
+	s.gidMu.Lock()
+	if s.gidLookup[gid] == f {
+		delete(s.gidLookup, gid)
+	}
+	s.gidMu.Unlock()
+	close(f.done)
+	return f.node, f.err
+}
+
+// lookup asks every member where gid runs; last is where it was found
+// before (if known).
+func (s *svcState) lookup(ctx context.Context, gid string, last gidLoc, known bool) (string, error) {
+	l := s.listProcs(ctx)
 	// While it migrates a process may be listed by two nodes; the one
 	// it runs on wins.
 	var ended string
@@ -413,10 +472,10 @@ func (s *svcState) resolve(ctx context.Context, gid string, fresh bool) (string,
 	if ended != "" {
 		return "", errors.New(ended)
 	}
-	if ok {
+	if known {
 		for _, u := range l.Unreachable {
-			if u.Node == loc.node {
-				return "", fmt.Errorf("process %s was last on %s, which cannot be reached (%s)", gid, loc.node, u.Error)
+			if u.Node == last.node {
+				return "", fmt.Errorf("process %s was last on %s, which cannot be reached (%s)", gid, last.node, u.Error)
 			}
 		}
 	}
@@ -567,16 +626,7 @@ func (s *svcState) tlsConfig() *tls.Config {
 // running here.
 func (s *svcState) local(ctx context.Context, req wire.Request) (net.Conn, wire.Reply) {
 	if req.GID != "" {
-		p, ok := s.a.proc.mgr.Get(req.GID)
-		running := ok
-		if ok {
-			select {
-			case <-p.Done():
-				running = false
-			default:
-			}
-		}
-		if !running {
+		if !s.runsHere(req.GID) {
 			return nil, wire.Reply{Status: wire.StatusNoProcess, Message: fmt.Sprintf("no process %s running on %s", req.GID, s.a.id.Node)}
 		}
 	}
@@ -632,10 +682,8 @@ func (s *svcState) statusOf(e *exposed) service.Status {
 				s.gidMu.Lock()
 				node = s.gids[t.GID].node
 				s.gidMu.Unlock()
-				if s.a.proc != nil {
-					if _, ok := s.a.proc.mgr.Get(t.GID); ok {
-						node = s.a.id.Node
-					}
+				if s.runsHere(t.GID) {
+					node = s.a.id.Node
 				}
 			}
 		}
