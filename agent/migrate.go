@@ -253,6 +253,19 @@ func (p *procState) migrateOut(ctx context.Context, gid, target, reason, _ strin
 	res.ImageBytes = n
 	res.ImagesMS = ms(time.Since(t))
 	if err != nil {
+		// The target may have said why it stopped taking them.
+		_ = conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+		for {
+			f, rerr := sc.Read()
+			if rerr != nil {
+				break
+			}
+			if f.Type == stream.Error {
+				err = errors.New(string(f.Payload))
+				break
+			}
+		}
+		_ = conn.SetReadDeadline(time.Time{})
 		return abort(fmt.Errorf("send the images to %s: %w", target, err))
 	}
 
@@ -446,6 +459,12 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 		return
 	}
 
+	// Failpoint for tests (as etcd's gofail): the agent dies between
+	// receiving the images and restoring.
+	if os.Getenv("ONEBOX_FAILPOINT") == "migrate-in-crash@"+self {
+		log.Warn("failpoint migrate-in-crash: killing this agent")
+		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	}
 	ours, theirs, err := migrate.SocketPair()
 	if err != nil {
 		fail("%v", err)

@@ -317,6 +317,7 @@ func TestMigrateFailures(t *testing.T) {
 		}
 		defer syscall.Unmount(dir, syscall.MNT_DETACH)
 		_, r := migrateCLI(t, n1, pi.GID, n2.Name)
+		t.Logf("full disk: %s", r.stderr)
 		if r.code == 0 || !strings.Contains(r.stderr, "no space left") || !strings.Contains(r.stderr, "goes on running on "+n1.Name) {
 			t.Errorf("migrate to a full disk: exit %d, %q", r.code, r.stderr)
 		}
@@ -325,6 +326,7 @@ func TestMigrateFailures(t *testing.T) {
 
 	t.Run("TargetDiesBeforeRestore", func(t *testing.T) {
 		_, r := migrateCLI(t, n1, pi.GID, n3.Name)
+		t.Logf("target dies: %s", r.stderr)
 		if r.code == 0 || !strings.Contains(r.stderr, "goes on running on "+n1.Name) {
 			t.Errorf("migrate to a dying node: exit %d, %q", r.code, r.stderr)
 		}
@@ -336,6 +338,7 @@ func TestMigrateFailures(t *testing.T) {
 			t.Fatal(err)
 		}
 		_, r := migrateCLI(t, n1, pi.GID, n4.Name)
+		t.Logf("node down: %s", r.stderr)
 		if r.code == 0 || !strings.Contains(r.stderr, n4.Name) {
 			t.Errorf("migrate to a killed node: exit %d, %q", r.code, r.stderr)
 		}
