@@ -885,8 +885,12 @@ func (f *fileHandle) Allocate(ctx context.Context, off, size uint64, mode uint32
 
 func (f *fileHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	var d proto.Data
-	if errno := f.c.CallOn(ctx, f.gen, proto.OpRead, &proto.IOReq{Handle: f.h, Offset: uint64(off), Size: uint32(min(len(dest), proto.MaxIO))}, &d); errno != 0 {
+	size := min(len(dest), proto.MaxIO)
+	if errno := f.c.CallOn(ctx, f.gen, proto.OpRead, &proto.IOReq{Handle: f.h, Offset: uint64(off), Size: uint32(size)}, &d); errno != 0 {
 		return nil, errno
+	}
+	if len(d.Data) > size {
+		return nil, syscall.EIO // more than asked: not an answer to this read
 	}
 	return fuse.ReadResultData(d.Data), 0
 }
@@ -901,6 +905,9 @@ func (f *fileHandle) Write(ctx context.Context, data []byte, off int64) (uint32,
 				return written, 0
 			}
 			return 0, errno
+		}
+		if int(c.N) > n {
+			return written, syscall.EIO // more than was sent: not an answer to this write
 		}
 		written += c.N
 		if int(c.N) < n {
