@@ -10,12 +10,20 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/onebox-project/onebox/fabric/api"
+	"github.com/onebox-project/onebox/proc/criu"
+	"github.com/onebox-project/onebox/proc/manager"
 	"github.com/onebox-project/onebox/proc/migrate"
 	"github.com/onebox-project/onebox/testbed"
 )
@@ -116,7 +124,249 @@ func agentPost(cmd *cobra.Command, path string, timeout time.Duration, v any) er
 }
 
 // procBenchCommands are 'onebox bench' subcommands of the process space.
-func procBenchCommands() []*cobra.Command { return nil }
+func procBenchCommands() []*cobra.Command { return []*cobra.Command{newBenchMigrateCmd()} }
+
+// memHogC fills N MiB with a pattern and then sleeps: the process the
+// migration benchmark moves.
+const memHogC = `
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+	size_t n = (size_t)atol(argv[1]) << 20;
+	unsigned char *p = malloc(n);
+	unsigned long x = 88172645463325252UL;
+	for (size_t i = 0; i < n; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; p[i] = (unsigned char)x; }
+	for (;;) usleep(10000);
+}
+`
+
+// BenchMigrateRow is one size of 'onebox bench migrate'.
+type BenchMigrateRow struct {
+	MiB           int     `json:"mib"`
+	DowntimeMS    float64 `json:"downtime_ms"`     // onebox migrate: freeze to running on the target
+	TotalMS       float64 `json:"total_ms"`        // onebox migrate: request to the last page
+	CRIUDumpMS    float64 `json:"criu_dump_ms"`    // plain criu dump of the same kind of process
+	CRIURestoreMS float64 `json:"criu_restore_ms"` // plain criu restore
+	CRIUTotalMS   float64 `json:"criu_total_ms"`   // dump + restore: its downtime and total
+	DowntimeRatio float64 `json:"downtime_ratio"`  // onebox downtime / plain criu downtime
+	TotalRatio    float64 `json:"total_ratio"`     // onebox total / plain criu total
+	FreezeMS      float64 `json:"freeze_ms"`       // onebox: lazy dump until images written
+	RestoreMS     float64 `json:"restore_ms"`      // onebox: restore on the target
+	PIDNamespace  bool    `json:"pid_namespace"`   // onebox restored into a fresh PID namespace
+}
+
+func newBenchMigrateCmd() *cobra.Command {
+	var sizes []int
+	c := &cobra.Command{
+		Use:   "migrate",
+		Short: "Measure process migration (post-copy) against plain criu dump + restore",
+		Long: `migrate starts a 2-node cluster on loopback (as 'onebox dev --nodes 2' does)
+and, for each size, moves a process with that much resident memory (a C
+program, built with cc, that fills it and sleeps) from n1 to n2 with
+'onebox migrate', and checkpoints and restores a process of the same kind with
+plain 'criu dump' + 'criu restore -d' (images on local disk, same machine, the
+stop-and-copy baseline) in the same run. It prints the downtime (freeze until
+the process runs again) and the total time of both and their ratios. Needs
+root, CRIU (scripts/install-criu.sh) and cc.`,
+		Example: `  onebox bench migrate
+  onebox bench migrate --sizes 64,256,1024 -o json`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			format, err := outputFormat(cmd)
+			if err != nil {
+				return err
+			}
+			rows, err := benchMigrate(cmd.Context(), cmd.ErrOrStderr(), sizes)
+			if err != nil {
+				return err
+			}
+			if format == "json" {
+				return writeJSON(cmd.OutOrStdout(), rows)
+			}
+			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "SIZE\tONEBOX DOWNTIME\tONEBOX TOTAL\tCRIU DUMP+RESTORE\tDOWNTIME RATIO\tTOTAL RATIO\t(FREEZE / RESTORE)")
+			for _, r := range rows {
+				fmt.Fprintf(w, "%d MiB\t%.0f ms\t%.0f ms\t%.0f ms (%.0f + %.0f)\t%.2f\t%.2f\t%.0f / %.0f ms\n", r.MiB, r.DowntimeMS, r.TotalMS,
+					r.CRIUTotalMS, r.CRIUDumpMS, r.CRIURestoreMS, r.DowntimeRatio, r.TotalRatio, r.FreezeMS, r.RestoreMS)
+			}
+			return w.Flush()
+		},
+	}
+	c.Flags().IntSliceVar(&sizes, "sizes", []int{64, 256, 1024}, "resident sizes in MiB")
+	addOutputFlag(c)
+	return c
+}
+
+// benchMigrate runs the benchmark; progress goes to logw.
+func benchMigrate(ctx context.Context, logw io.Writer, sizes []int) ([]BenchMigrateRow, error) {
+	logf := func(format string, a ...any) { fmt.Fprintf(logw, "bench migrate: "+format+"\n", a...) }
+	if os.Geteuid() != 0 {
+		return nil, errors.New("bench migrate needs root (CRIU)")
+	}
+	for _, s := range sizes {
+		if s < 1 || s > 64<<10 {
+			return nil, usagef("--sizes: %d MiB is out of range 1..65536", s)
+		}
+	}
+	b, err := criu.Find()
+	if err != nil {
+		return nil, err
+	}
+	cc, err := exec.LookPath("cc")
+	if err != nil {
+		return nil, errors.New("bench migrate builds its test program with cc: apt-get install gcc")
+	}
+	dir, err := os.MkdirTemp("", "obx-bench-migrate")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	prog := filepath.Join(dir, "memhog")
+	if err := os.WriteFile(prog+".c", []byte(memHogC), 0o644); err != nil {
+		return nil, err
+	}
+	if out, err := exec.CommandContext(ctx, cc, "-O1", "-o", prog, prog+".c").CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("cc: %v: %s", err, out)
+	}
+	// The plain restore's process is reparented here when criu exits.
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return nil, err
+	}
+	logf("starting a 2-node cluster")
+	cl, err := testbed.Start(ctx, testbed.Options{Nodes: 2, Dir: filepath.Join(dir, "cluster"), Logf: logf})
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	n1, n2 := cl.Nodes[0], cl.Nodes[1]
+	obx := func(args ...string) ([]byte, error) {
+		c := exec.CommandContext(ctx, self, append([]string{args[0], "--agent", n1.Agent()}, args[1:]...)...)
+		var stderr strings.Builder
+		c.Stderr = &stderr
+		out, err := c.Output()
+		if err != nil {
+			return out, fmt.Errorf("onebox %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+		}
+		return out, nil
+	}
+	var rows []BenchMigrateRow
+	for _, mib := range sizes {
+		row := BenchMigrateRow{MiB: mib}
+		// Plain CRIU: dump, then restore, of the same program.
+		p := exec.CommandContext(ctx, prog, strconv.Itoa(mib))
+		p.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		if err := p.Start(); err != nil {
+			return nil, err
+		}
+		if err := waitRSS(ctx, p.Process.Pid, uint64(mib)<<20); err != nil {
+			p.Process.Kill()
+			p.Wait()
+			return nil, err
+		}
+		img := filepath.Join(dir, fmt.Sprintf("plain-%d", mib))
+		if err := os.MkdirAll(img, 0o700); err != nil {
+			return nil, err
+		}
+		t := time.Now()
+		out, err := b.Command(ctx, "dump", "-t", strconv.Itoa(p.Process.Pid), "-D", img, "-o", "dump.log").CombinedOutput()
+		row.CRIUDumpMS = benchMS(time.Since(t))
+		p.Wait()
+		if err != nil {
+			return nil, fmt.Errorf("criu dump: %v: %s %s", err, out, criu.LogTail(filepath.Join(img, "dump.log")))
+		}
+		t = time.Now()
+		out, err = b.Command(ctx, "restore", "-d", "-D", img, "-o", "restore.log").CombinedOutput()
+		row.CRIURestoreMS = benchMS(time.Since(t))
+		if err != nil {
+			return nil, fmt.Errorf("criu restore: %v: %s %s", err, out, criu.LogTail(filepath.Join(img, "restore.log")))
+		}
+		_ = syscall.Kill(p.Process.Pid, syscall.SIGKILL)
+		var ws syscall.WaitStatus
+		_, _ = syscall.Wait4(p.Process.Pid, &ws, 0, nil)
+		os.RemoveAll(img)
+		row.CRIUTotalMS = row.CRIUDumpMS + row.CRIURestoreMS
+
+		// onebox migrate n1 -> n2 of a detached run of the same program.
+		out, err = obx("run", "--detach", "--node", n1.Name, "--", prog, strconv.Itoa(mib))
+		if err != nil {
+			return nil, err
+		}
+		gid := strings.TrimSpace(string(out))
+		if err := waitGIDRSS(ctx, obx, gid, uint64(mib)<<20); err != nil {
+			return nil, err
+		}
+		out, err = obx("migrate", "-o", "json", gid, n2.Name)
+		if err != nil {
+			return nil, err
+		}
+		var res migrate.Result
+		if err := json.Unmarshal(out, &res); err != nil {
+			return nil, err
+		}
+		_, _ = obx("kill", "-KILL", gid)
+		row.DowntimeMS, row.TotalMS, row.FreezeMS, row.RestoreMS, row.PIDNamespace = res.DowntimeMS, res.TotalMS, res.FreezeMS, res.RestoreMS, res.PIDNS
+		row.DowntimeRatio = row.DowntimeMS / row.CRIUTotalMS
+		row.TotalRatio = row.TotalMS / row.CRIUTotalMS
+		logf("%d MiB: onebox downtime %.0f ms total %.0f ms; criu dump %.0f + restore %.0f ms", mib, row.DowntimeMS, row.TotalMS, row.CRIUDumpMS, row.CRIURestoreMS)
+		rows = append(rows, row)
+	}
+	return rows, nil
+}
+
+func benchMS(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// waitRSS waits (at most 5 minutes) until pid has want bytes resident.
+func waitRSS(ctx context.Context, pid int, want uint64) error {
+	deadline := time.Now().Add(5 * time.Minute)
+	for time.Now().Before(deadline) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/statm", pid))
+		if err != nil {
+			return fmt.Errorf("process %d: %w", pid, err)
+		}
+		f := strings.Fields(string(b))
+		if len(f) > 1 {
+			if pages, _ := strconv.ParseUint(f[1], 10, 64); pages*uint64(os.Getpagesize()) >= want {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("process %d did not fill its memory in 5 minutes", pid)
+}
+
+// waitGIDRSS waits until 'onebox ps' shows gid with want bytes resident.
+func waitGIDRSS(ctx context.Context, obx func(...string) ([]byte, error), gid string, want uint64) error {
+	deadline := time.Now().Add(5 * time.Minute)
+	for time.Now().Before(deadline) {
+		out, err := obx("ps", "-o", "json")
+		if err != nil {
+			return err
+		}
+		var l manager.ClusterList
+		if err := json.Unmarshal(out, &l); err != nil {
+			return err
+		}
+		for _, p := range l.Procs {
+			if p.GID == gid && p.RSSBytes >= want {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("process %s did not fill its memory in 5 minutes", gid)
+}
 
 // demoMigrate is the demo's migration step. Stub.
 func demoMigrate(_ context.Context, _ io.Writer, _ *testbed.Cluster) error { return nil }
