@@ -205,6 +205,7 @@ func (p *Pool) conn(ctx context.Context, node string) (*conn, error) {
 	}
 	dctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
 	defer cancel()
+	dialStart := time.Now()
 	raw, err := p.opts.Dial(dctx, node)
 	if err == nil {
 		var c *conn
@@ -220,19 +221,60 @@ func (p *Pool) conn(ctx context.Context, node string) (*conn, error) {
 	} else {
 		err = fmt.Errorf("cluster: dial %s: %w", node, err)
 	}
-	now := time.Now().UnixNano()
-	nc.failedAt.Store(now)
-	if ctx.Err() == nil {
-		nc.dialFailedAt, nc.dialErr = now, err
+	now := time.Now()
+	nc.failedAt.Store(now.UnixNano())
+	// Only a slow failure (a dial into a cut link waits for Timeout) is
+	// worth not repeating; a refused one is cheap and may be a restart.
+	if ctx.Err() == nil && now.Sub(dialStart) > slowDial {
+		nc.dialFailedAt, nc.dialErr = now.UnixNano(), err
 	}
 	return nil, err
 }
 
-// redialAfter is how long after a failed dial a node is not dialed again.
-const redialAfter = time.Second
+// redialAfter is how long after a slow failed dial a node is not dialed
+// again; slowDial is what counts as slow.
+const (
+	redialAfter = time.Second
+	slowDial    = 100 * time.Millisecond
+)
+
+// stale reports whether err is a used connection found broken: the
+// request is worth one retry on a new connection.
+func stale(c *conn, err error) bool {
+	return c != nil && c.used.Load() && errors.Is(err, ErrConnClosed)
+}
+
+// do sends one request to node and waits for the answer, on a new
+// connection if the one it had turned out stale. With inst not 0, a
+// server of another instance (it restarted) is an error. It returns the
+// answer's payload and the instance of the server that gave it.
+func (p *Pool) do(ctx context.Context, node string, inst uint64, h pageproto.Header, owner string, data, dst []byte) ([]byte, uint64, error) {
+	for attempt := 0; ; attempt++ {
+		c, err := p.conn(ctx, node)
+		if err == nil && inst != 0 && c.stat.Instance != inst {
+			err = fmt.Errorf("%w: %s", errRestarted, node)
+		}
+		if err != nil {
+			return nil, 0, err
+		}
+		_, msg, err := c.do(ctx, h, owner, data, dst)
+		if err != nil && attempt == 0 && stale(c, err) {
+			continue
+		}
+		return msg, c.stat.Instance, err
+	}
+}
+
+// errRestarted: the node's server is a new instance, without the copies
+// its previous one held (the node itself is fine).
+var errRestarted = errors.New("cluster: node restarted since it took the chunk")
 
 func (p *Pool) noteFailure(node string, err error) {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return
+	}
+	if errors.Is(err, errRestarted) {
+		p.kickRepair()
 		return
 	}
 	var se *StatusError
@@ -241,6 +283,25 @@ func (p *Pool) noteFailure(node string, err error) {
 	}
 	p.node(node).failedAt.Store(time.Now().UnixNano())
 	p.kickRepair()
+}
+
+// shaky: the node failed lately and has no working connection (or is
+// being dialed again): a request to it would likely wait for Timeout.
+func (p *Pool) shaky(node string) bool {
+	if !p.failedRecently(node) {
+		return false
+	}
+	nc := p.node(node)
+	if !nc.mu.TryLock() {
+		return true // a dial is under way
+	}
+	defer nc.mu.Unlock()
+	for _, c := range nc.conns {
+		if c != nil && c.broken() == nil {
+			return false
+		}
+	}
+	return true
 }
 
 // failedFor is how long a node that failed a request or a dial is tried
@@ -467,21 +528,22 @@ func (p *Pool) storeHolders(ctx context.Context, r pool.Region, pc piece, ch *ch
 	// when another can take the store, rather than awaited for Timeout on
 	// every store: it becomes stale and repair makes a new copy.
 	healthy := 0
-	for _, h := range hs {
-		if !p.failedRecently(h.node) {
+	shaky := make([]bool, len(hs))
+	for i, h := range hs {
+		if shaky[i] = p.shaky(h.node); !shaky[i] {
 			healthy++
 		}
 	}
 	skipped := make([]bool, len(hs))
 	for i, h := range hs {
-		if healthy > 0 && p.failedRecently(h.node) {
+		if healthy > 0 && shaky[i] {
 			errs[i] = fmt.Errorf("cluster: node %s failed in the last %v", h.node, failedFor)
 			skipped[i] = true
 			continue
 		}
 		c, err := p.conn(ctx, h.node)
 		if err == nil && c.stat.Instance != h.instance {
-			err = fmt.Errorf("cluster: node %s restarted since it took the chunk", h.node)
+			err = fmt.Errorf("%w: %s", errRestarted, h.node)
 		}
 		if err != nil {
 			errs[i] = err
@@ -493,9 +555,11 @@ func (p *Pool) storeHolders(ctx context.Context, r pool.Region, pc piece, ch *ch
 		if o.c == nil {
 			continue
 		}
-		if _, _, err := o.c.finish(ctx, o.cl); err != nil {
-			errs[i] = err
+		_, _, err := o.c.finish(ctx, o.cl)
+		if stale(o.c, err) {
+			_, _, err = p.do(ctx, hs[i].node, hs[i].instance, pageproto.Header{Op: pageproto.OpStore, Region: r.ID, Offset: pc.off}, r.Owner, pc.data, nil)
 		}
+		errs[i] = err
 	}
 	for i, err := range errs {
 		if err != nil && !skipped[i] {
@@ -525,12 +589,17 @@ func (p *Pool) storeHolders(ctx context.Context, r pool.Region, pc piece, ch *ch
 // place chooses ch's holders and stores pc on them.
 // Preconditions: ch.mu is held for writing and ch has no holders.
 func (p *Pool) place(ctx context.Context, r pool.Region, pc piece, ch *chunk) error {
-	var cands []string
+	// Nodes that failed lately come last: used only if the others
+	// cannot take the copies.
+	var cands, later []string
 	for _, n := range rendezvous(r, pc.idx, p.candidates()) {
-		if !p.failedRecently(n) {
+		if p.failedRecently(n) {
+			later = append(later, n)
+		} else {
 			cands = append(cands, n)
 		}
 	}
+	cands = append(cands, later...)
 	var errs []error
 	var got []holder
 	for len(cands) > 0 && len(got) < p.opts.Replicas {
@@ -543,16 +612,13 @@ func (p *Pool) place(ctx context.Context, r pool.Region, pc piece, ch *chunk) er
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				c, err := p.conn(ctx, n)
-				if err == nil {
-					_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpStore, Region: r.ID, Offset: pc.off}, r.Owner, pc.data, nil)
-				}
+				_, inst, err := p.do(ctx, n, 0, pageproto.Header{Op: pageproto.OpStore, Region: r.ID, Offset: pc.off}, r.Owner, pc.data, nil)
 				if err != nil {
 					p.noteFailure(n, err)
 					es[i] = err
 					return
 				}
-				res[i] = holder{n, c.stat.Instance}
+				res[i] = holder{n, inst}
 			}()
 		}
 		wg.Wait()
@@ -632,16 +698,20 @@ func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte)
 		pend = append(pend, pd)
 	}
 	for _, pd := range pend {
-		rest := pd.hs
+		rest := pd.hs[1:]
 		if pd.c != nil {
 			_, _, err := pd.c.finish(ctx, pd.cl)
 			if err == nil {
 				continue
 			}
-			p.noteFailure(pd.hs[0].node, err)
-			pd.errs = append(pd.errs, err)
+			if stale(pd.c, err) {
+				rest = pd.hs // loadFrom retries it on a new connection
+			} else {
+				p.noteFailure(pd.hs[0].node, err)
+				pd.errs = append(pd.errs, err)
+			}
 		}
-		if err := p.loadFrom(ctx, r, pd.pc, rest[1:], pd.errs); err != nil {
+		if err := p.loadFrom(ctx, r, pd.pc, rest, pd.errs); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -685,7 +755,7 @@ func (p *Pool) loadPlan(r pool.Region, pc piece) ([]holder, error) {
 func (p *Pool) loadConn(ctx context.Context, h holder) (*conn, error) {
 	c, err := p.conn(ctx, h.node)
 	if err == nil && c.stat.Instance != h.instance {
-		err = fmt.Errorf("cluster: node %s restarted since it took the chunk", h.node)
+		err = fmt.Errorf("%w: %s", errRestarted, h.node)
 	}
 	return c, err
 }
@@ -696,10 +766,7 @@ func (p *Pool) loadFrom(ctx context.Context, r pool.Region, pc piece, hs []holde
 		if ctx.Err() != nil {
 			break
 		}
-		c, err := p.loadConn(ctx, h)
-		if err == nil {
-			_, _, err = c.do(ctx, loadHeader(r, pc), r.Owner, nil, pc.data)
-		}
+		_, _, err := p.do(ctx, h.node, h.instance, loadHeader(r, pc), r.Owner, nil, pc.data)
 		if err == nil {
 			return nil
 		}
@@ -768,11 +835,7 @@ func (p *Pool) toNodes(ctx context.Context, nodes map[string]bool, h pageproto.H
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := p.conn(ctx, n)
-			if err == nil {
-				_, _, err = c.do(ctx, h, owner, nil, nil)
-			}
-			if err != nil {
+			if _, _, err := p.do(ctx, n, 0, h, owner, nil, nil); err != nil {
 				mu.Lock()
 				errs = append(errs, err)
 				mu.Unlock()
@@ -840,11 +903,7 @@ func (p *Pool) Greet(ctx context.Context) {
 
 // Stat asks node for its account.
 func (p *Pool) Stat(ctx context.Context, node string) (pageproto.Stat, error) {
-	c, err := p.conn(ctx, node)
-	if err != nil {
-		return pageproto.Stat{}, err
-	}
-	_, msg, err := c.do(ctx, pageproto.Header{Op: pageproto.OpStat}, "", nil, nil)
+	msg, _, err := p.do(ctx, node, 0, pageproto.Header{Op: pageproto.OpStat}, "", nil, nil)
 	if err != nil {
 		return pageproto.Stat{}, err
 	}
@@ -912,11 +971,7 @@ func (p *Pool) Reserve(ctx context.Context, owner string, n uint64) error {
 	done := map[string]uint64{}
 	var err error
 	for node, b := range plan {
-		var c *conn
-		if c, err = p.conn(ctx, node); err == nil {
-			_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpReserve, Arg: b}, owner, nil, nil)
-		}
-		if err != nil {
+		if _, _, err = p.do(ctx, node, 0, pageproto.Header{Op: pageproto.OpReserve, Arg: b}, owner, nil, nil); err != nil {
 			break
 		}
 		done[node] = b
@@ -967,11 +1022,7 @@ func (p *Pool) Release(owner string, n uint64) {
 func (p *Pool) releaseOn(node, owner string, b uint64) {
 	ctx, cancel := context.WithTimeout(context.Background(), p.opts.Timeout)
 	defer cancel()
-	c, err := p.conn(ctx, node)
-	if err == nil {
-		_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpRelease, Arg: b}, owner, nil, nil)
-	}
-	if err != nil {
+	if _, _, err := p.do(ctx, node, 0, pageproto.Header{Op: pageproto.OpRelease, Arg: b}, owner, nil, nil); err != nil {
 		p.log.Debug("memory pool: release", "node", node, "owner", owner, "err", err)
 	}
 }

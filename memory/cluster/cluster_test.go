@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"sync"
 	"testing"
@@ -458,4 +459,100 @@ func TestCutHolderBounded(t *testing.T) {
 	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("load after heal: %v", err)
 	}
+}
+
+// Random stores, loads and drops against pool.Local as the model, while
+// nodes are killed and restarted one at a time (each loss repaired before
+// the next): every load returns what the model says.
+func TestAgainstModel(t *testing.T) {
+	var logs bytes.Buffer
+	var logMu sync.Mutex
+	c, p := start(t, 5, 256<<20, cluster.Options{RepairInterval: 20 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(lockedWriter{&logMu, &logs}, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	t.Cleanup(func() {
+		if t.Failed() {
+			logMu.Lock()
+			b := logs.Bytes()
+			t.Logf("pool log (last 6 KiB):\n%s", b[max(0, len(b)-6<<10):])
+			logMu.Unlock()
+		}
+	})
+	ctx := context.Background()
+	model := pool.NewLocal(0)
+	rng := rand.New(rand.NewPCG(7, 7))
+	regions := []pool.Region{{Owner: "a", ID: 1}, {Owner: "a", ID: 2}, {Owner: "b", ID: 1}}
+	const span = 4 << 20
+	alive := []string{"n1", "n2", "n3", "n4", "n5"}
+	check := func(step int, r pool.Region, off uint64, n int) {
+		t.Helper()
+		got, want := make([]byte, n), make([]byte, n)
+		if err := p.Load(ctx, r, off, got); err != nil {
+			t.Fatalf("step %d: load %v+%d: %v", step, off, n, err)
+		}
+		model.Load(ctx, r, off, want)
+		if !bytes.Equal(got, want) {
+			t.Fatalf("step %d: load %s/%d at %d+%d differs from the model", step, r.Owner, r.ID, off, n)
+		}
+	}
+	// settle waits for two repair passes begun after a change, the last
+	// finding nothing to repair (a second loss before that would be a
+	// double failure, which 2 copies do not survive).
+	settle := func(what string) {
+		t.Helper()
+		n := p.Passes()
+		deadline := time.Now().Add(20 * time.Second)
+		for !(p.Passes() >= n+2 && p.Under() == 0 && p.Stats().LostPages == 0) {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s: %d passes, stats %+v, members %+v", what, p.Passes()-n, p.Stats(), c.Members())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	for step := range 400 {
+		r := regions[rng.IntN(len(regions))]
+		off := uint64(rng.IntN(span/pool.PageSize)) * pool.PageSize
+		n := (1 + rng.IntN(min(96, int(span-off)/pool.PageSize))) * pool.PageSize
+		switch x := rng.IntN(100); {
+		case x < 40:
+			data := random(n, uint64(step))
+			if err := p.Store(ctx, r, off, data); err != nil {
+				t.Fatalf("step %d: store: %v", step, err)
+			}
+			model.Store(ctx, r, off, data)
+		case x < 80:
+			check(step, r, off, n)
+		case x < 90:
+			p.Drop(ctx, r, off, uint64(n))
+			model.Drop(ctx, r, off, uint64(n))
+		case x < 92:
+			p.DropOwner(ctx, r.Owner)
+			model.DropOwner(ctx, r.Owner)
+		case x < 96 && len(alive) > 3:
+			i := rng.IntN(len(alive))
+			c.Kill(alive[i])
+			alive = append(alive[:i], alive[i+1:]...)
+			settle("repair after a kill")
+		default:
+			if err := c.Restart(alive[rng.IntN(len(alive))]); err != nil {
+				t.Fatal(err)
+			}
+			// Loads right away must not take the restarted node's zeros.
+			check(step, r, off, n)
+			settle("repair after a restart")
+		}
+	}
+	for _, r := range regions {
+		check(-1, r, 0, span)
+	}
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/onebox-project/onebox/memory/pageproto"
@@ -45,6 +46,12 @@ type conn struct {
 
 	readTok chan struct{} // holding a value = reading
 	br      *bufio.Reader // used by the read token holder only
+
+	// used: an answer other than the hello's came back. A used
+	// connection that breaks at the next request may just have gone
+	// stale (the server restarted or dropped it while idle): worth one
+	// retry on a new connection.
+	used atomic.Bool
 
 	mu      sync.Mutex
 	nextID  uint64           // guarded by mu
@@ -140,6 +147,9 @@ func (cn *conn) finish(ctx context.Context, cl *call) (pageproto.Header, []byte,
 	}
 	if cl.err != nil {
 		return cl.h, nil, cl.err
+	}
+	if cl.op != pageproto.OpHello {
+		cn.used.Store(true)
 	}
 	if st := pageproto.Status(cl.h.Arg); st != pageproto.StatusOK {
 		return cl.h, nil, &StatusError{Node: cn.node, Op: cl.op, Status: st, Msg: string(cl.msg)}

@@ -31,6 +31,9 @@ func (p *Pool) repairLoop() {
 	defer close(p.closed2)
 	t := time.NewTicker(p.opts.RepairInterval)
 	defer t.Stop()
+	// Failures kick a pass at once, but passes are at least this far
+	// apart: a node that fails every request must not make the loop spin.
+	gap := min(p.opts.RepairInterval, 100*time.Millisecond)
 	for {
 		select {
 		case <-p.stop:
@@ -39,6 +42,11 @@ func (p *Pool) repairLoop() {
 		case <-p.kick:
 		}
 		p.repairPass()
+		select {
+		case <-p.stop:
+			return
+		case <-time.After(gap):
+		}
 	}
 }
 
@@ -159,11 +167,7 @@ func (p *Pool) pingHolders(alive map[string]bool) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for range 2 { // a broken connection fails once, then is redialed
-				_, err := p.Stat(ctx, n)
-				if err == nil {
-					return
-				}
+			if _, err := p.Stat(ctx, n); err != nil {
 				p.noteFailure(n, err)
 			}
 		}()
@@ -210,13 +214,7 @@ func (p *Pool) repairChunk(j repairJob, cands []string, full *sync.Map) error {
 	var errs []error
 	read := false
 	for _, h := range ch.holders {
-		c, err := p.conn(ctx, h.node)
-		if err == nil && c.stat.Instance != h.instance {
-			err = fmt.Errorf("node %s restarted", h.node)
-		}
-		if err == nil {
-			_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpLoad, Region: j.key.r.ID, Offset: off, Arg: ChunkSize}, j.key.r.Owner, nil, buf)
-		}
+		_, _, err := p.do(ctx, h.node, h.instance, pageproto.Header{Op: pageproto.OpLoad, Region: j.key.r.ID, Offset: off, Arg: ChunkSize}, j.key.r.Owner, nil, buf)
 		if err == nil {
 			read = true
 			break
@@ -231,11 +229,9 @@ func (p *Pool) repairChunk(j repairJob, cands []string, full *sync.Map) error {
 		if need == 0 {
 			break
 		}
-		c, err := p.conn(ctx, n)
-		if err != nil {
-			continue
-		}
-		// Only the pages that exist: runs of set bits.
+		// Only the pages that exist: runs of set bits, all to the same
+		// server instance.
+		var inst uint64
 		ok := true
 		for m := mask; m != 0; {
 			lo := bits.TrailingZeros64(m)
@@ -243,7 +239,8 @@ func (p *Pool) repairChunk(j repairJob, cands []string, full *sync.Map) error {
 			if hi > 64 {
 				hi = 64
 			}
-			_, _, err = c.do(ctx, pageproto.Header{Op: pageproto.OpStore, Region: j.key.r.ID, Offset: off + uint64(lo)*pool.PageSize},
+			var err error
+			_, inst, err = p.do(ctx, n, inst, pageproto.Header{Op: pageproto.OpStore, Region: j.key.r.ID, Offset: off + uint64(lo)*pool.PageSize},
 				j.key.r.Owner, buf[lo*pool.PageSize:hi*pool.PageSize], nil)
 			if err != nil {
 				var se *StatusError
@@ -262,10 +259,10 @@ func (p *Pool) repairChunk(j repairJob, cands []string, full *sync.Map) error {
 		}
 		if !ok {
 			// Forget partial copies on that node.
-			_, _, _ = c.do(ctx, pageproto.Header{Op: pageproto.OpDrop, Region: j.key.r.ID, Offset: off, Arg: ChunkSize}, j.key.r.Owner, nil, nil)
+			_, _, _ = p.do(ctx, n, 0, pageproto.Header{Op: pageproto.OpDrop, Region: j.key.r.ID, Offset: off, Arg: ChunkSize}, j.key.r.Owner, nil, nil)
 			continue
 		}
-		ch.holders = append(ch.holders, holder{n, c.stat.Instance})
+		ch.holders = append(ch.holders, holder{n, inst})
 		need--
 		p.repaired.Add(j.pages * pool.PageSize)
 	}
