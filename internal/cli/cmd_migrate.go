@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -368,5 +370,153 @@ func waitGIDRSS(ctx context.Context, obx func(...string) ([]byte, error), gid st
 	return fmt.Errorf("process %s did not fill its memory in 5 minutes", gid)
 }
 
-// demoMigrate is the demo's migration step. Stub.
-func demoMigrate(_ context.Context, _ io.Writer, _ *testbed.Cluster) error { return nil }
+// demoMigrate is the demo's migration step: a counter started on the
+// first node moves to the second while its caller watches, with 'onebox
+// ps' before and after. Skipped (with the reason) without root or CRIU.
+func demoMigrate(ctx context.Context, out io.Writer, cl *testbed.Cluster) error {
+	from, to := cl.Nodes[0], cl.Nodes[1]
+	script := `i=0; while :; do i=$((i+1)); echo "count $i"; sleep 0.2; done`
+	fmt.Fprintf(out, "\n==> Migration: onebox run --node %s -- sh -c '%s', then onebox migrate GID %s\n", from.Name, script, to.Name)
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(out, "    skipped: migration needs root (CRIU)")
+		return nil
+	}
+	if _, err := criu.Find(); err != nil {
+		fmt.Fprintf(out, "    skipped: %v\n", err)
+		return nil
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	obx := func(args ...string) *exec.Cmd {
+		return exec.CommandContext(ctx, self, append([]string{args[0], "--agent", from.Agent()}, args[1:]...)...)
+	}
+	run := obx("run", "--node", from.Name, "--", "sh", "-c", script)
+	stdout, err := run.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	run.Stderr = out
+	if err := run.Start(); err != nil {
+		return err
+	}
+	defer func() {
+		_ = run.Process.Kill()
+		_ = run.Wait()
+	}()
+	var mu sync.Mutex
+	last, gaps := 0, 0
+	lines := make(chan struct{}, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			mu.Lock()
+			fmt.Fprintf(out, "    | %s\n", sc.Text())
+			var n int
+			if _, err := fmt.Sscanf(sc.Text(), "count %d", &n); err == nil {
+				if n != last+1 {
+					gaps++
+				}
+				last = n
+			}
+			mu.Unlock()
+			select {
+			case lines <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	waitCount := func(n int) error {
+		deadline := time.After(20 * time.Second)
+		for {
+			mu.Lock()
+			l := last
+			mu.Unlock()
+			if l >= n {
+				return nil
+			}
+			select {
+			case <-lines:
+			case <-deadline:
+				return fmt.Errorf("demo: the counter stopped at %d", l)
+			}
+		}
+	}
+	if err := waitCount(4); err != nil {
+		return err
+	}
+	ps := func() error {
+		c := obx("ps")
+		var b strings.Builder
+		c.Stdout, c.Stderr = &b, &b
+		err := c.Run()
+		mu.Lock()
+		for _, l := range strings.Split(strings.TrimRight(b.String(), "\n"), "\n") {
+			fmt.Fprintf(out, "    %s\n", l)
+		}
+		mu.Unlock()
+		return err
+	}
+	mu.Lock()
+	fmt.Fprintln(out, "    onebox ps:")
+	mu.Unlock()
+	if err := ps(); err != nil {
+		return err
+	}
+	c := obx("ps", "-o", "json")
+	b, err := c.Output()
+	if err != nil {
+		return err
+	}
+	var l manager.ClusterList
+	if err := json.Unmarshal(b, &l); err != nil {
+		return err
+	}
+	gid := ""
+	for _, p := range l.Procs {
+		if p.State == manager.StateRunning && strings.Contains(strings.Join(p.Command, " "), "count $i") {
+			gid = p.GID
+		}
+	}
+	if gid == "" {
+		return errors.New("demo: the counter is not in onebox ps")
+	}
+	mu.Lock()
+	fmt.Fprintf(out, "    onebox migrate %s %s\n", gid, to.Name)
+	mu.Unlock()
+	b, err = obx("migrate", "-o", "json", gid, to.Name).Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return fmt.Errorf("demo: onebox migrate: %s", strings.TrimSpace(string(ee.Stderr)))
+		}
+		return err
+	}
+	var res migrate.Result
+	if err := json.Unmarshal(b, &res); err != nil {
+		return err
+	}
+	mu.Lock()
+	fmt.Fprintf(out, "    moved %s -> %s: paused %.0f ms, done in %.0f ms (%s of memory followed after the restore)\n",
+		res.From, res.To, res.DowntimeMS, res.TotalMS, size(uint64(res.PageBytes)))
+	n := last
+	mu.Unlock()
+	if err := waitCount(n + 4); err != nil {
+		return err
+	}
+	mu.Lock()
+	fmt.Fprintln(out, "    onebox ps:")
+	mu.Unlock()
+	if err := ps(); err != nil {
+		return err
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if gaps > 0 {
+		return fmt.Errorf("demo: the counter skipped or repeated %d times", gaps)
+	}
+	fmt.Fprintf(out, "    the counter went on on %s without a gap; same id %s, same caller\n", to.Name, gid)
+	_ = obx("kill", gid).Run()
+	return nil
+}

@@ -390,7 +390,7 @@ Nodes that cannot be asked are named, and the exit status is then 1.`,
 
 func printProcs(out io.Writer, l manager.ClusterList) {
 	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "GID\tNODE\tHOME\tPID\tSTATE\tCPU%\tRSS\tSTART\tCOMMAND")
+	fmt.Fprintln(w, "GID\tNODE\tHOME\tPID\tSTATE\tCPU%\tRSS\tSTART\tCOMMAND\tNOTE")
 	for _, p := range l.Procs {
 		command := strings.Join(p.Command, " ")
 		if len(command) > 60 {
@@ -404,7 +404,7 @@ func printProcs(out io.Writer, l manager.ClusterList) {
 		if p.State == manager.StateRunning {
 			rss = size(p.RSSBytes)
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%.1f\t%s\t%s\t%s\n", p.GID, p.Node, p.Home, p.PID, p.StateText(), p.CPUPercent, rss, start, command)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%.1f\t%s\t%s\t%s\t%s\n", p.GID, p.Node, p.Home, p.PID, p.StateText(), p.CPUPercent, rss, start, command, p.Note)
 	}
 	w.Flush()
 }
