@@ -127,12 +127,14 @@ func demoMemory(ctx context.Context, out io.Writer, cl *testbed.Cluster) error {
 	if err != nil {
 		return fmt.Errorf("demo: onebox run --memory-expand: %w: %s", err, stderr.String())
 	}
-	sum := func(b []byte) string {
+	sum := func(b []byte) string { // the word after "sum" (memwork prints "timed" first)
 		f := strings.Fields(string(b))
-		if len(f) < 6 {
-			return string(b)
+		for i := 0; i+1 < len(f); i++ {
+			if f[i] == "sum" {
+				return f[i+1]
+			}
 		}
-		return f[5]
+		return string(b)
 	}
 	say("    plain run:            checksum %s", sum(plain))
 	say("    with memory expansion: checksum %s  (%.1fs, pages evicted to and fetched back from the other nodes)", sum(got), time.Since(t0).Seconds())

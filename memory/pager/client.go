@@ -48,6 +48,13 @@ type client struct {
 	raJob         *raJob // the chunk loading, if any
 	raBufs        [2][]byte
 	raFlip        int
+
+	// The block read or written as a stream (nil: none), the page of its
+	// last fault, and the non-sequential faults since its last sequential
+	// one: eviction takes the pages the stream has passed.
+	sr     *region
+	srPos  int
+	srMiss int
 }
 
 type pageRef struct {

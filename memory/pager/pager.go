@@ -96,6 +96,14 @@ type Stats struct {
 	Dropped   uint64 // clients dropped on an error
 	Resident  uint64 // pages of blocks resident now
 	Pooled    uint64 // pages with a copy in the pool now
+
+	// Where the time goes (nanoseconds, summed over all clients; the
+	// benchmark divides them by the counts above).
+	FaultLoadNanos uint64 // pool Loads made while a fault waited
+	AheadLoadNanos uint64 // pool Loads of readahead chunks (in the background)
+	CopyNanos      uint64 // UFFDIO_COPY calls
+	EvictNanos     uint64 // evictions, stores included
+	StoreNanos     uint64 // ... of which copying dirty victims out and storing them
 }
 
 // ErrClosed is returned by Serve after Close or once its listener is closed.
@@ -112,6 +120,7 @@ type Pager struct {
 	clients, live, regions, faults, copies, loaded, prefetch, remote atomic.Uint64
 	wpFaults, evicted, stored, discarded, forks, denied, dropped     atomic.Uint64
 	resident, pooled                                                 atomic.Int64
+	loadNs, aheadNs, copyNs, evictNs, storeNs                        atomic.Uint64
 
 	// testStall, when set, is called before each fault is filled (tests).
 	testStall func()
@@ -265,6 +274,8 @@ func (p *Pager) Stats() Stats {
 		Evicted: p.evicted.Load(), Stored: p.stored.Load(), Discarded: p.discarded.Load(),
 		Forks: p.forks.Load(), Denied: p.denied.Load(), Dropped: p.dropped.Load(),
 		Resident: uint64(max(p.resident.Load(), 0)), Pooled: uint64(max(p.pooled.Load(), 0)),
+		FaultLoadNanos: p.loadNs.Load(), AheadLoadNanos: p.aheadNs.Load(), CopyNanos: p.copyNs.Load(),
+		EvictNanos: p.evictNs.Load(), StoreNanos: p.storeNs.Load(),
 	}
 }
 

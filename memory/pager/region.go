@@ -7,6 +7,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -21,6 +22,7 @@ const (
 	stInPool               // the pool holds its data at srcs[where]
 	stQueued               // in the client's fifo
 	stRef                  // written since it was queued: a second chance
+	stVictim               // chosen by the eviction running now
 )
 
 const (
@@ -29,6 +31,13 @@ const (
 	maxWindow = 256  // pages: largest prefetch and eviction batch (1 MiB)
 	raPages   = 4096 // pages: how far readahead runs past a sequential fault (16 MiB)
 	minLimit  = 64   // pages: the smallest local limit honoured
+
+	// streamGuard: pages just behind a stream's last fault that eviction
+	// leaves alone (a program may still be reading them).
+	streamGuard = 16
+	// streamMisses: non-sequential faults in a row after which a block is
+	// no longer treated as streamed.
+	streamMisses = 16
 )
 
 // src is one pool region holding pages of blocks. A block's own src takes
@@ -126,6 +135,8 @@ func (c *client) copyIn(r *region, pg, n int, buf []byte, writable bool) (int, e
 		mode = 0
 	}
 	addr := r.start + uint64(pg)*ps
+	t0 := time.Now()
+	defer func() { c.p.copyNs.Add(uint64(time.Since(t0))) }()
 	for tries := 0; ; tries++ {
 		done, err := uffd.CopyMode(c.uffd, addr, buf[:n*PageSize], mode)
 		switch err {
@@ -165,6 +176,9 @@ func (c *client) fill(r *region, pg int, write bool) error {
 		uffd.Wake(c.uffd, r.start+uint64(pg)*ps, ps)
 		return nil
 	}
+	if c.sr == r {
+		c.srPos = pg // the program is here: what lies behind is read
+	}
 	if j := c.raJob; j != nil && j.r == r && pg >= j.pg && pg < j.pg+j.n {
 		// The program caught up with the readahead: its chunk is on the
 		// way, take it rather than load the page twice.
@@ -182,6 +196,16 @@ func (c *client) fill(r *region, pg int, write bool) error {
 		r.window = min(2*r.window, maxWindow)
 	} else {
 		r.window = 1
+	}
+	switch {
+	case seq && r.window >= 16:
+		c.sr, c.srPos, c.srMiss = r, pg, 0
+	case c.sr == r && seq:
+		c.srMiss = 0
+	case c.sr == r:
+		if c.srMiss++; c.srMiss > streamMisses {
+			c.sr = nil // random access now: fill order decides
+		}
 	}
 	done, loaded, err := c.fillRun(r, pg, r.window, write)
 	if err != nil {
@@ -313,6 +337,8 @@ func (c *client) startReadahead() {
 		defer close(j.done)
 		ctx, cancel := c.p.ctx()
 		defer cancel()
+		t0 := time.Now()
+		defer func() { c.p.aheadNs.Add(uint64(time.Since(t0))) }()
 		for _, sg := range j.segs {
 			if sg.zero {
 				clear(sg.b)
@@ -431,7 +457,9 @@ func (c *client) load(r *region, pg, n int, buf []byte) (int, error) {
 			clear(b)
 		} else {
 			ctx, cancel := c.p.ctx()
+			t0 := time.Now()
 			err := c.p.cfg.Pool.Load(ctx, r.srcs[w].r, uint64(k)*uint64(PageSize), b)
+			c.p.loadNs.Add(uint64(time.Since(t0)))
 			cancel()
 			if err != nil {
 				return 0, fmt.Errorf("%w: load %d pages: %w", errPool, e-k, err)
@@ -518,6 +546,8 @@ func (c *client) storeRuns(runs []pageRun) error {
 }
 
 func (c *client) storeBatch(runs []pageRun) error {
+	t0 := time.Now()
+	defer func() { c.p.storeNs.Add(uint64(time.Since(t0))) }()
 	total := 0
 	for i := range runs {
 		ok, err := c.protect(runs[i].r, runs[i].pg, runs[i].n)
@@ -631,10 +661,20 @@ func punch(fd int, off, n uint64) error {
 	return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n))
 }
 
-// evict takes n resident pages out of memory, oldest fill first, giving
-// pages written since they were queued a second chance.
+// evict takes n resident pages out of memory. While a block is read or
+// written as a stream, the victims are the pages the stream passed most
+// recently (behind its last fault, then from the block's end down to what
+// lies ahead of it): for a program scanning a block larger than its limit
+// over and over, the page just passed is the one needed last, so the rest
+// stays resident across passes (evicting in fill order would evict each
+// page just before the next pass needs it: every pass would fault on
+// everything). Otherwise, and for what the stream cannot supply, victims
+// are taken in fill order, with a second chance for pages written since
+// they were queued.
 func (c *client) evict(n int) error {
-	v := c.victims[:0]
+	t0 := time.Now()
+	defer func() { c.p.evictNs.Add(uint64(time.Since(t0))) }()
+	v := c.streamVictims(c.victims[:0], n)
 	for len(v) < n && c.fifoHead < len(c.fifo) {
 		ref := c.fifo[c.fifoHead]
 		c.fifo[c.fifoHead] = pageRef{}
@@ -642,7 +682,7 @@ func (c *client) evict(n int) error {
 		r, i := ref.r, int(ref.i)
 		switch {
 		case r.dead:
-		case r.state[i]&stResident == 0:
+		case r.state[i]&stResident == 0 || r.state[i]&stVictim != 0:
 			r.state[i] &^= stQueued
 		case r.state[i]&stRef != 0:
 			r.state[i] &^= stRef
@@ -690,13 +730,51 @@ func (c *client) evict(n int) error {
 			return fmt.Errorf("punch block %#x: %w", r.start, err)
 		}
 		for k := pg; k < pg+cnt; k++ {
-			r.state[k] &^= stResident | stDirty | stRef
+			r.state[k] &^= stResident | stDirty | stRef | stVictim
 		}
 		c.addResident(-cnt)
 		c.p.evicted.Add(uint64(cnt))
 	}
 	c.victims = v[:0]
 	return nil
+}
+
+// streamVictims appends up to n victims behind the stream of c.sr (marked
+// stVictim; they keep their fifo entries, which go stale).
+func (c *client) streamVictims(v []pageRef, n int) []pageRef {
+	r := c.sr
+	if r == nil || r.dead {
+		c.sr = nil
+		return v
+	}
+	np := len(r.state)
+	ahead := c.srPos + maxWindow // the fill window and the readahead
+	if c.raRegion == r {
+		ahead = max(ahead, c.raEnd)
+	}
+	if j := c.raJob; j != nil && j.r == r {
+		ahead = max(ahead, j.pg+j.n)
+	}
+	budget := max(4*n, 8192) // then fill order: bounded work per eviction
+	k, wrapped := c.srPos-streamGuard-1, false
+	for len(v) < n && budget > 0 {
+		if k < 0 {
+			if wrapped {
+				break
+			}
+			k, wrapped = np-1, true
+		}
+		if wrapped && k < ahead {
+			break
+		}
+		if r.state[k]&(stResident|stVictim) == stResident {
+			r.state[k] |= stVictim
+			v = append(v, pageRef{r, int32(k)})
+		}
+		k--
+		budget--
+	}
+	return v
 }
 
 // discard: madvise(DONTNEED) of [start, start+n): the pages read back as

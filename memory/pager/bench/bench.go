@@ -11,6 +11,7 @@
 package bench
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	_ "embed"
@@ -23,6 +24,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/onebox-project/onebox/memory/cluster"
@@ -50,9 +52,21 @@ type Row struct {
 	Onebox     float64 `json:"onebox"`        // throughput under the pager
 	VsAllLocal float64 `json:"vs_all_local"`  // Onebox / the 100% local run under the pager
 	VsPlain    float64 `json:"vs_plain"`      // Onebox / the program without onebox
+	Ceiling    float64 `json:"ceiling"`       // the best VsAllLocal this machine allows (see Result)
 	Swap       float64 `json:"swap"`          // throughput with swap and a cgroup limit; 0: not run
 	VsSwap     float64 `json:"vs_swap"`       // Onebox / Swap
 	Evicted    uint64  `json:"evicted_pages"` // pages the pager evicted during the run
+	// The timed part only: what the pager did and where its time went.
+	Faults      uint64  `json:"timed_faults"`
+	PoolMiB     float64 `json:"timed_pool_mib"`       // MiB loaded from the pool
+	FaultLoadMs float64 `json:"timed_fault_load_ms"`  // pool Loads a fault waited for
+	AheadLoadMs float64 `json:"timed_ahead_load_ms"`  // readahead Loads (in the background)
+	CopyMs      float64 `json:"timed_copy_ms"`        // UFFDIO_COPY
+	EvictMs     float64 `json:"timed_evict_ms"`       // evictions (stores included)
+	TimedSec    float64 `json:"timed_sec"`            // the timed part's duration, from the rate
+	CPUms       float64 `json:"timed_bench_cpu_ms"`   // CPU of this process (pager, pool, page servers) in it
+	SwapIns     uint64  `json:"swap_ins"`             // pages swapped in during the swap run (pswpin)
+	SwapPeakMiB float64 `json:"swap_cgroup_peak_mib"` // the cgroup's peak usage: the limit held
 }
 
 // Result is the whole benchmark.
@@ -65,8 +79,24 @@ type Result struct {
 	FaultVsRTT float64 `json:"fault_vs_rtt_p50"`
 	LoadP50us  float64 `json:"pool_load_4k_p50_us"` // the pool's Load of one page, no fault
 	LoadP99us  float64 `json:"pool_load_4k_p99_us"`
-	Rows       []Row   `json:"rows"`
-	Swap       string  `json:"swap"` // how the swap baseline ran, or why not
+	// One remote fault, means over the fault run's timed part: as the
+	// program saw it, and the pager's own parts of it; the rest is the
+	// kernel's delivery of the fault and the wake-up of the faulting thread.
+	FaultMeanUs float64 `json:"fault_4k_mean_us"`
+	// The same faults served from a pool in this process (a memory copy,
+	// no network): the pager's and the kernel's part alone. The pool's
+	// Load p50 plus this p50 is the floor of a remote fault with this pool.
+	LocalFaultP50us float64 `json:"local_fault_4k_p50_us"`
+	PagerLoadMeanUs float64 `json:"pager_load_mean_us"`
+	PagerCopyMeanUs float64 `json:"pager_copy_mean_us"`
+	PagerEvictUs    float64 `json:"pager_evict_mean_us"`
+	// Bulk rates (MB/s): the raw TCP transfer of 1 MiB on loopback and the
+	// cluster pool's Load of 1 MiB. The pool's rate bounds how fast pages
+	// can come back: the ceilings of the rows are computed from it.
+	RawBulkMBps  float64 `json:"raw_bulk_1m_mbps"`
+	PoolBulkMBps float64 `json:"pool_load_1m_mbps"`
+	Rows         []Row   `json:"rows"`
+	Swap         string  `json:"swap"` // how the swap baseline ran, or why not
 }
 
 type env struct {
@@ -121,22 +151,42 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	res := &Result{SizeMiB: o.SizeMiB}
 	// Latency: the raw round trip, then faults served from the pool.
 	fmt.Fprintln(o.Log, "measuring the raw 4 KiB round trip and remote faults...")
-	rtt, err := e.rtt(4000)
+	rtt, err := e.rtt(4000, 4096)
 	if err != nil {
 		return nil, err
 	}
 	res.RTTP50us, res.RTTP99us = us(pct(rtt, 50)), us(pct(rtt, 99))
-	load, err := e.poolLoad(ctx, 2000)
+	load, err := e.poolLoad(ctx, 2000, pool.PageSize)
 	if err != nil {
 		return nil, err
 	}
 	res.LoadP50us, res.LoadP99us = us(pct(load, 50)), us(pct(load, 99))
-	fault, _, err := e.run(ctx, "fault", min(64, o.SizeMiB), 1, 4<<20, "")
+	bulk, err := e.rtt(200, 1<<20)
 	if err != nil {
 		return nil, err
 	}
-	res.FaultP50us, res.FaultP99us = fault.p50/1e3, fault.p99/1e3
+	res.RawBulkMBps = (1 << 20) / float64(pct(bulk, 50).Nanoseconds()) * 1e3
+	pbulk, err := e.poolLoad(ctx, 200, 1<<20)
+	if err != nil {
+		return nil, err
+	}
+	res.PoolBulkMBps = (1 << 20) / float64(pct(pbulk, 50).Nanoseconds()) * 1e3
+	fault, err := e.run(ctx, "fault", min(64, o.SizeMiB), 1, 4<<20, "")
+	if err != nil {
+		return nil, err
+	}
+	res.FaultP50us, res.FaultP99us, res.FaultMeanUs = fault.p50/1e3, fault.p99/1e3, fault.mean/1e3
 	res.FaultVsRTT = res.FaultP50us / res.RTTP50us
+	lf, err := e.withPool(pool.NewLocal(0)).run(ctx, "fault", min(64, o.SizeMiB), 1, 4<<20, "")
+	if err != nil {
+		return nil, err
+	}
+	res.LocalFaultP50us = lf.p50 / 1e3
+	if d := fault.timed; d.Remote > 0 {
+		res.PagerLoadMeanUs = float64(d.FaultLoadNanos) / float64(d.Remote) / 1e3
+		res.PagerCopyMeanUs = float64(d.CopyNanos) / float64(d.Faults) / 1e3
+		res.PagerEvictUs = float64(d.EvictNanos) / float64(d.Faults) / 1e3
+	}
 
 	swapOK := !o.NoSwap
 	res.Swap = "not run (--no-swap)"
@@ -156,7 +206,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		mode   string
 		passes int
 	}{{"seq", 2}, {"scan", 3}, {"rand", 2}} {
-		plain, _, err := e.run(ctx, w.mode, o.SizeMiB, w.passes, 0, "plain")
+		plain, err := e.run(ctx, w.mode, o.SizeMiB, w.passes, 0, "plain")
 		if err != nil {
 			return nil, err
 		}
@@ -164,7 +214,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		for _, pct := range []int{100, 50, 25} {
 			local := size * uint64(pct) / 100
 			fmt.Fprintf(o.Log, "%s, %d%% local...\n", w.mode, pct)
-			m, ev, err := e.run(ctx, w.mode, o.SizeMiB, w.passes, local, "")
+			m, err := e.run(ctx, w.mode, o.SizeMiB, w.passes, local, "")
 			if err != nil {
 				return nil, err
 			}
@@ -174,8 +224,18 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			if pct == 100 {
 				all = m.rate
 			}
+			d := m.timed
 			row := Row{Workload: w.mode, LocalPct: pct, Unit: m.unit, Onebox: m.rate, VsAllLocal: m.rate / all,
-				VsPlain: m.rate / plain.rate, Evicted: ev}
+				VsPlain: m.rate / plain.rate, Evicted: m.stats.Evicted, Faults: d.Faults,
+				PoolMiB:     float64(d.Loaded) * float64(pool.PageSize) / (1 << 20),
+				FaultLoadMs: ms(d.FaultLoadNanos), AheadLoadMs: ms(d.AheadLoadNanos), CopyMs: ms(d.CopyNanos),
+				EvictMs: ms(d.EvictNanos), CPUms: float64(m.cpu) / 1e6}
+			if m.unit == "MB/s" {
+				row.TimedSec = float64(w.passes) * float64(size) / 1e6 / m.rate
+			} else {
+				row.TimedSec = float64(w.passes) * float64(size/uint64(pool.PageSize)) / m.rate
+			}
+			row.Ceiling = ceiling(w.mode, pct, all, size, res)
 			if swapOK {
 				s, err := e.runSwap(ctx, sw, w.mode, o.SizeMiB, w.passes, local+4<<20)
 				if err != nil {
@@ -185,12 +245,43 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 					return nil, errorf("%s under swap computed %s, plainly %s", w.mode, s.sum, plain.sum)
 				}
 				row.Swap, row.VsSwap = s.rate, m.rate/s.rate
+				row.SwapIns, row.SwapPeakMiB = s.swapIns, float64(s.peak)/(1<<20)
 			}
 			res.Rows = append(res.Rows, row)
 		}
 	}
 	return res, nil
 }
+
+// ceiling is the best ratio to the all-local run a workload can reach at
+// pct local on this machine, whatever the pager does:
+//   - seq, scan: a scan larger than memory brings at least (100-pct)% of
+//     the footprint back from the pool each pass (the best policy keeps the
+//     rest resident), at best at the pool's bulk Load rate and overlapped
+//     with the program's own work: time per pass >= max(all-local time,
+//     remote bytes / bulk rate).
+//   - rand: (100-pct)% of the accesses miss, each costing at least the raw
+//     4 KiB round trip (a pager with zero overhead).
+func ceiling(mode string, pct int, all float64, size uint64, r *Result) float64 {
+	miss := float64(100-pct) / 100
+	if miss == 0 || all <= 0 {
+		return 1
+	}
+	switch mode {
+	case "seq", "scan":
+		if r.PoolBulkMBps <= 0 {
+			return 0
+		}
+		local := float64(size) / 1e6 / all // seconds per pass, all local
+		remote := miss * float64(size) / 1e6 / r.PoolBulkMBps
+		return local / max(local, remote)
+	default:
+		perAccess := 1 / all
+		return perAccess / (perAccess + miss*r.RTTP50us/1e6)
+	}
+}
+
+func ms(ns uint64) float64 { return float64(ns) / 1e6 }
 
 func us(d time.Duration) float64 { return float64(d) / 1e3 }
 
@@ -199,9 +290,10 @@ func pct(d []time.Duration, p int) time.Duration {
 	return d[min(len(d)-1, len(d)*p/100)]
 }
 
-func (e *env) rtt(n int) ([]time.Duration, error) {
-	buf := make([]byte, 4096)
-	for range 200 { // warm up
+// rtt times n raw round trips answering size bytes.
+func (e *env) rtt(n, size int) ([]time.Duration, error) {
+	buf := make([]byte, size)
+	for range min(200, n) { // warm up
 		if err := e.echo.echo(buf); err != nil {
 			return nil, err
 		}
@@ -217,20 +309,20 @@ func (e *env) rtt(n int) ([]time.Duration, error) {
 	return d, nil
 }
 
-// poolLoad times Loads of one stored page from the cluster pool.
-func (e *env) poolLoad(ctx context.Context, n int) ([]time.Duration, error) {
+// poolLoad times Loads of size stored bytes from the cluster pool.
+func (e *env) poolLoad(ctx context.Context, n, size int) ([]time.Duration, error) {
 	r := pool.Region{Owner: "bench-load", ID: 1}
-	page := make([]byte, pool.PageSize)
-	if err := e.pool.Reserve(ctx, r.Owner, pool.PageSize); err != nil {
+	page := make([]byte, size)
+	if err := e.pool.Reserve(ctx, r.Owner, uint64(size)); err != nil {
 		return nil, err
 	}
-	defer e.pool.Release(r.Owner, pool.PageSize)
+	defer e.pool.Release(r.Owner, uint64(size))
 	if err := e.pool.Store(ctx, r, 0, page); err != nil {
 		return nil, err
 	}
-	defer e.pool.Drop(ctx, r, 0, pool.PageSize)
+	defer e.pool.Drop(ctx, r, 0, uint64(size))
 	d := make([]time.Duration, n)
-	for i := -200; i < n; i++ {
+	for i := -min(200, n); i < n; i++ {
 		t := time.Now()
 		if err := e.pool.Load(ctx, r, 0, page); err != nil {
 			return nil, err
@@ -244,14 +336,24 @@ func (e *env) poolLoad(ctx context.Context, n int) ([]time.Duration, error) {
 
 // measure is one memwork output.
 type measure struct {
-	rate     float64
-	unit     string
-	sum      string
-	p50, p99 float64 // ns (fault)
+	rate           float64
+	unit           string
+	sum            string
+	p50, p99, mean float64 // ns (fault)
+
+	stats pager.Stats   // the pager's counters at the end (under the pager)
+	cpu   time.Duration // this process's CPU time during the timed part
+	timed pager.Stats   // ... of the timed part only: the end minus the "timed" line
+
+	swapIns uint64 // pswpin during a swap run
+	peak    uint64 // the cgroup's peak usage in a swap run, bytes
 }
 
+// parse reads memwork's output: its last line is the result (a "timed"
+// line comes first).
 func parse(out string) (measure, error) {
-	f := strings.Fields(out)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	f := strings.Fields(lines[len(lines)-1])
 	var m measure
 	var err error
 	switch {
@@ -262,6 +364,9 @@ func parse(out string) (measure, error) {
 		m.p50, err = strconv.ParseFloat(f[1], 64)
 		if err == nil {
 			m.p99, err = strconv.ParseFloat(f[3], 64)
+		}
+		if err == nil && len(f) >= 10 && f[8] == "mean_ns" {
+			m.mean, err = strconv.ParseFloat(f[9], 64)
 		}
 		m.sum = f[7]
 	default:
@@ -274,8 +379,8 @@ func parse(out string) (measure, error) {
 }
 
 // run runs memwork under a pager with a local limit (plain != "": without
-// onebox). It returns the measure and the pages evicted.
-func (e *env) run(ctx context.Context, mode string, mib, n int, local uint64, plain string) (measure, uint64, error) {
+// onebox).
+func (e *env) run(ctx context.Context, mode string, mib, n int, local uint64, plain string) (measure, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, e.memwork, mode, strconv.Itoa(mib), strconv.Itoa(n))
@@ -284,13 +389,13 @@ func (e *env) run(ctx context.Context, mode string, mib, n int, local uint64, pl
 		var err error
 		p, err = pager.New(pager.Config{Pool: e.pool, Owner: "bench"})
 		if err != nil {
-			return measure{}, 0, err
+			return measure{}, err
 		}
 		sock := filepath.Join(e.dir, "pager.sock")
 		os.Remove(sock)
 		l, err := pager.Listen(sock)
 		if err != nil {
-			return measure{}, 0, err
+			return measure{}, err
 		}
 		go p.Serve(l, local)
 		defer p.Close()
@@ -298,16 +403,60 @@ func (e *env) run(ctx context.Context, mode string, mib, n int, local uint64, pl
 	}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return measure{}, 0, errorf("memwork %s: %v: %s", mode, err, stderr.String())
+		return measure{}, err
 	}
-	m, err := parse(string(out))
-	var ev uint64
+	if err := cmd.Start(); err != nil {
+		return measure{}, err
+	}
+	var out strings.Builder
+	var at pager.Stats
+	var cpu0 time.Duration
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		if sc.Text() == "timed" && p != nil {
+			at, cpu0 = p.Stats(), selfCPU()
+		}
+		out.WriteString(sc.Text() + "\n")
+	}
+	cpu1 := selfCPU()
+	if err := cmd.Wait(); err != nil {
+		return measure{}, errorf("memwork %s: %v: %s", mode, err, stderr.String())
+	}
+	m, err := parse(out.String())
+	m.cpu = cpu1 - cpu0
 	if p != nil {
-		ev = p.Stats().Evicted
+		m.stats = p.Stats()
+		m.timed = diff(m.stats, at)
 	}
-	return m, ev, err
+	return m, err
+}
+
+// withPool is e with another pool for the pager.
+func (e *env) withPool(p pool.Pages) *env {
+	c := *e
+	c.pool = p
+	return &c
+}
+
+// selfCPU is this process's user and system CPU time.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// diff is the counters of b minus those of a (the cumulative ones).
+func diff(b, a pager.Stats) pager.Stats {
+	return pager.Stats{Faults: b.Faults - a.Faults, Copies: b.Copies - a.Copies, Loaded: b.Loaded - a.Loaded,
+		Prefetch: b.Prefetch - a.Prefetch, Remote: b.Remote - a.Remote, WPFaults: b.WPFaults - a.WPFaults,
+		Evicted: b.Evicted - a.Evicted, Stored: b.Stored - a.Stored,
+		FaultLoadNanos: b.FaultLoadNanos - a.FaultLoadNanos, AheadLoadNanos: b.AheadLoadNanos - a.AheadLoadNanos,
+		CopyNanos: b.CopyNanos - a.CopyNanos, EvictNanos: b.EvictNanos - a.EvictNanos,
+		StoreNanos: b.StoreNanos - a.StoreNanos}
 }
 
 // BuildMemwork compiles the benchmark's workload program into dir and

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/onebox-project/onebox/internal/testenv"
+	"github.com/onebox-project/onebox/memory/pool"
+	"github.com/onebox-project/onebox/memory/shim"
 )
 
 // TestRun runs the benchmark small, without the swap baseline: every
@@ -39,17 +41,63 @@ func TestRun(t *testing.T) {
 }
 
 func TestParse(t *testing.T) {
-	m, err := parse("rate 12.5 unit MB/s sum 00ff\n")
-	if err != nil || m.rate != 12.5 || m.unit != "MB/s" || m.sum != "00ff" {
-		t.Fatalf("parse = %+v, %v", m, err)
+	for _, c := range []struct {
+		out                 string
+		rate, p50, p99, avg float64
+		sum                 string
+	}{
+		{out: "rate 12.5 unit MB/s sum 00ff\n", rate: 12.5, sum: "00ff"},
+		{out: "timed\nrate 12.5 unit MB/s sum 00ff\n", rate: 12.5, sum: "00ff"},
+		{out: "p50_ns 100 p99_ns 900 n 5 sum ab\n", p50: 100, p99: 900, sum: "ab"},
+		{out: "timed\np50_ns 100 p99_ns 900 n 5 sum ab mean_ns 300\n", p50: 100, p99: 900, avg: 300, sum: "ab"},
+	} {
+		m, err := parse(c.out)
+		if err != nil || m.rate != c.rate || m.p50 != c.p50 || m.p99 != c.p99 || m.mean != c.avg || m.sum != c.sum {
+			t.Errorf("parse(%q) = %+v, %v", c.out, m, err)
+		}
 	}
-	m, err = parse("p50_ns 100 p99_ns 900 n 5 sum ab\n")
-	if err != nil || m.p50 != 100 || m.p99 != 900 || m.sum != "ab" {
-		t.Fatalf("parse = %+v, %v", m, err)
-	}
-	for _, bad := range []string{"", "rate x unit MB/s sum 1", "hello"} {
+	for _, bad := range []string{"", "timed\n", "rate x unit MB/s sum 1", "hello", "p50_ns 1 p99_ns 2 n 3 sum 4 mean_ns x"} {
 		if _, err := parse(bad); err == nil {
 			t.Errorf("parse(%q) accepted", bad)
+		}
+	}
+}
+
+// TestScanKeepsLocalPart: a program scanning a block twice its local limit
+// pass after pass gets back from the pool about the half that does not
+// fit, not the whole block each pass (eviction in fill order would evict
+// every page just before the next pass needs it). Counters only.
+func TestScanKeepsLocalPart(t *testing.T) {
+	testenv.Need(t, os.Geteuid() == 0, "userfaultfd needs root here")
+	_, err := exec.LookPath("cc")
+	testenv.NeedNoError(t, err, "no C compiler (cc)")
+	dir := t.TempDir()
+	e := &env{dir: dir, pool: pool.NewLocal(0)}
+	if e.shim, err = shim.Build(dir); err != nil {
+		t.Fatal(err)
+	}
+	if e.memwork, err = BuildMemwork(context.Background(), dir); err != nil {
+		t.Fatal(err)
+	}
+	const mib, passes = 32, 3
+	plain, err := e.run(context.Background(), "scan", mib, passes, 0, "plain")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []string{"scan", "seq"} {
+		m, err := e.run(context.Background(), mode, mib, passes, mib<<20/2, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if mode == "scan" && m.sum != plain.sum {
+			t.Fatalf("scan computed %s, plainly %s", m.sum, plain.sum)
+		}
+		pages := uint64(mib << 20 / pool.PageSize)
+		t.Logf("%s: timed part %+v", mode, m.timed)
+		// Half must come back each pass; allow a quarter more.
+		if m.timed.Loaded > passes*pages*3/4 || m.timed.Loaded < passes*pages/4 {
+			t.Errorf("%s: %d pages loaded from the pool in %d passes over %d pages with half local: want about %d",
+				mode, m.timed.Loaded, passes, pages, passes*pages/2)
 		}
 	}
 }

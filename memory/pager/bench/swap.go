@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -82,11 +83,15 @@ func (s *swap) remove() {
 	os.Remove(s.file)
 }
 
-// runSwap runs memwork in the cgroup with a memory limit of limit bytes.
+// runSwap runs memwork in the cgroup with a memory limit of limit bytes. It
+// reports the pages swapped in meanwhile (the machine's pswpin: that swap
+// was really used) and the cgroup's peak usage (that the limit held).
 func (e *env) runSwap(ctx context.Context, s *swap, mode string, mib, n int, limit uint64) (measure, error) {
 	if err := os.WriteFile(filepath.Join(s.cgroup, "memory.limit_in_bytes"), []byte(strconv.FormatUint(limit, 10)), 0o644); err != nil {
 		return measure{}, fmt.Errorf("cgroup limit: %w", err)
 	}
+	peakFile := filepath.Join(s.cgroup, "memory.max_usage_in_bytes")
+	os.WriteFile(peakFile, []byte("0"), 0o644) // reset the peak
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	procs := filepath.Join(s.cgroup, "cgroup.procs")
@@ -94,9 +99,30 @@ func (e *env) runSwap(ctx context.Context, s *swap, mode string, mib, n int, lim
 		procs, e.memwork, mode, strconv.Itoa(mib), strconv.Itoa(n))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
+	in0 := vmstat("pswpin")
 	out, err := cmd.Output()
 	if err != nil {
 		return measure{}, errorf("memwork %s under swap: %v: %s", mode, err, stderr.String())
 	}
-	return parse(string(out))
+	m, err := parse(string(out))
+	m.swapIns = vmstat("pswpin") - in0
+	if b, err := os.ReadFile(peakFile); err == nil {
+		m.peak, _ = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	}
+	return m, err
+}
+
+// vmstat reads one counter of /proc/vmstat (0 if missing).
+func vmstat(name string) uint64 {
+	b, err := os.ReadFile("/proc/vmstat")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) == 2 && f[0] == name {
+			v, _ := strconv.ParseUint(f[1], 10, 64)
+			return v
+		}
+	}
+	return 0
 }

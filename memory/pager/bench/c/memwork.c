@@ -10,9 +10,11 @@
  *          each read: with most pages out of memory, each is a page fault
  *
  * The fill is not timed, nor is a first pass of seq and scan (the steady
- * state is measured, not the write-back of the fill). Prints "rate R unit U sum S" (seq, scan: MB/s; rand:
- * accesses/s) or "p50_ns A p99_ns B n N" (fault). The sum makes runs
- * comparable: every configuration must print the same.
+ * state is measured, not the write-back of the fill). Prints the line
+ * "timed" when the timed part starts (the benchmark reads the pager's
+ * counters there), then "rate R unit U sum S" (seq, scan: MB/s; rand:
+ * accesses/s) or "p50_ns A p99_ns B n N sum S mean_ns M" (fault). The sum
+ * makes runs comparable: every configuration must print the same.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -31,6 +33,12 @@ static uint64_t xs(uint64_t *x)
 {
 	*x ^= *x << 13, *x ^= *x >> 7, *x ^= *x << 17;
 	return *x;
+}
+
+static void timed(void)
+{
+	printf("timed\n");
+	fflush(stdout);
 }
 
 static int cmp(const void *a, const void *b)
@@ -60,6 +68,7 @@ int main(int argc, char **argv)
 		const unsigned char *b = (const unsigned char *)a;
 		for (size_t i = 0; i < bytes; i++)
 			h = (h ^ b[i]) * 0x100000001b3ULL;
+		timed();
 		double t0 = now();
 		for (size_t p = 0; p < n; p++)
 			for (size_t i = 0; i < bytes; i++)
@@ -69,6 +78,7 @@ int main(int argc, char **argv)
 	} else if (strcmp(mode, "scan") == 0) {
 		for (size_t i = 0; i < words; i++)
 			h = (h ^ a[i]) * 0x100000001b3ULL;
+		timed();
 		double t0 = now();
 		for (size_t p = 0; p < n; p++)
 			for (size_t i = 0; i < words; i++)
@@ -77,6 +87,7 @@ int main(int argc, char **argv)
 		printf("rate %.1f unit MB/s sum %016llx\n", n * bytes / dt / 1e6, (unsigned long long)h);
 	} else if (strcmp(mode, "rand") == 0) {
 		size_t k = n * pages;
+		timed();
 		double t0 = now();
 		for (size_t i = 0; i < k; i++) {
 			uint64_t r = xs(&x);
@@ -97,16 +108,19 @@ int main(int argc, char **argv)
 			size_t j = xs(&x) % (i + 1), t = order[i];
 			order[i] = order[j], order[j] = t;
 		}
+		long long total = 0;
+		timed();
 		for (size_t i = 0; i < pages; i++) {
 			struct timespec t0, t1;
 			clock_gettime(CLOCK_MONOTONIC, &t0);
 			h += ((volatile uint64_t *)a)[order[i] * 512];
 			clock_gettime(CLOCK_MONOTONIC, &t1);
 			ns[i] = (t1.tv_sec - t0.tv_sec) * 1000000000LL + t1.tv_nsec - t0.tv_nsec;
+			total += ns[i];
 		}
 		qsort(ns, pages, sizeof *ns, cmp);
-		printf("p50_ns %lld p99_ns %lld n %zu sum %016llx\n", ns[pages / 2], ns[pages * 99 / 100], pages,
-		       (unsigned long long)h);
+		printf("p50_ns %lld p99_ns %lld n %zu sum %016llx mean_ns %lld\n", ns[pages / 2], ns[pages * 99 / 100],
+		       pages, (unsigned long long)h, total / (long long)pages);
 	} else {
 		fprintf(stderr, "memwork: unknown mode %s\n", mode);
 		return 2;
