@@ -37,12 +37,17 @@ var creds struct {
 	m  map[credKey]credEntry // guarded by mu
 }
 
+// nobody is the overflow user and group (65534): the credentials of a
+// request whose caller is not known, so the owning node acts with no
+// privilege rather than as root.
+const nobody = 65534
+
 // callerCred is the user, group and supplementary groups of the process
 // behind a request.
 func callerCred(ctx context.Context) proto.Cred {
 	c, ok := fuse.FromContext(ctx)
 	if !ok {
-		return proto.Cred{}
+		return proto.Cred{UID: nobody, GID: nobody}
 	}
 	cr := proto.Cred{UID: c.Uid, GID: c.Gid}
 	if c.Uid == 0 || c.Pid == 0 {

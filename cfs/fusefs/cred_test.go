@@ -1,6 +1,7 @@
 package fusefs
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -80,5 +81,13 @@ func TestMountSupplementaryGroups(t *testing.T) {
 	}
 	if err := as("4242"); err != nil {
 		t.Fatalf("uid 65534 with supplementary group 4242: %v", err)
+	}
+}
+
+// A request without the kernel's caller (never expected) acts as nobody
+// on the owning node, not as root.
+func TestCallerCredWithoutCaller(t *testing.T) {
+	if c := callerCred(context.Background()); c.UID == 0 || c.GID == 0 || len(c.Groups) != 0 {
+		t.Errorf("callerCred without a FUSE caller = %+v, want nobody", c)
 	}
 }
