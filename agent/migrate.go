@@ -465,6 +465,10 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 		log.Warn("failpoint migrate-in-crash: killing this agent")
 		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 	}
+	if spec.Checkpoint {
+		p.restoreCheckpoint(sc, b, dir, spec, from)
+		return
+	}
 	ours, theirs, err := migrate.SocketPair()
 	if err != nil {
 		fail("%v", err)
@@ -588,6 +592,17 @@ func (p *procState) restore(b criu.Binary, dir string, spec migrate.Spec, lazy b
 		}
 		closeLater = append(closeLater, lf)
 		seen := map[string]bool{}
+		if k := spec.Stdio[0]; k != "dev/null" {
+			// A checkpoint of an attached program: its input is gone.
+			null, err := os.Open(os.DevNull)
+			if err != nil {
+				return nil, nil, false, err
+			}
+			closeLater = append(closeLater, null)
+			inherit = append(inherit, criu.Inherit{FD: 3 + len(extra), Key: k})
+			extra = append(extra, null)
+			seen[k] = true
+		}
 		for fd := 1; fd < 3; fd++ {
 			k := spec.Stdio[fd]
 			if seen[k] || k == "dev/null" {
@@ -760,4 +775,229 @@ func (p *procState) migrateRoute(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	replyJSON(w, http.StatusNotFound, api.ErrorBody{Error: fmt.Sprintf("no running process %s in the cluster ('onebox ps' lists them)", gid)})
+}
+
+// Checkpoint and restart (Kerrighed's): 'onebox checkpoint GID DIR' writes
+// a complete CRIU image of the program into DIR on the node that runs it
+// (the program goes on running unless --stop), with onebox's description
+// in DIR/onebox-checkpoint.json; 'onebox restore DIR [--node NAME]'
+// starts it again, from the images in DIR on the caller's node, on NAME,
+// as a detached program with a new global id (the original may still run)
+// whose output goes to a log file, as for 'onebox run --detach'.
+
+const (
+	pathCheckpoint = "/v1/procs/{gid}/checkpoint"
+	pathRestore    = "/v1/procs/restore"
+	checkpointMeta = "onebox-checkpoint.json"
+)
+
+// CheckpointResult answers a checkpoint.
+type CheckpointResult struct {
+	GID     string  `json:"gid"`
+	Node    string  `json:"node"`
+	Dir     string  `json:"dir"`
+	Bytes   int64   `json:"bytes"`
+	DumpMS  float64 `json:"dump_ms"`
+	Stopped bool    `json:"stopped"`
+}
+
+// RestoreResult answers a restore.
+type RestoreResult struct {
+	GID       string  `json:"gid"`
+	Node      string  `json:"node"`
+	PID       int     `json:"pid"`
+	Log       string  `json:"log"`
+	RestoreMS float64 `json:"restore_ms"`
+}
+
+// checkpoint dumps a program of this node into dir.
+func (p *procState) checkpoint(gid, dir string, stop bool) (CheckpointResult, error) {
+	res := CheckpointResult{GID: gid, Node: p.a.id.Node, Dir: dir, Stopped: stop}
+	pr, ok := p.mgr.Get(gid)
+	if !ok || ended(pr) {
+		return res, migrateErr(http.StatusNotFound, "no running process %s on node %s", gid, p.a.id.Node)
+	}
+	if !filepath.IsAbs(dir) {
+		return res, migrateErr(http.StatusBadRequest, "checkpoint directory %q: give an absolute path", dir)
+	}
+	if ents, err := os.ReadDir(dir); err == nil && len(ents) > 0 {
+		return res, migrateErr(http.StatusConflict, "checkpoint directory %s on %s is not empty: give a new or empty one", dir, p.a.id.Node)
+	}
+	if why := migrate.Check(pr.PID); why != "" {
+		return res, migrateErr(http.StatusConflict, "process %s cannot be checkpointed: it %s", gid, why)
+	}
+	b, err := criuBinary()
+	if err != nil {
+		return res, migrateErr(http.StatusServiceUnavailable, "node %s cannot checkpoint: %v", p.a.id.Node, err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return res, migrateErr(http.StatusInternalServerError, "checkpoint directory: %v", err)
+	}
+	spec := migrate.Spec{GID: gid, Home: pr.Home, Argv: pr.Argv, Started: pr.Started, Detached: true,
+		Balance: pr.Balance, From: p.a.id.Node, Reason: "restored from a checkpoint", PID: migrate.InnerPID(pr.PID), Checkpoint: true}
+	for fd := 0; fd < 3; fd++ {
+		k, err := migrate.PipeKey(pr.PID, fd)
+		if err != nil {
+			return res, migrateErr(http.StatusConflict, "process %s cannot be checkpointed: %v", gid, err)
+		}
+		spec.Stdio[fd] = k
+	}
+	args := []string{"dump", "-t", strconv.Itoa(spec.PID), "-j", "-D", dir, "-o", "dump.log", criu.LogLevel}
+	if !stop {
+		args = append(args, "--leave-running")
+	}
+	start := time.Now()
+	c := b.Command(p.ctx, args...)
+	if wrap := enterNamespaces(pr.PID, spec.PID); wrap != nil {
+		c.Args = append([]string{"nsenter", "-t", strconv.Itoa(pr.PID), "-p", "-m", "--"}, c.Args...)
+		if c.Path, err = exec.LookPath("nsenter"); err != nil {
+			return res, migrateErr(http.StatusServiceUnavailable, "the program runs in a PID namespace and nsenter is missing")
+		}
+	}
+	if out, err := c.CombinedOutput(); err != nil {
+		return res, migrateErr(http.StatusInternalServerError, "criu dump: %v: %s %s (the process goes on running)", err,
+			strings.TrimSpace(string(out)), criu.LogTail(filepath.Join(dir, "dump.log")))
+	}
+	res.DumpMS = ms(time.Since(start))
+	meta, _ := json.MarshalIndent(spec, "", "  ")
+	if err := os.WriteFile(filepath.Join(dir, checkpointMeta), meta, 0o600); err != nil {
+		return res, migrateErr(http.StatusInternalServerError, "checkpoint: %v", err)
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if fi, err := e.Info(); err == nil {
+			res.Bytes += fi.Size()
+		}
+	}
+	if stop {
+		select {
+		case <-pr.Done():
+		case <-time.After(10 * time.Second):
+		}
+	}
+	return res, nil
+}
+
+// restoreFrom restores a checkpoint in dir (on this node) on node target.
+func (p *procState) restoreFrom(ctx context.Context, dir, target string) (RestoreResult, error) {
+	var res RestoreResult
+	b, err := os.ReadFile(filepath.Join(dir, checkpointMeta))
+	if err != nil {
+		return res, migrateErr(http.StatusBadRequest, "%s on %s is not a onebox checkpoint: %v", dir, p.a.id.Node, err)
+	}
+	var spec migrate.Spec
+	if err := json.Unmarshal(b, &spec); err != nil || spec.Validate() != nil {
+		return res, migrateErr(http.StatusBadRequest, "%s: bad %s", dir, checkpointMeta)
+	}
+	spec.GID = manager.NewGID()
+	spec.Checkpoint, spec.Detached = true, true
+	spec.Home = p.a.id.Node
+	if target == "" {
+		target = p.a.id.Node
+	}
+	m, ok := p.member(target)
+	if !ok || m.Status != membership.StatusAlive || m.FabricAddr == "" {
+		return res, migrateErr(http.StatusConflict, "node %q is not an alive member ('onebox nodes')", target)
+	}
+	conn, err := p.dial(m)
+	if err != nil {
+		return res, migrateErr(http.StatusBadGateway, "cannot reach node %s: %v", target, err)
+	}
+	if !p.track(conn, true) {
+		return res, errors.New("the agent is shutting down")
+	}
+	defer p.untrack(conn)
+	sc := stream.NewConn(conn, nil)
+	if err := sc.WriteJSON(stream.Migrate, spec); err != nil {
+		return res, err
+	}
+	if _, err := migrate.SendFiles(sc, dir); err != nil {
+		return res, migrateErr(http.StatusBadGateway, "send the checkpoint to %s: %v", target, err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(migrateRestoreTimeout))
+	f, err := sc.Read()
+	switch {
+	case err != nil:
+		return res, migrateErr(http.StatusBadGateway, "node %s: %v", target, err)
+	case f.Type == stream.Error:
+		return res, migrateErr(http.StatusBadGateway, "%s", f.Payload)
+	case f.Type != stream.Restored:
+		return res, migrateErr(http.StatusBadGateway, "node %s sent %s", target, f.Type)
+	}
+	var r migrate.Restored
+	_ = json.Unmarshal(f.Payload, &r)
+	return RestoreResult{GID: spec.GID, Node: target, PID: r.PID, RestoreMS: r.RestoreMS,
+		Log: filepath.Join("DATA_DIR", "proc", "logs", spec.GID+".log")}, nil
+}
+
+// restoreCheckpoint is the target's side of a restore from a checkpoint:
+// complete images, no pages to follow.
+func (p *procState) restoreCheckpoint(sc *stream.Conn, b criu.Binary, dir string, spec migrate.Spec, from string) {
+	start := time.Now()
+	pr, _, pidns, err := p.restore(b, dir, spec, false, "restored from a checkpoint on "+from)
+	if err != nil {
+		_ = sc.WriteError(fmt.Errorf("node %s: restore failed: %v", p.a.id.Node, err))
+		return
+	}
+	p.remember(spec.GID, p.a.id.Node)
+	_ = sc.WriteJSON(stream.Restored, migrate.Restored{Node: p.a.id.Node, PID: pr.PID, RestoreMS: ms(time.Since(start)), PIDNS: pidns})
+	_, _ = sc.Read() // until the caller closes (bounded by its timeout)
+}
+
+// checkpointRoutes serves checkpoint (forwarded to the program's node) and
+// restore (on this node's directory).
+func (p *procState) checkpointRoute(w http.ResponseWriter, r *http.Request) {
+	gid := r.PathValue("gid")
+	q := r.URL.Query()
+	dir, stop := q.Get("dir"), q.Get("stop") == "1"
+	reply := func(v any, err error) {
+		if err != nil {
+			var pe *peerError
+			if errors.As(err, &pe) {
+				replyJSON(w, pe.code, api.ErrorBody{Error: pe.msg})
+				return
+			}
+			replyJSON(w, http.StatusInternalServerError, api.ErrorBody{Error: err.Error()})
+			return
+		}
+		replyJSON(w, http.StatusOK, v)
+	}
+	if !manager.ValidGID(gid) {
+		reply(nil, migrateErr(http.StatusNotFound, "%q is not a process id ('onebox ps' lists them)", gid))
+		return
+	}
+	if _, ok := p.mgr.Get(gid); ok || q.Get("scope") == "node" {
+		reply(p.checkpoint(gid, dir, stop))
+		return
+	}
+	for _, pi := range p.list(r.Context()).Procs {
+		if pi.GID != gid || pi.State != manager.StateRunning {
+			continue
+		}
+		m, ok := p.member(pi.Node)
+		if !ok {
+			break
+		}
+		var res CheckpointResult
+		q.Set("scope", "node")
+		err := p.peerCallTimeout(r.Context(), m, http.MethodPost, "/v1/procs/"+url.PathEscape(gid)+"/checkpoint?"+q.Encode(), migrateRestoreTimeout, &res)
+		reply(res, err)
+		return
+	}
+	reply(nil, migrateErr(http.StatusNotFound, "no running process %s in the cluster ('onebox ps' lists them)", gid))
+}
+
+func (p *procState) restoreRoute(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	res, err := p.restoreFrom(r.Context(), q.Get("dir"), q.Get("node"))
+	if err != nil {
+		var pe *peerError
+		if errors.As(err, &pe) {
+			replyJSON(w, pe.code, api.ErrorBody{Error: pe.msg})
+			return
+		}
+		replyJSON(w, http.StatusInternalServerError, api.ErrorBody{Error: err.Error()})
+		return
+	}
+	replyJSON(w, http.StatusOK, res)
 }

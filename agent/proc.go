@@ -235,6 +235,16 @@ func (a *Agent) procRoutes(mux *http.ServeMux, side string) {
 		p.migrateRoute(rec, r)
 		a.metrics.observeRequest(side, "migrate", rec.code, time.Since(start))
 	})
+	mux.HandleFunc("POST "+pathCheckpoint, func(w http.ResponseWriter, r *http.Request) {
+		if p := ready(w); p != nil {
+			p.checkpointRoute(w, r)
+		}
+	})
+	mux.HandleFunc("POST "+pathRestore, func(w http.ResponseWriter, r *http.Request) {
+		if p := ready(w); p != nil {
+			p.restoreRoute(w, r)
+		}
+	})
 	mux.HandleFunc("POST "+pathRun, func(w http.ResponseWriter, r *http.Request) {
 		p := ready(w)
 		if p == nil {

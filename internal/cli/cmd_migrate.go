@@ -23,6 +23,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
+	"github.com/onebox-project/onebox/agent"
 	"github.com/onebox-project/onebox/fabric/api"
 	"github.com/onebox-project/onebox/proc/criu"
 	"github.com/onebox-project/onebox/proc/manager"
@@ -43,7 +44,88 @@ func migrateCommands() []*cobra.Command {
 			return nil
 		},
 	}
-	return []*cobra.Command{newMigrateCmd(), holder}
+	return []*cobra.Command{newMigrateCmd(), newCheckpointCmd(), newRestoreCmd(), holder}
+}
+
+func newCheckpointCmd() *cobra.Command {
+	var stop bool
+	c := &cobra.Command{
+		Use:   "checkpoint GID DIR",
+		Short: "Save a running process to a directory (CRIU), to start it again later with 'onebox restore'",
+		Long: `Save the complete state of a running process into DIR, an absolute path on the
+node that runs it (a new or empty directory), with CRIU. The process goes on
+running unless --stop. 'onebox restore DIR' starts it again later, on any node.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			format, err := outputFormat(cmd)
+			if err != nil {
+				return err
+			}
+			if !filepath.IsAbs(args[1]) {
+				return usagef("DIR must be an absolute path (it is on the node that runs the process)")
+			}
+			q := url.Values{"dir": {args[1]}}
+			if stop {
+				q.Set("stop", "1")
+			}
+			var res agent.CheckpointResult
+			if err := agentPost(cmd, "/v1/procs/"+url.PathEscape(args[0])+"/checkpoint?"+q.Encode(), 5*time.Minute, &res); err != nil {
+				return err
+			}
+			if format == "json" {
+				return writeJSON(cmd.OutOrStdout(), res)
+			}
+			state := "still running"
+			if res.Stopped {
+				state = "stopped"
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s checkpointed into %s on %s (%s, %.0f ms); the process is %s\n",
+				res.GID, res.Dir, res.Node, size(uint64(res.Bytes)), res.DumpMS, state)
+			return nil
+		},
+	}
+	c.Flags().BoolVar(&stop, "stop", false, "end the process once it is saved")
+	addOutputFlag(c)
+	return c
+}
+
+func newRestoreCmd() *cobra.Command {
+	var node string
+	c := &cobra.Command{
+		Use:   "restore DIR [--node NAME]",
+		Short: "Start a process again from a checkpoint directory (of this node), on this node or NAME",
+		Long: `Start a process saved by 'onebox checkpoint' again, from DIR on this node (the
+agent's), on this node or on --node NAME. It runs detached with a new global id
+(the original may still run); its output goes to a log file on that node, as
+with 'onebox run --detach'.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			format, err := outputFormat(cmd)
+			if err != nil {
+				return err
+			}
+			dir, err := filepath.Abs(args[0])
+			if err != nil {
+				return err
+			}
+			q := url.Values{"dir": {dir}}
+			if node != "" {
+				q.Set("node", node)
+			}
+			var res agent.RestoreResult
+			if err := agentPost(cmd, "/v1/procs/restore?"+q.Encode(), 5*time.Minute, &res); err != nil {
+				return err
+			}
+			if format == "json" {
+				return writeJSON(cmd.OutOrStdout(), res)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s\n", res.GID)
+			return nil
+		},
+	}
+	c.Flags().StringVar(&node, "node", "", "node to restore on (default: this one)")
+	addOutputFlag(c)
+	return c
 }
 
 func newMigrateCmd() *cobra.Command {

@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -404,4 +405,63 @@ func TestMigrateCannot(t *testing.T) {
 			cli(t, nil, "kill", "-KILL", "--agent", n1.Agent(), pi.GID)
 		})
 	}
+}
+
+// onebox checkpoint saves a detached counter (and stops it), onebox
+// restore starts it again on another node under a new id: its count goes
+// on from where it was saved.
+func TestCheckpointRestore(t *testing.T) {
+	t.Parallel()
+	prog := needMigration(t)
+	c := startCluster(t, testbed.Options{Nodes: 2})
+	n1, n2 := c.Nodes[0], c.Nodes[1]
+	r := cli(t, nil, "run", "--detach", "--agent", n1.Agent(), "--node", n1.Name, "--", prog, "8")
+	if r.code != 0 {
+		t.Fatalf("run: %d %s", r.code, r.stderr)
+	}
+	gid := strings.TrimSpace(r.stdout)
+	logOf := func(n *testbed.Node, gid string) []int {
+		b, _ := os.ReadFile(filepath.Join(n.DataDir, "proc", "logs", gid+".log"))
+		var out []int
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "c "); ok {
+				if n, err := strconv.Atoi(v); err == nil {
+					out = append(out, n)
+				}
+			}
+		}
+		return out
+	}
+	testbed.WaitFor(ctxT(t, 30*time.Second), 20*time.Second, "counts in the log", func(context.Context) (bool, error) {
+		return len(logOf(n1, gid)) >= 20, nil
+	})
+	dir := filepath.Join(t.TempDir(), "ck")
+	r = cli(t, nil, "checkpoint", "--stop", "--agent", n2.Agent(), gid, dir)
+	if r.code != 0 {
+		t.Fatalf("checkpoint: %d %s", r.code, r.stderr)
+	}
+	t.Log(strings.TrimSpace(r.stdout))
+	saved := logOf(n1, gid)
+	last := saved[len(saved)-1]
+	r = cli(t, nil, "restore", "--agent", n1.Agent(), "--node", n2.Name, dir)
+	if r.code != 0 {
+		t.Fatalf("restore: %d %s", r.code, r.stderr)
+	}
+	ngid := strings.TrimSpace(r.stdout)
+	if ngid == gid || !manager.ValidGID(ngid) {
+		t.Fatalf("restore printed %q", r.stdout)
+	}
+	pi := waitProc(t, n1, "the restored program", func(i manager.Info) bool { return i.GID == ngid && i.State == manager.StateRunning })
+	if pi.Node != n2.Name || !strings.Contains(pi.Note, "checkpoint") {
+		t.Errorf("restored: %+v", pi)
+	}
+	var got []int
+	testbed.WaitFor(ctxT(t, 30*time.Second), 20*time.Second, "counts after the restore", func(context.Context) (bool, error) {
+		got = logOf(n2, ngid)
+		return len(got) >= 10, nil
+	})
+	if len(got) == 0 || got[0] != last+1 {
+		t.Errorf("saved at %d, the restored program counted from %v", last, got[:min(3, len(got))])
+	}
+	cli(t, nil, "kill", "-KILL", "--agent", n1.Agent(), ngid)
 }
