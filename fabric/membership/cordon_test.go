@@ -38,9 +38,9 @@ func TestSetTagGossiped(t *testing.T) {
 	if err := a.SetTag(membership.TagCordon, "1"); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 10*time.Second, "a cordoned as seen by b", cordoned(true), state)
+	waitUntil(t, 30*time.Second, "a cordoned as seen by b", cordoned(true), state)
 	if err := a.SetTag(membership.TagCordon, ""); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 10*time.Second, "a uncordoned as seen by b", cordoned(false), state)
+	waitUntil(t, 30*time.Second, "a uncordoned as seen by b", cordoned(false), state)
 }
