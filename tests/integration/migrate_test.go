@@ -465,3 +465,51 @@ func TestCheckpointRestore(t *testing.T) {
 	}
 	cli(t, nil, "kill", "-KILL", "--agent", n1.Agent(), ngid)
 }
+
+// threadsC counts on its main thread while three more threads spin.
+const threadsC = `
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile unsigned long spins[3];
+static void *spin(void *a) { volatile unsigned long *s = a; for (;;) { (*s)++; if ((*s & 0xfffff) == 0) usleep(1000); } return 0; }
+int main(void) {
+	pthread_t t[3];
+	for (int i = 0; i < 3; i++) pthread_create(&t[i], 0, spin, (void *)&spins[i]);
+	setvbuf(stdout, 0, _IOLBF, 0);
+	for (long c = 1;; c++) { printf("c %ld\n", c); usleep(20000); }
+}
+`
+
+// A program with four threads migrates: CRIU restores every thread.
+func TestMigrateThreads(t *testing.T) {
+	t.Parallel()
+	needMigration(t)
+	dir := t.TempDir()
+	src := filepath.Join(dir, "threads.c")
+	if err := os.WriteFile(src, []byte(threadsC), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	prog := filepath.Join(dir, "threads")
+	if out, err := exec.Command("cc", "-O1", "-pthread", "-o", prog, src).CombinedOutput(); err != nil {
+		t.Fatalf("cc: %v\n%s", err, out)
+	}
+	c := startCluster(t, testbed.Options{Nodes: 2})
+	n1, n2 := c.Nodes[0], c.Nodes[1]
+	a := runAttached(t, n1, n1.Name, prog)
+	a.advance(10)
+	pi := waitProc(t, n1, "the program", func(i manager.Info) bool { return i.State == manager.StateRunning })
+	if pi.Note != "" {
+		t.Errorf("note of a threaded program: %q", pi.Note)
+	}
+	if _, r := migrateCLI(t, n1, pi.GID, n2.Name); r.code != 0 {
+		t.Fatalf("migrate a threaded program: %d %s", r.code, r.stderr)
+	}
+	waitProc(t, n1, "the program on "+n2.Name, func(i manager.Info) bool { return i.GID == pi.GID && i.Node == n2.Name })
+	a.advance(10)
+	b, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", waitProc(t, n2, "pid", func(i manager.Info) bool { return i.GID == pi.GID }).PID))
+	if err != nil || len(b) != 4 {
+		t.Errorf("threads after the migration: %d (%v), want 4", len(b), err)
+	}
+	a.checkContinuous()
+}
