@@ -1,10 +1,8 @@
 package fusefs
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -29,11 +27,7 @@ func TestMountAppendsFromTwoMounts(t *testing.T) {
 	defer s.Close()
 	var mnts []string
 	for i := range 2 {
-		c := client.New(func(context.Context) (net.Conn, error) {
-			a, b := net.Pipe()
-			go s.ServeConn(b)
-			return a, nil
-		}, 0)
+		c := pipeClient(s)
 		defer c.Close()
 		mnt := filepath.Join(t.TempDir(), fmt.Sprint("mnt", i))
 		m, err := New(Options{Mountpoint: mnt, Nodes: func() []string { return []string{"a"} }, Client: func(string) *client.Client { return c }})

@@ -36,11 +36,7 @@ func mountOne(t *testing.T, dir string) (export string, m *Mount) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := client.New(func(context.Context) (net.Conn, error) {
-		a, b := net.Pipe()
-		go s.ServeConn(b)
-		return a, nil
-	}, 0)
+	c := pipeClient(s)
 	m, err = New(Options{
 		Mountpoint: dir,
 		Nodes:      func() []string { return []string{"a"} },
@@ -162,6 +158,15 @@ func TestHelperMount(t *testing.T) {
 	mountOne(t, dir)
 	os.Stdout.WriteString("mounted\n")
 	time.Sleep(time.Minute)
+}
+
+// pipeClient is a client of s in this process, each connection a pipe.
+func pipeClient(s *server.Server) *client.Client {
+	return client.New(func(context.Context) (net.Conn, error) {
+		a, b := net.Pipe()
+		go s.ServeConn(b)
+		return a, nil
+	}, 0)
 }
 
 func unmountQuietly(dir string) { syscall.Unmount(dir, 2 /* MNT_DETACH */) }

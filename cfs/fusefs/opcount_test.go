@@ -1,10 +1,8 @@
 package fusefs
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -36,11 +34,7 @@ func TestMountRequestsPerCreate(t *testing.T) {
 		defer mu.Unlock()
 		counts[fmt.Sprintf("%v/%d", op, e)]++
 	}
-	c := client.New(func(context.Context) (net.Conn, error) {
-		a, b := net.Pipe()
-		go s.ServeConn(b)
-		return a, nil
-	}, 0)
+	c := pipeClient(s)
 	defer c.Close()
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	m, err := New(Options{Mountpoint: mnt, Nodes: func() []string { return []string{"a"} }, Client: func(string) *client.Client { return c }})
