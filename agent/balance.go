@@ -576,7 +576,7 @@ func (a *Agent) balanceRoutes(mux *http.ServeMux, side string) {
 		timeout := DefaultDrainTimeout
 		if t := r.URL.Query().Get("timeout"); t != "" {
 			d, err := time.ParseDuration(t)
-			if err != nil || d <= 0 || d > maxDrainTimeout {
+			if err != nil || d < time.Second || d > maxDrainTimeout {
 				replyJSON(w, http.StatusBadRequest, api.ErrorBody{Error: fmt.Sprintf("timeout %q: want a duration between 1s and 24h, e.g. 10m", t)})
 				return
 			}

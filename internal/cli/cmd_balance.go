@@ -76,7 +76,7 @@ func runDrain(cmd *cobra.Command, args []string) error {
 		return usagef("%v", err)
 	}
 	timeout, _ := cmd.Flags().GetDuration("timeout")
-	if timeout <= 0 || timeout > 24*time.Hour {
+	if timeout < time.Second || timeout > 24*time.Hour {
 		return usagef("--timeout %v: want a duration between 1s and 24h", timeout)
 	}
 	var res agent.DrainResult

@@ -219,4 +219,7 @@ func TestBalanceCordonDrain(t *testing.T) {
 	if r := cli(t, nil, "drain", "--agent", n1.Agent()); r.code != 2 {
 		t.Errorf("drain without a node: exit %d, %q", r.code, r.stderr)
 	}
+	if r := cli(t, nil, "drain", "--timeout", "1ms", "--agent", n1.Agent(), n2.Name); r.code != 2 || !strings.Contains(r.stderr, "between 1s and 24h") {
+		t.Errorf("drain --timeout 1ms: exit %d, %q", r.code, r.stderr)
+	}
 }
