@@ -703,14 +703,19 @@ type upFrame struct {
 // item carries the error. A caller's frames are read by one goroutine for
 // the stream's life, so that a program that migrates hands the same
 // reader over to the relay that follows it.
-func readUp(sc *stream.Conn) <-chan upFrame {
+// It stops when quit is closed (the stream is over).
+func readUp(sc *stream.Conn, quit <-chan struct{}) <-chan upFrame {
 	ch := make(chan upFrame, 16)
 	go func() {
+		defer close(ch)
 		for {
 			f, err := sc.Read()
-			ch <- upFrame{f, err}
+			select {
+			case ch <- upFrame{f, err}:
+			case <-quit:
+				return
+			}
 			if err != nil {
-				close(ch)
 				return
 			}
 		}
@@ -772,7 +777,7 @@ func (p *procState) streamProc(sc *stream.Conn, pr *manager.Proc, stdio *manager
 	// The caller's frames are taken until the program ends (or moves):
 	// then the taker stops, and what follows (lingering until the caller
 	// closes, or a relay to the program's new node) reads the rest.
-	up := readUp(sc)
+	up := readUp(sc, quit)
 	readerr := make(chan error, 1)
 	takerDone := make(chan struct{})
 	go func() {
@@ -927,7 +932,9 @@ func (p *procState) relay(sc *stream.Conn, spec stream.Spec, target membership.M
 		if err := sc.Write(stream.Started, f.Payload); err != nil || spec.Detach {
 			break
 		}
-		p.pipe(sc, readUp(sc), rc, remote, target.Name)
+		quit := make(chan struct{})
+		defer close(quit)
+		p.pipe(sc, readUp(sc, quit), rc, remote, target.Name)
 		return
 	}
 	p.untrack(rc)
