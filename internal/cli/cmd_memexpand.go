@@ -22,32 +22,37 @@ import (
 func memBenchCommands() []*cobra.Command {
 	var size int
 	var noSwap bool
+	var workloads []string
 	c := &cobra.Command{
 		Use:   "mem",
 		Short: "Measure memory expansion against all-local memory and against swap to local disk",
 		Long: `mem measures the pager of memory expansion on this machine, in one run:
 
-  latency    a page fault served from the pool (a program reading pages it
-             evicted, in random order) against the raw 4 KiB request/response
-             round trip over loopback TCP to the same page server
+  latency    a page fault served from the cluster pool (a program reading
+             pages it evicted, in random order) against the raw 4 KiB
+             request/response round trip over loopback TCP, the pool's own
+             Load of a page, and the same fault served from memory (no
+             network); the pager's share of a fault (Load, UFFDIO_COPY,
+             eviction) is printed beside it
   workloads  seq (byte-wise checksum passes), scan (word-wise checksum passes,
              memory bound) and rand (read-modify-write of a word in a random
              page), with 100%, 50% and 25% of the footprint allowed local;
-             throughput as a ratio to the 100% run and to the program run
-             without onebox
+             throughput as a ratio to the 100% run, to the program run without
+             onebox, and the ceiling any pager could reach here (from the
+             pool's bulk Load rate and the raw round trip, same run)
   swap       the same workloads under a memory cgroup (v1) limited to the same
              local size plus 4 MiB, with a swap file on local disk: what a user
-             would do instead
+             would do instead (the pages swapped in and the cgroup's peak are
+             reported: the limit held and swap was used)
 
-The pager runs in this process, the pool is a page server on 127.0.0.1 (plain
-TCP; the cluster pool's mutual TLS is measured by 'onebox bench pool'), the
-workload (memwork.c, embedded) is built with cc and run under the shim. Every
-run's checksum must equal the plain run's. The swap file (/var/tmp) and the
-cgroup are removed on every path out. Needs root and cc. Progress goes to
-stderr.`,
+The pager runs in this process, the pool is the cluster pool over two page
+servers on 127.0.0.1 behind mutual TLS, two copies of each page; the workload
+(memwork.c, embedded) is built with cc and run under the shim. Every run's
+checksum must equal the plain run's. The swap file (/var/tmp) and the cgroup
+are removed on every path out. Needs root and cc. Progress goes to stderr.`,
 		Example: `  onebox bench mem
   onebox bench mem --size 512 -o json
-  onebox bench mem --no-swap`,
+  onebox bench mem --no-swap --workloads seq,scan`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			format, err := outputFormat(cmd)
@@ -57,8 +62,14 @@ stderr.`,
 			if size < 64 || size > 16384 {
 				return usagef("--size: %d MiB is out of range (64 to 16384)", size)
 			}
+			for _, w := range workloads {
+				if w != "seq" && w != "scan" && w != "rand" {
+					return usagef("--workloads: unknown workload %q (seq, scan, rand)", w)
+				}
+			}
 			start := time.Now()
-			r, err := membench.Run(cmd.Context(), membench.Options{SizeMiB: size, NoSwap: noSwap, Log: cmd.ErrOrStderr()})
+			r, err := membench.Run(cmd.Context(), membench.Options{SizeMiB: size, NoSwap: noSwap, Workloads: workloads,
+				Log: cmd.ErrOrStderr()})
 			if err != nil {
 				return err
 			}
@@ -73,6 +84,7 @@ stderr.`,
 	}
 	c.Flags().IntVar(&size, "size", 256, "workload footprint in MiB")
 	c.Flags().BoolVar(&noSwap, "no-swap", false, "skip the swap-to-disk baseline (no swapon, no cgroup)")
+	c.Flags().StringSliceVar(&workloads, "workloads", nil, "run only these workloads: seq, scan, rand (default all; the fault latency always runs)")
 	addOutputFlag(c)
 	return []*cobra.Command{c}
 }

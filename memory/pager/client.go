@@ -48,6 +48,7 @@ type client struct {
 	raJob         *raJob // the chunk loading, if any
 	raBufs        [2][]byte
 	raFlip        int
+	raDone        int // eventfd: a readahead chunk finished loading
 
 	// The block read or written as a stream (nil: none), the page of its
 	// last fault, and the non-sequential faults since its last sequential
@@ -83,6 +84,13 @@ func (c *client) run() {
 	var err error
 	if c.wake, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC); err != nil {
 		c.wake = -1
+	}
+	if err == nil {
+		if c.raDone, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC); err != nil {
+			c.raDone = -1
+		}
+	} else {
+		c.raDone = -1
 	}
 	c.g.join(c) // after wake is set: other members read it
 	if err == nil {
@@ -136,6 +144,9 @@ func (c *client) run() {
 	if c.wake >= 0 {
 		unix.Close(c.wake)
 	}
+	if c.raDone >= 0 { // after the last job is done: its goroutine wrote it before
+		unix.Close(c.raDone)
+	}
 }
 
 // loop polls the socket, the userfaultfd and the stop pipe until one of them
@@ -147,6 +158,7 @@ func (c *client) loop() error {
 			{Fd: int32(c.p.stopR.Fd()), Events: unix.POLLIN},
 			{Fd: int32(c.sock), Events: unix.POLLIN},
 			{Fd: int32(c.wake), Events: unix.POLLIN},
+			{Fd: int32(c.raDone), Events: unix.POLLIN},
 		}
 		if c.uffd >= 0 {
 			fds = append(fds, unix.PollFd{Fd: int32(c.uffd), Events: unix.POLLIN})
@@ -172,10 +184,16 @@ func (c *client) loop() error {
 				return err
 			}
 		}
-		if len(fds) > 3 && fds[3].Revents != 0 {
-			if fds[3].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
-				return errors.New("userfaultfd error")
-			}
+		ahead := false
+		if fds[3].Revents != 0 {
+			var b [8]byte
+			unix.Read(c.raDone, b[:])
+			ahead = true
+		}
+		if len(fds) > 4 && fds[4].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
+			return errors.New("userfaultfd error")
+		}
+		if (len(fds) > 4 && fds[4].Revents != 0) || ahead {
 			if err := c.serve(buf); err != nil {
 				return err
 			}
@@ -394,11 +412,17 @@ func (c *client) serve(buf []byte) error {
 		if err == unix.EAGAIN && (c.raRegion != nil || c.raJob != nil) {
 			// Idle: fill the pages a sequential stream will touch next,
 			// while the program works on those it has.
-			if err := c.readahead(); err != nil {
+			moved, err := c.readahead()
+			if err != nil {
 				return err
 			}
-			idleSince = time.Time{}
-			continue
+			if moved {
+				idleSince = time.Time{}
+				continue
+			}
+			// A chunk is loading: wait for it as for a fault (its
+			// goroutine pokes raDone), not spinning for ever, which
+			// took the CPU the load itself needs on a small machine.
 		}
 		if err == unix.EAGAIN {
 			// A program touching new memory faults again within

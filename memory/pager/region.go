@@ -1,6 +1,7 @@
 package pager
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"runtime"
@@ -258,23 +259,25 @@ type raSeg struct {
 
 // readahead moves the sequential stream being read forward, one chunk at a
 // time: it starts the load of the next chunk, and copies a loaded one in.
-// It never waits for a load (the caller keeps reading faults meanwhile).
-func (c *client) readahead() error {
+// It never waits for a load (the caller keeps reading faults meanwhile); it
+// reports whether it did anything.
+func (c *client) readahead() (bool, error) {
 	if j := c.raJob; j != nil {
 		select {
 		case <-j.done:
 		default:
-			return nil
+			return false, nil
 		}
 		c.raJob = nil
 		c.startReadahead() // the next load overlaps this copy
-		return c.finishJob(j)
+		return true, c.finishJob(j)
 	}
 	c.startReadahead()
 	if c.raJob == nil {
 		c.raRegion = nil
+		return false, nil
 	}
-	return nil
+	return true, nil
 }
 
 // startReadahead starts loading the next chunk of the stream, if any.
@@ -333,8 +336,18 @@ func (c *client) startReadahead() {
 	}
 	// The goroutine touches only j's buffer and the pool: never the
 	// program's memory, never the client's state.
+	raDone := c.raDone
 	go func() {
-		defer close(j.done)
+		defer func() {
+			// Poke the client first: it closes raDone only once done is
+			// closed.
+			if raDone >= 0 {
+				var one [8]byte
+				binary.NativeEndian.PutUint64(one[:], 1)
+				unix.Write(raDone, one[:])
+			}
+			close(j.done)
+		}()
 		ctx, cancel := c.p.ctx()
 		defer cancel()
 		t0 := time.Now()

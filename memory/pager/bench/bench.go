@@ -21,6 +21,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -39,9 +41,12 @@ var memworkSource []byte
 
 // Options configure Run.
 type Options struct {
-	SizeMiB int       // workload footprint (default 256)
-	NoSwap  bool      // skip the swap baseline
-	Log     io.Writer // progress; nil discards
+	SizeMiB int  // workload footprint (default 256)
+	NoSwap  bool // skip the swap baseline
+	// Workloads to run among seq, scan, rand (nil: all); the fault
+	// latencies are always measured.
+	Workloads []string
+	Log       io.Writer // progress; nil discards
 }
 
 // Row is one workload at one local fraction.
@@ -95,8 +100,13 @@ type Result struct {
 	// can come back: the ceilings of the rows are computed from it.
 	RawBulkMBps  float64 `json:"raw_bulk_1m_mbps"`
 	PoolBulkMBps float64 `json:"pool_load_1m_mbps"`
-	Rows         []Row   `json:"rows"`
-	Swap         string  `json:"swap"` // how the swap baseline ran, or why not
+	// CPU time (both ends: pool client and page servers) per MiB the pool
+	// Loads in bulk, and the vCPUs left when the workload takes one: the
+	// pool cannot bring pages back faster than PoolCPUs / PoolCPUmsPerMiB.
+	PoolCPUmsPerMiB float64 `json:"pool_load_cpu_ms_per_mib"`
+	PoolCPUs        int     `json:"pool_cpus"`
+	Rows            []Row   `json:"rows"`
+	Swap            string  `json:"swap"` // how the swap baseline ran, or why not
 }
 
 type env struct {
@@ -115,6 +125,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	if o.Log == nil {
 		o.Log = io.Discard
+	}
+	for _, w := range o.Workloads {
+		if w != "seq" && w != "scan" && w != "rand" {
+			return nil, errorf("unknown workload %q: seq, scan or rand", w)
+		}
 	}
 	dir, err := os.MkdirTemp("", "onebox-bench-mem-")
 	if err != nil {
@@ -166,10 +181,13 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	res.RawBulkMBps = (1 << 20) / float64(pct(bulk, 50).Nanoseconds()) * 1e3
+	cpu0 := selfCPU()
 	pbulk, err := e.poolLoad(ctx, 200, 1<<20)
 	if err != nil {
 		return nil, err
 	}
+	res.PoolCPUmsPerMiB = float64(selfCPU()-cpu0) / 1e6 / 402 // 400 Loads with the warm-up, one Store to 2 nodes
+	res.PoolCPUs = max(1, runtime.NumCPU()-1)
 	res.PoolBulkMBps = (1 << 20) / float64(pct(pbulk, 50).Nanoseconds()) * 1e3
 	fault, err := e.run(ctx, "fault", min(64, o.SizeMiB), 1, 4<<20, "")
 	if err != nil {
@@ -206,7 +224,12 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		mode   string
 		passes int
 	}{{"seq", 2}, {"scan", 3}, {"rand", 2}} {
-		plain, err := e.run(ctx, w.mode, o.SizeMiB, w.passes, 0, "plain")
+		if o.Workloads != nil && !slices.Contains(o.Workloads, w.mode) {
+			continue
+		}
+		// The baselines are the faster of two runs: on a shared machine a
+		// slowed baseline would flatter every ratio to it.
+		plain, err := e.best(ctx, w.mode, o.SizeMiB, w.passes, 0, "plain")
 		if err != nil {
 			return nil, err
 		}
@@ -214,7 +237,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		for _, pct := range []int{100, 50, 25} {
 			local := size * uint64(pct) / 100
 			fmt.Fprintf(o.Log, "%s, %d%% local...\n", w.mode, pct)
-			m, err := e.run(ctx, w.mode, o.SizeMiB, w.passes, local, "")
+			run := e.run
+			if pct == 100 {
+				run = e.best
+			}
+			m, err := run(ctx, w.mode, o.SizeMiB, w.passes, local, "")
 			if err != nil {
 				return nil, err
 			}
@@ -257,9 +284,10 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 // pct local on this machine, whatever the pager does:
 //   - seq, scan: a scan larger than memory brings at least (100-pct)% of
 //     the footprint back from the pool each pass (the best policy keeps the
-//     rest resident), at best at the pool's bulk Load rate and overlapped
+//     rest resident), at best at the pool's bulk Load rate, and with the CPU
+//     the pool needs for it on the vCPUs the workload leaves, overlapped
 //     with the program's own work: time per pass >= max(all-local time,
-//     remote bytes / bulk rate).
+//     remote bytes / bulk rate, remote MiB x pool CPU per MiB / vCPUs left).
 //   - rand: (100-pct)% of the accesses miss, each costing at least the raw
 //     4 KiB round trip (a pager with zero overhead).
 func ceiling(mode string, pct int, all float64, size uint64, r *Result) float64 {
@@ -274,7 +302,8 @@ func ceiling(mode string, pct int, all float64, size uint64, r *Result) float64 
 		}
 		local := float64(size) / 1e6 / all // seconds per pass, all local
 		remote := miss * float64(size) / 1e6 / r.PoolBulkMBps
-		return local / max(local, remote)
+		cpu := miss * float64(size) / (1 << 20) * r.PoolCPUmsPerMiB / 1e3 / float64(max(1, r.PoolCPUs))
+		return local / max(local, remote, cpu)
 	default:
 		perAccess := 1 / all
 		return perAccess / (perAccess + miss*r.RTTP50us/1e6)
@@ -431,6 +460,19 @@ func (e *env) run(ctx context.Context, mode string, mib, n int, local uint64, pl
 		m.timed = diff(m.stats, at)
 	}
 	return m, err
+}
+
+// best is the faster of two runs.
+func (e *env) best(ctx context.Context, mode string, mib, n int, local uint64, plain string) (measure, error) {
+	a, err := e.run(ctx, mode, mib, n, local, plain)
+	if err != nil {
+		return a, err
+	}
+	b, err := e.run(ctx, mode, mib, n, local, plain)
+	if err != nil || b.rate <= a.rate {
+		return a, err
+	}
+	return b, nil
 }
 
 // withPool is e with another pool for the pager.

@@ -17,10 +17,11 @@ func PrintTable(w io.Writer, r *Result) {
 	fmt.Fprintf(w, "raw 4 KiB TCP round trip, same run:         p50 %.1f us, p99 %.1f us\n", r.RTTP50us, r.RTTP99us)
 	fmt.Fprintf(w, "remote fault / raw round trip (p50):        %.2fx   (floor with this pool, (Load + fault from memory) / round trip: %.2fx)\n",
 		r.FaultVsRTT, (r.LoadP50us+r.LocalFaultP50us)/r.RTTP50us)
-	fmt.Fprintf(w, "bulk 1 MiB: raw TCP %.0f MB/s, the pool's Load %.0f MB/s (bounds how fast a scan gets its pages back)\n", r.RawBulkMBps, r.PoolBulkMBps)
+	fmt.Fprintf(w, "bulk 1 MiB: raw TCP %.0f MB/s, the pool's Load %.0f MB/s using %.2f ms of CPU per MiB (%d vCPU left beside the workload)\n",
+		r.RawBulkMBps, r.PoolBulkMBps, r.PoolCPUmsPerMiB, r.PoolCPUs)
 	fmt.Fprintf(w, "\nworkloads, %d MiB footprint; swap baseline: %s\n", r.SizeMiB, r.Swap)
-	fmt.Fprintf(w, "CEILING: the best vs ALL-LOCAL any pager could reach here (seq/scan: the non-local part of each pass at the pool's bulk rate,\n"+
-		"overlapped with the program; rand: each miss one raw round trip)\n")
+	fmt.Fprintf(w, "CEILING: the best vs ALL-LOCAL any pager could reach here (seq/scan: the non-local part of each pass at the pool's bulk rate\n"+
+		"and CPU, overlapped with the program; rand: each miss one raw round trip); baselines: the faster of two runs\n")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "WORKLOAD\tLOCAL\tONEBOX\tUNIT\tvs ALL-LOCAL\tCEILING\tvs PLAIN\tSWAP\tONEBOX/SWAP\tSWAP-INS\tEVICTED")
 	for _, row := range r.Rows {
