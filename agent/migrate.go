@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
 	"github.com/onebox-project/onebox/fabric/api"
@@ -72,6 +73,34 @@ type waitingStdio struct {
 	timer *time.Timer
 }
 
+// migrateMetrics are the migration's Prometheus metrics.
+type migrateMetrics struct {
+	moves    *prometheus.CounterVec // direction (out, in), result (ok, error)
+	downtime prometheus.Histogram   // outgoing, seconds
+}
+
+func (p *procState) registerMigrateMetrics() {
+	p.mm = &migrateMetrics{
+		moves: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "onebox_migrations_total",
+			Help: "Process migrations by direction (out, in) and result (ok, error)."}, []string{"direction", "result"}),
+		downtime: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "onebox_migration_downtime_seconds",
+			Help:    "Freeze to running on the target, of migrations from this node.",
+			Buckets: []float64{.025, .05, .1, .2, .4, .8, 1.6, 3.2, 6.4}}),
+	}
+	p.a.metrics.reg.MustRegister(p.mm.moves, p.mm.downtime)
+}
+
+func (p *procState) countMove(direction string, err error) {
+	if p.mm == nil {
+		return
+	}
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	p.mm.moves.WithLabelValues(direction, result).Inc()
+}
+
 var (
 	criuMu  sync.Mutex
 	criuBin criu.Binary // guarded by criuMu
@@ -124,7 +153,17 @@ func migrateErr(code int, format string, args ...any) error {
 // migrateOut migrates a program of this node to target ("home": its home
 // node). checkpointDir, if set, makes it a checkpoint instead (see
 // checkpoint.go): no target.
-func (p *procState) migrateOut(ctx context.Context, gid, target, reason, _ string) (migrate.Result, error) {
+func (p *procState) migrateOut(ctx context.Context, gid, target, reason, _ string) (res migrate.Result, err error) {
+	defer func() {
+		p.countMove("out", err)
+		if err == nil && p.mm != nil {
+			p.mm.downtime.Observe(res.DowntimeMS / 1000)
+		}
+	}()
+	return p.migrateOutLocked(ctx, gid, target, reason)
+}
+
+func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason string) (migrate.Result, error) {
 	begin := time.Now()
 	self := p.a.id.Node
 	res := migrate.Result{GID: gid, From: self}
@@ -407,6 +446,7 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 	fail := func(format string, args ...any) {
 		err := fmt.Errorf("node %s: "+format, append([]any{self}, args...)...)
 		log.Warn("incoming migration failed", "err", err)
+		p.countMove("in", err)
 		_ = sc.WriteError(err)
 	}
 	if _, ok := p.mgr.Get(spec.GID); ok {
@@ -538,6 +578,7 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 		log.Warn("cannot confirm the restore", "err", err)
 	}
 	log.Info("process restored from a migration", "pid", pr.PID, "restore_ms", restoreMS, "pidns", pidns)
+	p.countMove("in", nil)
 	select {
 	case err := <-lazy.Done():
 		if err != nil {

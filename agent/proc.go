@@ -75,6 +75,7 @@ type procState struct {
 
 	migrating map[string]*migration    // outgoing migrations by GID, kept a while after; guarded by mu
 	waiting   map[string]*waitingStdio // restored here, stdio waiting for the caller; guarded by mu
+	mm        *migrateMetrics          // set by startProc
 }
 
 type seen struct {
@@ -96,6 +97,7 @@ func (a *Agent) startProc(_ context.Context) error {
 		conns: map[io.Closer]bool{}, where: map[string]seen{},
 		migrating: map[string]*migration{}, waiting: map[string]*waitingStdio{},
 	}
+	a.proc.registerMigrateMetrics()
 	a.mux.Handle(stream.ALPN, a.proc.serveFabric)
 	return nil
 }
