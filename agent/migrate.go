@@ -453,6 +453,10 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 		fail("process %s is already here", spec.GID)
 		return
 	}
+	if !spec.Checkpoint && !p.a.schedulable(self) {
+		fail("this node is cordoned: it takes no moved processes")
+		return
+	}
 	b, err := criuBinary()
 	if err != nil {
 		fail("cannot restore: %v", err)

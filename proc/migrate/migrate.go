@@ -52,7 +52,7 @@ type Spec struct {
 // Validate checks a Spec from the wire.
 func (s *Spec) Validate() error {
 	switch {
-	case len(s.GID) != 13 || s.GID[0] != 'g':
+	case !validGID(s.GID):
 		return fmt.Errorf("migrate: bad process id %q", s.GID)
 	case len(s.Argv) == 0 || len(s.Argv) > stream.MaxArgs:
 		return errors.New("migrate: bad command")
@@ -65,6 +65,19 @@ func (s *Spec) Validate() error {
 		}
 	}
 	return nil
+}
+
+// validGID: "g" and 12 lowercase hex digits (the id names files).
+func validGID(s string) bool {
+	if len(s) != 13 || s[0] != 'g' {
+		return false
+	}
+	for _, c := range s[1:] {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // Restored is the target's Restored frame.

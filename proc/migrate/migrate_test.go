@@ -1,6 +1,7 @@
 package migrate
 
 import (
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -90,6 +91,8 @@ func TestSpecValidate(t *testing.T) {
 	}
 	for name, mod := range map[string]func(*Spec){
 		"bad gid":   func(s *Spec) { s.GID = "x" },
+		"gid path":  func(s *Spec) { s.GID = "g../../../etc" },
+		"gid upper": func(s *Spec) { s.GID = "g0123456789AB" },
 		"no argv":   func(s *Spec) { s.Argv = nil },
 		"pid zero":  func(s *Spec) { s.PID = 0 },
 		"empty key": func(s *Spec) { s.Stdio[1] = "" },
@@ -151,4 +154,21 @@ func TestFilesRoundTrip(t *testing.T) {
 		t.Error("sink took more than its bound")
 	}
 	small.Close()
+}
+
+// FuzzSpec: a Migrate frame from the network either fails to validate or
+// names a process id that is safe as a file name.
+func FuzzSpec(f *testing.F) {
+	f.Add([]byte(`{"gid":"g0123456789ab","argv":["sh"],"pid":42,"stdio":["pipe:[1]","pipe:[2]","pipe:[3]"]}`))
+	f.Add([]byte(`{"gid":"g../../../etc","argv":["sh"],"pid":1,"stdio":["a","b","c"]}`))
+	f.Add([]byte(`{}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var s Spec
+		if json.Unmarshal(b, &s) != nil || s.Validate() != nil {
+			return
+		}
+		if strings.ContainsAny(s.GID, "/.") || filepath.Base(s.GID) != s.GID {
+			t.Fatalf("validated gid %q", s.GID)
+		}
+	})
 }
