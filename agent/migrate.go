@@ -314,8 +314,9 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 	doneC := make(chan migrate.Done, 1)
 	rerr := make(chan error, 1)
 	go func() {
+		buf := make([]byte, 512<<10)
 		for {
-			f, err := sc.Read()
+			f, err := sc.ReadInto(buf)
 			if err != nil {
 				rerr <- fmt.Errorf("lost node %s: %w", target, err)
 				return
@@ -537,8 +538,9 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 	go func() { _ = tun.Pump() }()
 	rerr := make(chan error, 1)
 	go func() {
+		buf := make([]byte, 512<<10)
 		for {
-			f, err := sc.Read()
+			f, err := sc.ReadInto(buf)
 			if err != nil {
 				rerr <- err
 				return

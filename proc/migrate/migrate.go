@@ -216,11 +216,13 @@ type Tunnel struct {
 // Pump sends what the local CRIU writes as Pages frames, then PagesEOF.
 // It returns when the local side ends or the connection fails.
 func (t *Tunnel) Pump() error {
-	buf := make([]byte, 256<<10)
+	// Data is read in place behind room for the header: no copy.
+	buf := make([]byte, stream.HeaderSize+512<<10)
 	for {
-		n, err := t.Local.Read(buf)
+		n, err := t.Local.Read(buf[stream.HeaderSize:])
 		if n > 0 {
-			if werr := t.C.Write(stream.Pages, buf[:n]); werr != nil {
+			stream.PutHeader(buf, stream.Pages, n)
+			if werr := t.C.WriteEncoded(buf[:stream.HeaderSize+n]); werr != nil {
 				return werr
 			}
 			t.mu.Lock()

@@ -379,6 +379,55 @@ func NewConn(rwc io.ReadWriteCloser, br *bufio.Reader) *Conn {
 // Read reads the next frame.
 func (c *Conn) Read() (Frame, error) { return ReadFrame(c.r) }
 
+// ReadInto reads the next frame like Read, with its payload in buf when it
+// fits (bulk data, e.g. pages, without an allocation per frame): the
+// payload is valid until the next ReadInto with the same buf.
+func (c *Conn) ReadInto(buf []byte) (Frame, error) {
+	var h [HeaderSize]byte
+	if _, err := io.ReadFull(c.r, h[:]); err != nil {
+		return Frame{}, err
+	}
+	t, n, err := checkHeader(h[:])
+	if err != nil {
+		return Frame{}, err
+	}
+	var p []byte
+	if n <= cap(buf) {
+		p = buf[:n]
+	} else {
+		p = make([]byte, n)
+	}
+	if _, err := io.ReadFull(c.r, p); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return Frame{}, err
+	}
+	if err := checkPayload(t, p); err != nil {
+		return Frame{}, err
+	}
+	return Frame{Type: t, Payload: p}, nil
+}
+
+// WriteEncoded writes frames already encoded (by Append, or a header put
+// in front of data read in place) as they are.
+func (c *Conn) WriteEncoded(b []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_, err := c.rwc.Write(b)
+	return err
+}
+
+// PutHeader writes a frame header for a payload of n bytes of type t into
+// h (HeaderSize bytes). It panics on n > MaxPayload.
+func PutHeader(h []byte, t Type, n int) {
+	if n > MaxPayload {
+		panic("stream: payload too long")
+	}
+	h[0] = byte(t)
+	binary.BigEndian.PutUint32(h[1:5], uint32(n))
+}
+
 // Write writes one frame.
 func (c *Conn) Write(t Type, p []byte) error {
 	c.wmu.Lock()

@@ -251,6 +251,14 @@ func FuzzDecodeFrame(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		fr, n, err := stream.Decode(b)
 		rf, rerr := stream.ReadFrame(bytes.NewReader(b))
+		// ReadInto agrees with ReadFrame, whether the payload fits or not.
+		for _, size := range []int{0, 64} {
+			c := stream.NewConn(nopCloser{bytes.NewReader(b)}, nil)
+			f2, err2 := c.ReadInto(make([]byte, size))
+			if (err2 == nil) != (rerr == nil) || (err2 == nil && (f2.Type != rf.Type || !bytes.Equal(f2.Payload, rf.Payload))) {
+				t.Fatalf("ReadInto(%d) = %v, %v; ReadFrame = %v, %v", size, f2, err2, rf, rerr)
+			}
+		}
 		if err != nil {
 			if errors.Is(err, stream.ErrShort) {
 				if rerr == nil {
@@ -290,5 +298,28 @@ func BenchmarkChunkRoundTrip(b *testing.B) {
 		if _, err := stream.ReadFrame(bytes.NewReader(buf)); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+type nopCloser struct{ *bytes.Reader }
+
+func (nopCloser) Write(p []byte) (int, error) { return len(p), nil }
+func (nopCloser) Close() error                { return nil }
+
+func TestWriteEncodedPutHeader(t *testing.T) {
+	var out bytes.Buffer
+	c := stream.NewConn(struct {
+		io.Reader
+		io.Writer
+		io.Closer
+	}{bytes.NewReader(nil), &out, io.NopCloser(nil)}, nil)
+	buf := make([]byte, stream.HeaderSize+3)
+	copy(buf[stream.HeaderSize:], "abc")
+	stream.PutHeader(buf, stream.Pages, 3)
+	if err := c.WriteEncoded(buf); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), stream.Append(nil, stream.Pages, []byte("abc"))) {
+		t.Fatalf("encoded %x", out.Bytes())
 	}
 }
