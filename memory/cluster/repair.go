@@ -85,6 +85,13 @@ func (p *Pool) repairPass() {
 		inst := instances[h.node]
 		return !alive[h.node] || (inst != 0 && inst != h.instance)
 	}
+	// A holder that cannot be reached now (a cut link not yet declared
+	// failed, a restart not yet seen) does not count as a copy: its chunks
+	// get another one, and the extra copy is dropped once it answers again.
+	shaky := map[string]bool{}
+	for n := range alive {
+		shaky[n] = p.shaky(n)
+	}
 	var under, lost uint64
 	var jobs []repairJob
 	for _, j := range refs {
@@ -103,13 +110,21 @@ func (p *Pool) repairPass() {
 			ch.mu.Unlock()
 		}
 		ch.mu.RLock()
-		n := len(ch.holders)
+		n, reachable := len(ch.holders), 0
+		for _, h := range ch.holders {
+			if !shaky[h.node] {
+				reachable++
+			}
+		}
 		ch.mu.RUnlock()
+		if reachable == n && n > p.opts.Replicas {
+			p.trim(j)
+		}
 		switch {
 		case np == 0:
 		case n == 0:
 			lost += np
-		case n < p.opts.Replicas:
+		case reachable < p.opts.Replicas:
 			under += np
 			j.pages = np
 			jobs = append(jobs, j)
@@ -144,6 +159,24 @@ func (p *Pool) repairPass() {
 	}
 	close(work)
 	wg.Wait()
+}
+
+// trim drops the copies of a chunk beyond Replicas (made while a holder
+// was unreachable, which answers again), newest first.
+func (p *Pool) trim(j repairJob) {
+	ch := j.ch
+	ch.mu.Lock()
+	var extra []holder
+	if len(ch.holders) > p.opts.Replicas {
+		extra = slices.Clone(ch.holders[p.opts.Replicas:])
+		ch.holders = ch.holders[:p.opts.Replicas]
+	}
+	ch.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), p.opts.Timeout)
+	defer cancel()
+	for _, h := range extra {
+		p.do(ctx, h.node, h.instance, pageproto.Header{Op: pageproto.OpDrop, Region: j.key.r.ID, Offset: j.key.idx * ChunkSize, Arg: ChunkSize}, j.key.r.Owner, nil, nil)
+	}
 }
 
 // pingHolders asks every live node this pool has placed copies on for its
@@ -190,7 +223,24 @@ func (p *Pool) repairChunk(j repairJob, cands []string, full *sync.Map) error {
 	ch := j.ch
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
-	need := p.opts.Replicas - len(ch.holders)
+	// Read from reachable holders first; count only those as copies.
+	slices.SortStableFunc(ch.holders, func(a, b holder) int {
+		sa, sb := p.shaky(a.node), p.shaky(b.node)
+		switch {
+		case sa == sb:
+			return 0
+		case sb:
+			return -1
+		}
+		return 1
+	})
+	reachable := 0
+	for _, h := range ch.holders {
+		if !p.shaky(h.node) {
+			reachable++
+		}
+	}
+	need := p.opts.Replicas - reachable
 	mask := ch.pages.Load()
 	if need <= 0 || mask == 0 || len(ch.holders) == 0 {
 		return nil
