@@ -401,9 +401,10 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 		p.a.log.Warn("criu dump ended with an error after the restore", "gid", gid, "err", dumpErr, "log", dump.Tail())
 		_ = syscall.Kill(-pr.PID, syscall.SIGKILL)
 	}
+	res.SourceDoneMS = ms(time.Since(begin))
 	select {
 	case d := <-doneC:
-		_ = d
+		res.PagesMS = d.PagesMS
 	case err := <-rerr:
 		p.a.log.Info("no done from the target", "gid", gid, "err", err)
 	case <-time.After(time.Minute):

@@ -105,6 +105,10 @@ type Result struct {
 	RestoreMS  float64 `json:"restore_ms"`  // restore on the target
 	DowntimeMS float64 `json:"downtime_ms"` // dump start to the program running on the target
 	TotalMS    float64 `json:"total_ms"`    // request to the last page on the target
+	// SourceDoneMS: request to the source's CRIU ending (every page sent).
+	SourceDoneMS float64 `json:"source_done_ms"`
+	// PagesMS: on the target, restore start to the lazy-pages daemon's end.
+	PagesMS    float64 `json:"pages_ms"`
 	ImageBytes int64   `json:"image_bytes"` // non-memory images sent
 	PageBytes  int64   `json:"page_bytes"`  // page-server bytes sent
 	Note       string  `json:"note"`
