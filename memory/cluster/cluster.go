@@ -715,7 +715,29 @@ func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte)
 			errs = append(errs, err)
 		}
 	}
+	// Pages dropped (or never stored) read as zeros whatever a holder
+	// sent: a drop that could not reach a holder left old bytes there.
+	for _, pd := range pend {
+		if ch := p.chunk(r, pd.pc.idx, false); ch != nil {
+			zeroAbsent(pd.pc, ch.pages.Load())
+		} else {
+			clear(pd.pc.data)
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// zeroAbsent clears the pages of pc whose bit in mask is not set.
+func zeroAbsent(pc piece, mask uint64) {
+	if pc.mask&^mask == 0 {
+		return
+	}
+	first := int((pc.off % ChunkSize) / pool.PageSize)
+	for i := 0; i*pool.PageSize < len(pc.data); i++ {
+		if mask&(1<<(first+i)) == 0 {
+			clear(pc.data[i*pool.PageSize : (i+1)*pool.PageSize])
+		}
+	}
 }
 
 func loadHeader(r pool.Region, pc piece) pageproto.Header {

@@ -72,3 +72,18 @@ func TestRendezvousStable(t *testing.T) {
 		}
 	}
 }
+
+func TestZeroAbsent(t *testing.T) {
+	const P = pool.PageSize
+	data := make([]byte, 4*P)
+	for i := range data {
+		data[i] = 1
+	}
+	pc := pieces(ChunkSize+2*P, data)[0] // pages 2..5 of chunk 1
+	zeroAbsent(pc, 1<<2|1<<4)            // pages 2 and 4 stored
+	for i, want := range []byte{1, 0, 1, 0} {
+		if data[i*P] != want || data[i*P+P-1] != want {
+			t.Fatalf("page %d: %d, want %d", i, data[i*P], want)
+		}
+	}
+}
