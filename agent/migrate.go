@@ -265,13 +265,36 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 	}
 	defer ours.Close()
 
-	freeze := time.Now()
+	dumpStart := time.Now()
 	args := []string{"dump", "-t", strconv.Itoa(spec.PID), "-j", "--lazy-pages", "--ps-socket", "3"}
 	dump, err := b.Start(context.Background(), dir, "dump.log", []*os.File{theirs}, args, enterNamespaces(pr.PID, spec.PID))
 	theirs.Close()
 	if err != nil {
 		return failed(err)
 	}
+	// The downtime starts when CRIU stops the program, not when CRIU
+	// starts: watch for the stop (1 ms resolution).
+	frozenAt := make(chan time.Time, 1)
+	stopWatch := make(chan struct{})
+	var stopOnce sync.Once
+	endWatch := func() { stopOnce.Do(func() { close(stopWatch) }) }
+	defer endWatch()
+	go func() {
+		tk := time.NewTicker(time.Millisecond)
+		defer tk.Stop()
+		for {
+			if stopped(pr.PID) {
+				frozenAt <- time.Now()
+				return
+			}
+			select {
+			case <-tk.C:
+			case <-stopWatch:
+				frozenAt <- dumpStart
+				return
+			}
+		}
+	}()
 	// Before the point of no return, killing the dump resumes the program.
 	abort := func(err error) (migrate.Result, error) {
 		dump.Kill()
@@ -284,6 +307,8 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 		<-dump.Done()
 		return failed(fmt.Errorf("criu dump: %w (%s)", err, dump.Tail()))
 	}
+	endWatch()
+	freeze := <-frozenAt
 	res.FreezeMS = ms(time.Since(freeze))
 	t := time.Now()
 	_ = conn.SetWriteDeadline(time.Now().Add(migrateRestoreTimeout))
@@ -422,6 +447,24 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// stopped reports whether pid is stopped or traced (CRIU has seized it),
+// or gone.
+func stopped(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 || i+2 >= len(b) {
+		return false
+	}
+	switch b[i+2] {
+	case 't', 'T', 'Z', 'X':
+		return true
+	}
+	return false
+}
 
 // enterNamespaces returns a start function that runs CRIU in the PID and
 // mount namespaces of pid (where it has the PID inner) when the program
