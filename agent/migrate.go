@@ -519,6 +519,37 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 			os.RemoveAll(dir)
 		}
 	}()
+	// The holder starts now, while the source dumps, and restores when
+	// told: its start-up is off the program's downtime.
+	type restored struct {
+		pr    *manager.Proc
+		stdio *manager.Stdio
+		pidns bool
+		err   error
+	}
+	var gw *os.File
+	restoreRes := make(chan restored, 1)
+	if !spec.Checkpoint {
+		gr, w, err := os.Pipe()
+		if err != nil {
+			fail("%v", err)
+			return
+		}
+		gw = w
+		go func() {
+			pr, stdio, pidns, err := p.restore(b, dir, spec, true, fmt.Sprintf("migrated from %s: %s", from, spec.Reason), gr)
+			gr.Close()
+			restoreRes <- restored{pr, stdio, pidns, err}
+		}()
+		defer func() {
+			if gw != nil { // not started: cancel
+				gw.Close()
+				if r := <-restoreRes; r.err == nil {
+					_ = p.mgr.SignalProc(r.pr, syscall.SIGKILL)
+				}
+			}
+		}()
+	}
 	sink := &migrate.FileSink{Dir: dir, Max: maxImageBytes}
 	for {
 		_ = c.SetReadDeadline(time.Now().Add(migrateFrameTimeout))
@@ -610,7 +641,14 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 	}
 
 	start := time.Now()
-	pr, stdio, pidns, err := p.restore(b, dir, spec, true, fmt.Sprintf("migrated from %s: %s", from, spec.Reason))
+	_, err = gw.Write([]byte{1})
+	gw.Close()
+	gw = nil
+	r := <-restoreRes
+	pr, stdio, pidns := r.pr, r.stdio, r.pidns
+	if err == nil {
+		err = r.err
+	}
 	if err != nil {
 		stopLazy()
 		if os.Getenv("ONEBOX_KEEP_MIGRATE_IMAGES") != "" {
@@ -661,7 +699,9 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 // restore restores the program in dir under a holder (in a fresh PID
 // namespace if its PID is taken here) with new stdio: pipes (returned) for
 // an attached program, a new log file for a detached one.
-func (p *procState) restore(b criu.Binary, dir string, spec migrate.Spec, lazy bool, note string) (*manager.Proc, *manager.Stdio, bool, error) {
+// gate, if not nil, is the read end of a pipe: the holder starts at once
+// and restores when a byte arrives there (EOF cancels).
+func (p *procState) restore(b criu.Binary, dir string, spec migrate.Spec, lazy bool, note string, gate *os.File) (*manager.Proc, *manager.Stdio, bool, error) {
 	var closeLater []*os.File
 	defer func() {
 		for _, f := range closeLater {
@@ -741,6 +781,9 @@ func (p *procState) restore(b criu.Binary, dir string, spec migrate.Spec, lazy b
 	if pidns {
 		args = append(args, "--newpid")
 	}
+	if gate != nil {
+		args = append(args, "--wait")
+	}
 	args = append(args, "--", b.Path)
 	args = append(args, criu.RestoreArgs(lazy, inherit)...)
 	args = append(args, "-D", dir, "-o", "restore.log", criu.LogLevel)
@@ -753,6 +796,9 @@ func (p *procState) restore(b criu.Binary, dir string, spec migrate.Spec, lazy b
 	cmd.Dir = "/"
 	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 	cmd.ExtraFiles = append([]*os.File{sw}, extra...)
+	if gate != nil {
+		cmd.Stdin = gate
+	}
 	if hl, err := os.Create(filepath.Join(dir, "holder.log")); err == nil {
 		cmd.Stderr = hl
 		closeLater = append(closeLater, hl)
@@ -1025,7 +1071,7 @@ func (p *procState) restoreFrom(ctx context.Context, dir, target string) (Restor
 // complete images, no pages to follow.
 func (p *procState) restoreCheckpoint(sc *stream.Conn, b criu.Binary, dir string, spec migrate.Spec, from string) {
 	start := time.Now()
-	pr, _, pidns, err := p.restore(b, dir, spec, false, "restored from a checkpoint on "+from)
+	pr, _, pidns, err := p.restore(b, dir, spec, false, "restored from a checkpoint on "+from, nil)
 	if err != nil {
 		_ = sc.WriteError(fmt.Errorf("node %s: restore failed: %v", p.a.id.Node, err))
 		return

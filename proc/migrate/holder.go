@@ -44,15 +44,23 @@ func HolderMain(args []string) int {
 		_ = enc.Encode(HolderStatus{Error: fmt.Sprintf(format, a...)})
 		return 1
 	}
-	newpid := false
-	if len(args) > 0 && args[0] == "--newpid" {
-		newpid, args = true, args[1:]
+	newpid, wait := false, false
+	for len(args) > 0 && args[0] != "--" {
+		switch args[0] {
+		case "--newpid":
+			newpid = true
+		case "--wait":
+			wait = true
+		default:
+			return fail("holder: unknown flag %q", args[0])
+		}
+		args = args[1:]
 	}
 	if len(args) > 0 && args[0] == "--" {
 		args = args[1:]
 	}
 	if len(args) < 1 {
-		return fail("holder: usage: %s [--newpid] -- CRIU ARGS...", HolderCommand)
+		return fail("holder: usage: %s [--newpid] [--wait] -- CRIU ARGS...", HolderCommand)
 	}
 	// Signals are for the program's process group, not for the holder.
 	signal.Ignore(syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGPIPE)
@@ -67,6 +75,14 @@ func HolderMain(args []string) int {
 	}
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return fail("holder: subreaper: %v", err)
+	}
+	// --wait: started ahead (its start-up off the program's downtime),
+	// the holder restores when a byte arrives on stdin; EOF cancels.
+	if wait {
+		var b [1]byte
+		if n, _ := os.Stdin.Read(b[:]); n != 1 {
+			return fail("holder: restore cancelled")
+		}
 	}
 	// The restored program's parent is the thread that started CRIU (-S:
 	// CLONE_PARENT), and its parent-death signal fires when that thread
