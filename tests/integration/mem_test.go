@@ -217,6 +217,19 @@ func TestMemPagePortRejectsGarbage(t *testing.T) {
 	if m := scrape(t, n1); !strings.Contains(m, `onebox_pool_page_requests_total{op="`) || !strings.Contains(m, `status="bad_frame"`) {
 		t.Errorf("bad frames not counted")
 	}
+	// n2 leaves the cluster for good: n1 drops what it stored there.
+	if memNode(memJSON(t, n1), "n1").UsedBytes != 1<<20 {
+		t.Fatalf("n1 does not hold n2's probe: %+v", memJSON(t, n1).Nodes)
+	}
+	if err := c.Stop(n2); err != nil {
+		t.Fatal(err)
+	}
+	err = testbed.WaitFor(ctxT(t, 60*time.Second), time.Minute, "n1 to drop the pages of n2, which left", func(context.Context) (bool, error) {
+		return memNode(memJSON(t, n1), "n1").UsedBytes == 0, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // In the netns testbed, the link of a node holding copies is cut (the
