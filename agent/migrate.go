@@ -436,6 +436,12 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 	}
 	res.PageBytes = tun.Sent()
 	res.TotalMS = ms(time.Since(begin))
+	// Failpoint for tests: the source dies once every page has left,
+	// before it tells the caller's agent where the program went.
+	if failpoint("migrate-out-crash", self) {
+		p.a.log.Warn("failpoint migrate-out-crash: killing this agent")
+		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	}
 	res.Note = fmt.Sprintf("migrated from %s: %s", self, reason)
 	select {
 	case <-pr.Done():
@@ -447,6 +453,22 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// failpoint reports whether ONEBOX_FAILPOINT (a comma-separated list of
+// NAME@NODE) names this failure for this node: tests inject faults into
+// the real code paths this way, as etcd's gofail does.
+func failpoint(name, node string) bool {
+	v := os.Getenv("ONEBOX_FAILPOINT")
+	if v == "" {
+		return false
+	}
+	for _, f := range strings.Split(v, ",") {
+		if f == name+"@"+node {
+			return true
+		}
+	}
+	return false
+}
 
 // stopped reports whether pid is stopped or traced (CRIU has seized it),
 // or gone.
@@ -581,7 +603,7 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 
 	// Failpoint for tests (as etcd's gofail): the agent dies between
 	// receiving the images and restoring.
-	if os.Getenv("ONEBOX_FAILPOINT") == "migrate-in-crash@"+self {
+	if failpoint("migrate-in-crash", self) {
 		log.Warn("failpoint migrate-in-crash: killing this agent")
 		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 	}
@@ -908,6 +930,10 @@ func (p *procState) migrateRoute(w http.ResponseWriter, r *http.Request) {
 		q.Set("scope", "node")
 		err := p.peerCallTimeout(r.Context(), m, http.MethodPost, "/v1/procs/"+url.PathEscape(gid)+"/migrate?"+q.Encode(),
 			migrateRestoreTimeout+migratePagesTimeout, &res)
+		var pe *peerError
+		if err != nil && !errors.As(err, &pe) {
+			err = migrateErr(http.StatusBadGateway, "node %s, which ran %s, stopped answering during the migration (%v): 'onebox ps' shows where the process is now", pi.Node, gid, err)
+		}
 		reply(res, err)
 		return
 	}

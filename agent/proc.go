@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -936,7 +937,7 @@ func (p *procState) relay(sc *stream.Conn, spec stream.Spec, target membership.M
 		}
 		quit := make(chan struct{})
 		defer close(quit)
-		p.pipe(sc, readUp(sc, quit), rc, remote, target.Name)
+		p.pipe(sc, readUp(sc, quit), rc, remote, target.Name, si.GID)
 		return
 	}
 	p.untrack(rc)
@@ -951,7 +952,7 @@ func (p *procState) follow(sc *stream.Conn, up <-chan upFrame, gid, node string)
 		lingerUp(up, p.ctx)
 		return
 	}
-	p.pipe(sc, up, rc, remote, node)
+	p.pipe(sc, up, rc, remote, node, gid)
 }
 
 // attachTo dials node and sends Attach for gid; the connection is tracked.
@@ -980,7 +981,7 @@ func (p *procState) attachTo(gid, node string) (net.Conn, *stream.Conn, error) {
 // runner (rc) until Exit or Error. On Moved it attaches to the program's
 // new node and goes on: the caller never notices. rc is untracked when
 // pipe returns.
-func (p *procState) pipe(sc *stream.Conn, up <-chan upFrame, rc net.Conn, remote *stream.Conn, node string) {
+func (p *procState) pipe(sc *stream.Conn, up <-chan upFrame, rc net.Conn, remote *stream.Conn, node, gid string) {
 	// Caller → runner. When the caller goes, closing the runner's
 	// connection tells the runner (which sends SIGHUP). Frames that come
 	// while the program moves wait for the new node (at most 256).
@@ -1015,9 +1016,42 @@ func (p *procState) pipe(sc *stream.Conn, up <-chan upFrame, rc net.Conn, remote
 		}
 		mu.Unlock()
 	}()
+	// switchTo attaches to the program on node to and makes it the runner.
+	switchTo := func(to string) error {
+		mu.Lock()
+		cur = nil
+		mu.Unlock()
+		p.untrack(rc)
+		rc = nil
+		nrc, nremote, err := p.attachTo(gid, to)
+		if err != nil {
+			return err
+		}
+		mu.Lock()
+		for _, h := range held {
+			_ = nremote.Write(h.Type, h.Payload)
+		}
+		held = nil
+		cur, curRC = nremote, nrc
+		mu.Unlock()
+		rc, remote, node = nrc, nremote, to
+		return nil
+	}
 	// Runner → caller, until Exit or Error.
 	for {
 		f, err := remote.Read()
+		if err != nil && !p.closing() {
+			// The runner's node may have died just after the program
+			// left it (its Moved never came): find where it runs now.
+			if to := p.movedElsewhere(gid, node); to != "" {
+				p.a.log.Info("the program's node went away; it runs on another node: following it", "gid", gid, "lost", node, "to", to)
+				if err := switchTo(to); err != nil {
+					_ = sc.WriteError(err)
+					break
+				}
+				continue
+			}
+		}
 		if err != nil {
 			if p.closing() {
 				err = fmt.Errorf("the agent of node %s is shutting down: the program on %s gets SIGHUP", p.a.id.Node, node)
@@ -1033,24 +1067,11 @@ func (p *procState) pipe(sc *stream.Conn, up <-chan upFrame, rc net.Conn, remote
 				_ = sc.WriteError(fmt.Errorf("node %s sent a bad moved frame", node))
 				break
 			}
-			mu.Lock()
-			cur = nil
-			mu.Unlock()
-			p.untrack(rc)
-			nrc, nremote, err := p.attachTo(mi.GID, mi.Node)
-			if err != nil {
-				rc = nil
+			gid = mi.GID
+			if err := switchTo(mi.Node); err != nil {
 				_ = sc.WriteError(err)
 				break
 			}
-			mu.Lock()
-			for _, h := range held {
-				_ = nremote.Write(h.Type, h.Payload)
-			}
-			held = nil
-			cur, curRC = nremote, nrc
-			mu.Unlock()
-			rc, remote, node = nrc, nremote, mi.Node
 			continue
 		}
 		if f.Type != stream.Stdout && f.Type != stream.Stderr && f.Type != stream.Exit && f.Type != stream.Error {
@@ -1076,6 +1097,22 @@ func (p *procState) pipe(sc *stream.Conn, up <-chan upFrame, rc net.Conn, remote
 	if rc != nil {
 		p.untrack(rc)
 	}
+}
+
+// movedElsewhere returns the node other than lost where the program gid
+// now runs after a migration, if a member says so, or "".
+func (p *procState) movedElsewhere(gid, lost string) string {
+	if gid == "" {
+		return ""
+	}
+	ctx, cancel := context.WithTimeout(p.ctx, 2*p.a.cfg.PeerTimeout)
+	defer cancel()
+	for _, pi := range p.list(ctx).Procs {
+		if pi.GID == gid && pi.Node != lost && pi.State == manager.StateRunning && strings.Contains(pi.Note, "migrated from") {
+			return pi.Node
+		}
+	}
+	return ""
 }
 
 // dial opens a stream connection to a member's agent: mutual TLS, ALPN

@@ -513,3 +513,35 @@ func TestMigrateThreads(t *testing.T) {
 	}
 	a.checkContinuous()
 }
+
+// The source node dies once every page has left, before it could tell the
+// caller's agent (on a third node) where the program went: that agent finds
+// the program on the target and follows it; nothing is lost.
+func TestMigrateSourceDiesAfterPages(t *testing.T) {
+	prog := needMigration(t)
+	t.Setenv("ONEBOX_FAILPOINT", "migrate-out-crash@n1")
+	c := startCluster(t, testbed.Options{Nodes: 3})
+	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
+	a := runAttached(t, n3, n1.Name, prog, "16")
+	a.advance(10)
+	pi := procByArg(t, n3, "16")
+	sum := a.sum()
+	_, r := migrateCLI(t, n3, pi.GID, n2.Name)
+	t.Logf("migrate while the source dies: exit %d %s", r.code, strings.TrimSpace(r.stderr))
+	// ps lists what the live nodes say (and exits 1 for the dead one).
+	l, _ := psJSON(t, n3)
+	if i, ok := findProc(l, func(i manager.Info) bool { return i.GID == pi.GID }); !ok || i.Node != n2.Name || i.State != manager.StateRunning {
+		t.Errorf("after the source died, ps shows %+v (unreachable: %v)", i, l.Unreachable)
+	}
+	a.advance(10)
+	if s := a.sum(); s != sum {
+		t.Errorf("checksum after the source died: %q, before %q", s, sum)
+	}
+	io.WriteString(a.stdin, "exit 5\n")
+	<-a.done
+	var ee *exec.ExitError
+	if err := a.cmd.Wait(); !errors.As(err, &ee) || ee.ExitCode() != 5 {
+		t.Errorf("onebox run ended with %v, want exit status 5", err)
+	}
+	a.checkContinuous()
+}
