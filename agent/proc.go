@@ -677,6 +677,10 @@ func (p *procState) runHere(sc *stream.Conn, spec stream.Spec, redirect bool) {
 		release()
 	}
 	if err != nil {
+		if code := manager.StartCode(err); code != 0 {
+			_ = sc.WriteJSON(stream.NotStarted, stream.NotStartedInfo{Error: fmt.Sprintf("node %s: %v", p.a.id.Node, err), Code: code})
+			return
+		}
 		_ = sc.WriteError(fmt.Errorf("node %s: %w", p.a.id.Node, err))
 		return
 	}
@@ -924,8 +928,8 @@ func (p *procState) relay(sc *stream.Conn, spec stream.Spec, target membership.M
 	switch {
 	case err != nil:
 		_ = sc.WriteError(fmt.Errorf("node %s did not start the program: %w", target.Name, err))
-	case f.Type == stream.Error:
-		_ = sc.Write(stream.Error, f.Payload)
+	case f.Type == stream.Error || f.Type == stream.NotStarted:
+		_ = sc.Write(f.Type, f.Payload)
 	case f.Type != stream.Started:
 		_ = sc.WriteError(fmt.Errorf("node %s answered %s instead of started", target.Name, f.Type))
 	case json.Unmarshal(f.Payload, &si) != nil:

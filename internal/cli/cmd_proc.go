@@ -188,13 +188,16 @@ func runRun(cmd *cobra.Command, args []string) error {
 	}
 	switch f.Type {
 	case stream.Error:
-		msg := string(f.Payload)
-		if strings.Contains(msg, "executable file not found") {
-			// As a shell: the program could not be found, 127.
-			fmt.Fprintf(cmd.ErrOrStderr(), "onebox: %s\n", msg)
-			return ExitCodeError{Code: 127}
+		return errors.New(string(f.Payload))
+	case stream.NotStarted:
+		// As a shell: 127 for a program not found, 126 for one that
+		// cannot be executed.
+		var ns stream.NotStartedInfo
+		if err := json.Unmarshal(f.Payload, &ns); err != nil || ns.Code < 1 || ns.Code > 255 {
+			return fmt.Errorf("the agent's answer: bad not-started frame")
 		}
-		return errors.New(msg)
+		fmt.Fprintf(cmd.ErrOrStderr(), "onebox: %s\n", ns.Error)
+		return ExitCodeError{Code: ns.Code}
 	case stream.Started:
 	default:
 		return fmt.Errorf("the agent answered %s instead of started", f.Type)

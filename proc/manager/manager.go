@@ -43,6 +43,25 @@ const (
 // ErrNotFound is returned for a GID this node does not hold.
 var ErrNotFound = errors.New("manager: no such process")
 
+// Start's errors for a program that is not there or cannot be run: a
+// shell exits 127 and 126 for them.
+var (
+	ErrNoProgram     = errors.New("executable file not found")
+	ErrNotExecutable = errors.New("not an executable file")
+)
+
+// StartCode is the exit status a shell gives when a program cannot be
+// started with err: 127, 126, or 0 if err is neither.
+func StartCode(err error) int {
+	switch {
+	case errors.Is(err, ErrNoProgram):
+		return 127
+	case errors.Is(err, ErrNotExecutable):
+		return 126
+	}
+	return 0
+}
+
 // Info is one process as 'onebox ps' shows it.
 type Info struct {
 	GID        string     `json:"gid"`
@@ -840,6 +859,9 @@ func lookPath(name, pathEnv, dir string) (string, error) {
 			name = filepath.Join(dir, name)
 		}
 		if err := executable(name); err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return "", fmt.Errorf("%s: %w (%v)", name, ErrNoProgram, err)
+			}
 			return "", fmt.Errorf("%s: %w", name, err)
 		}
 		return name, nil
@@ -856,7 +878,7 @@ func lookPath(name, pathEnv, dir string) (string, error) {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("%s: executable file not found in $PATH", name)
+	return "", fmt.Errorf("%s: %w in $PATH", name, ErrNoProgram)
 }
 
 func executable(p string) error {
@@ -865,7 +887,7 @@ func executable(p string) error {
 		return err
 	}
 	if fi.IsDir() || fi.Mode()&0o111 == 0 {
-		return errors.New("not an executable file")
+		return ErrNotExecutable
 	}
 	return nil
 }

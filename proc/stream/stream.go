@@ -81,14 +81,17 @@ const (
 	PagesEOF  Type = 16 // either way: empty
 	Restored  Type = 17 // target → source: JSON (proc/migrate)
 	Done      Type = 18 // target → source: JSON (proc/migrate)
+	// NotStarted: runner → caller instead of Started: the program could
+	// not be started; JSON NotStartedInfo (the exit status a shell gives).
+	NotStarted Type = 19
 
-	lastType = Done
+	lastType = NotStarted
 )
 
 var typeNames = [...]string{Start: "start", Started: "started", Stdin: "stdin", Stdout: "stdout", Stderr: "stderr",
 	StdinEOF: "stdin-eof", Signal: "signal", Exit: "exit", Error: "error",
 	Moved: "moved", Attach: "attach", Migrate: "migrate", File: "file", FilesDone: "files-done", Pages: "pages",
-	PagesEOF: "pages-eof", Restored: "restored", Done: "done"}
+	PagesEOF: "pages-eof", Restored: "restored", Done: "done", NotStarted: "not-started"}
 
 func (t Type) String() string {
 	if t >= Start && t <= lastType {
@@ -127,7 +130,7 @@ func checkHeader(h []byte) (Type, int, error) {
 func checkPayload(t Type, p []byte) error {
 	bad := func(why string) error { return fmt.Errorf("stream: bad %s frame: %s", t, why) }
 	switch t {
-	case Start, Started, Moved, Attach, Migrate, Restored, Done:
+	case Start, Started, Moved, Attach, Migrate, Restored, Done, NotStarted:
 		if !json.Valid(p) {
 			return bad("payload is not JSON")
 		}
@@ -309,6 +312,13 @@ type StartedInfo struct {
 	Node string `json:"node"`
 	PID  int    `json:"pid"`
 	Log  string `json:"log,omitempty"` // detached: the log file on Node
+}
+
+// NotStartedInfo is the NotStarted frame: why, and the status a shell
+// would give (127: not found, 126: found but not executable).
+type NotStartedInfo struct {
+	Error string `json:"error"`
+	Code  int    `json:"code"`
 }
 
 // MovedInfo is the Moved frame: the program now runs on Node.

@@ -77,7 +77,8 @@ func TestDecodeRejects(t *testing.T) {
 		want error // nil: any error but ErrShort
 	}{
 		{"type zero", raw(0, 0, nil), stream.ErrType},
-		{"type too high", raw(19, 0, nil), stream.ErrType},
+		{"type too high", raw(20, 0, nil), stream.ErrType},
+		{"not-started not JSON", raw(stream.NotStarted, 1, []byte("x")), nil},
 		{"moved not JSON", raw(stream.Moved, 1, []byte("x")), nil},
 		{"pages empty", raw(stream.Pages, 0, nil), nil},
 		{"files-done with payload", raw(stream.FilesDone, 1, []byte{1}), nil},

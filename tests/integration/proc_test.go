@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -248,6 +249,15 @@ func TestProcRunPsKill(t *testing.T) {
 		r := cli(t, nil, "run", "--agent", n1.Agent(), "--node", n2.Name, "--", "no-such-program-here")
 		if r.code != 127 || !strings.Contains(r.stderr, "not found") {
 			t.Errorf("missing program: exit %d %q", r.code, r.stderr)
+		}
+		// Found but not executable: 126, as a shell says.
+		plain := filepath.Join(t.TempDir(), "data.txt")
+		if err := os.WriteFile(plain, []byte("not a program\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		r = cli(t, nil, "run", "--agent", n1.Agent(), "--node", n2.Name, "--", plain)
+		if r.code != 126 || !strings.Contains(r.stderr, "not an executable") {
+			t.Errorf("not executable: exit %d %q", r.code, r.stderr)
 		}
 		r = cli(t, []string{"ONEBOX_TOKEN=secret-token", "ONEBOX_AGENT=" + n1.Agent(), "VISIBLE=yes"},
 			"run", "--node", n2.Name, "--", "sh", "-c", `echo "token=$ONEBOX_TOKEN agent=$ONEBOX_AGENT visible=$VISIBLE"`)
