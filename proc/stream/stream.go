@@ -9,7 +9,8 @@
 // port (ALPN pki.ProtoProc, mutual TLS).
 //
 // A session: the caller sends Start (JSON Spec); the runner answers
-// Started (JSON Started) or Error. Then the caller sends Stdin, StdinEOF
+// Started (JSON Started), NotStarted (JSON NotStartedInfo: the program is
+// not there or not executable, with the status a shell gives) or Error. Then the caller sends Stdin, StdinEOF
 // and Signal frames; the runner sends Stdout and Stderr frames and ends
 // with one Exit frame (or an Error frame if the program was lost), after
 // which it closes the connection. A caller that hangs up is a terminal
