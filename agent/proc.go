@@ -281,6 +281,13 @@ func (s *statusRecorder) WriteHeader(code int) {
 // running program that cannot migrate says why in its note.
 func (p *procState) localList() []manager.Info {
 	all := p.mgr.List()
+	var running []int
+	for _, i := range all {
+		if i.State == manager.StateRunning {
+			running = append(running, i.PID)
+		}
+	}
+	cannot := migrate.CheckAll(running)
 	out := all[:0]
 	for _, i := range all {
 		cur, _ := p.mgr.Get(i.GID)
@@ -298,7 +305,7 @@ func (p *procState) localList() []manager.Info {
 			continue
 		}
 		if i.State == manager.StateRunning && m == nil {
-			if why := migrate.Check(i.PID); why != "" {
+			if why := cannot[i.PID]; why != "" {
 				if i.Note != "" {
 					i.Note += "; "
 				}

@@ -19,7 +19,30 @@ var allowedDevices = map[string]bool{
 // with it) cannot migrate, or "" if nothing known stops it. It looks at
 // /proc only; CRIU may still refuse something this does not know.
 func Check(pid int) string {
-	tree := descendants(pid)
+	return CheckAll([]int{pid})[pid]
+}
+
+// CheckAll is Check for several processes, reading the process table once.
+// Processes with nothing against them are not in the map.
+func CheckAll(pids []int) map[int]string {
+	out := map[int]string{}
+	if len(pids) == 0 {
+		return out
+	}
+	children := childrenMap()
+	for _, pid := range pids {
+		if why := checkTree(pid, children); why != "" {
+			out[pid] = why
+		}
+	}
+	return out
+}
+
+func checkTree(pid int, children map[int][]int) string {
+	tree := []int{pid}
+	for i := 0; i < len(tree) && i < 4096; i++ {
+		tree = append(tree, children[tree[i]]...)
+	}
 	for _, p := range tree {
 		if why := checkOne(p); why != "" {
 			if p != pid {
@@ -122,8 +145,8 @@ func hexAddr(s string) string {
 	return fmt.Sprintf("[%s]:%d", a, port)
 }
 
-// descendants returns pid and every process below it.
-func descendants(pid int) []int {
+// childrenMap maps each process to its children.
+func childrenMap() map[int][]int {
 	children := map[int][]int{}
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -135,11 +158,7 @@ func descendants(pid int) []int {
 			children[pp] = append(children[pp], n)
 		}
 	}
-	out := []int{pid}
-	for i := 0; i < len(out) && i < 4096; i++ {
-		out = append(out, children[out[i]]...)
-	}
-	return out
+	return children
 }
 
 // ppid reads the parent of pid from /proc/PID/stat, or 0.
