@@ -668,8 +668,8 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 	gw = nil
 	r := <-restoreRes
 	pr, stdio, pidns := r.pr, r.stdio, r.pidns
-	if err == nil {
-		err = r.err
+	if r.err != nil {
+		err = r.err // the holder's own word, rather than a broken gate pipe
 	}
 	if err != nil {
 		stopLazy()
@@ -1104,7 +1104,11 @@ func (p *procState) restoreCheckpoint(sc *stream.Conn, b criu.Binary, dir string
 	}
 	p.remember(spec.GID, p.a.id.Node)
 	_ = sc.WriteJSON(stream.Restored, migrate.Restored{Node: p.a.id.Node, PID: pr.PID, RestoreMS: ms(time.Since(start)), PIDNS: pidns})
-	_, _ = sc.Read() // until the caller closes (bounded by its timeout)
+	// Until the caller, having read the answer, closes (bounded).
+	if c, ok := sc.Underlying().(net.Conn); ok {
+		_ = c.SetReadDeadline(time.Now().Add(drainTimeout))
+	}
+	_, _ = sc.Read()
 }
 
 // checkpointRoutes serves checkpoint (forwarded to the program's node) and
