@@ -23,14 +23,15 @@ func PrintTable(w io.Writer, r *Result) {
 	fmt.Fprintf(w, "CEILING: the best vs ALL-LOCAL any pager could reach here (seq/scan: the non-local part of each pass at the pool's bulk rate\n"+
 		"and CPU, overlapped with the program; rand: each miss one raw round trip); baselines: the faster of two runs\n")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "WORKLOAD\tLOCAL\tONEBOX\tUNIT\tvs ALL-LOCAL\tCEILING\tvs PLAIN\tSWAP\tONEBOX/SWAP\tSWAP-INS\tEVICTED")
+	fmt.Fprintln(tw, "WORKLOAD\tLOCAL\tONEBOX\tUNIT\tvs ALL-LOCAL\tCEILING\tvs PLAIN\tSWAP\tONEBOX/SWAP\tSWAP-INS\tSWAP PEAK MiB\tEVICTED")
 	for _, row := range r.Rows {
-		swap, vs, ins := "-", "-", "-"
+		swap, vs, ins, peak := "-", "-", "-", "-"
 		if row.Swap > 0 {
 			swap, vs, ins = fmt.Sprintf("%.4g", row.Swap), fmt.Sprintf("%.2fx", row.VsSwap), fmt.Sprint(row.SwapIns)
+			peak = fmt.Sprintf("%.0f", row.SwapPeakMiB)
 		}
-		fmt.Fprintf(tw, "%s\t%d%%\t%.4g\t%s\t%.2fx\t%.2fx\t%.2fx\t%s\t%s\t%s\t%d\n", row.Workload, row.LocalPct, row.Onebox, row.Unit,
-			row.VsAllLocal, row.Ceiling, row.VsPlain, swap, vs, ins, row.Evicted)
+		fmt.Fprintf(tw, "%s\t%d%%\t%.4g\t%s\t%.2fx\t%.2fx\t%.2fx\t%s\t%s\t%s\t%s\t%d\n", row.Workload, row.LocalPct, row.Onebox, row.Unit,
+			row.VsAllLocal, row.Ceiling, row.VsPlain, swap, vs, ins, peak, row.Evicted)
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "\ntimed part under the pager: faults, MiB from the pool, the pager's time (ms) and the CPU of the bench process\n"+
