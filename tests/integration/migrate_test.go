@@ -545,3 +545,51 @@ func TestMigrateSourceDiesAfterPages(t *testing.T) {
 	}
 	a.checkContinuous()
 }
+
+// A detached program migrates too: its output goes on in a new log file
+// on the target, the count continuing where the source's log stopped.
+func TestMigrateDetached(t *testing.T) {
+	t.Parallel()
+	prog := needMigration(t)
+	c := startCluster(t, testbed.Options{Nodes: 2})
+	n1, n2 := c.Nodes[0], c.Nodes[1]
+	r := cli(t, nil, "run", "--detach", "--agent", n1.Agent(), "--node", n1.Name, "--", prog, "4")
+	if r.code != 0 {
+		t.Fatalf("run: %d %s", r.code, r.stderr)
+	}
+	gid := strings.TrimSpace(r.stdout)
+	counts := func(n *testbed.Node) []int {
+		b, _ := os.ReadFile(filepath.Join(n.DataDir, "proc", "logs", gid+".log"))
+		var out []int
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "c "); ok {
+				if k, err := strconv.Atoi(v); err == nil {
+					out = append(out, k)
+				}
+			}
+		}
+		return out
+	}
+	testbed.WaitFor(ctxT(t, 30*time.Second), 20*time.Second, "counts in the log", func(context.Context) (bool, error) {
+		return len(counts(n1)) >= 10, nil
+	})
+	if _, mr := migrateCLI(t, n1, gid, n2.Name); mr.code != 0 {
+		t.Fatalf("migrate: %d %s", mr.code, mr.stderr)
+	}
+	var after []int
+	testbed.WaitFor(ctxT(t, 30*time.Second), 20*time.Second, "counts on "+n2.Name, func(context.Context) (bool, error) {
+		after = counts(n2)
+		return len(after) >= 10, nil
+	})
+	all := append(counts(n1), after...)
+	for i, k := range all {
+		if k != i+1 {
+			t.Fatalf("count %d is %d: the logs of %s and %s do not continue each other", i+1, k, n1.Name, n2.Name)
+		}
+	}
+	pi := waitProc(t, n1, "the program on "+n2.Name, func(i manager.Info) bool { return i.GID == gid && i.Node == n2.Name })
+	if !pi.Detached || !strings.HasSuffix(pi.Log, gid+".log") {
+		t.Errorf("after the migration: %+v", pi)
+	}
+	cli(t, nil, "kill", "-KILL", "--agent", n1.Agent(), gid)
+}
