@@ -121,9 +121,10 @@ func (a *Agent) memJanitor(st *memState) {
 	defer close(st.done)
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
-	// Once gossip has had a moment to list the members, greet them: if
-	// this node restarted, they drop what its previous run stored.
-	greeted := false
+	// Greet the members each tick: a member this node has no connection
+	// to yet (it just joined, or this node restarted, or they were apart)
+	// gets a hello, and drops what a previous run of this node stored
+	// there. Members already connected cost nothing.
 	// A node that just joined may store here before gossip lists it:
 	// unlisted peers are dropped only after 3 ticks in a row.
 	unlisted := map[string]int{}
@@ -133,12 +134,9 @@ func (a *Agent) memJanitor(st *memState) {
 			return
 		case <-t.C:
 		}
-		if !greeted {
-			greeted = true
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			st.pool.Greet(ctx)
-			cancel()
-		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		st.pool.Greet(ctx)
+		cancel()
 		status := map[string]membership.Status{}
 		for _, m := range a.members.Members() {
 			status[m.Name] = m.Status

@@ -905,10 +905,11 @@ func (p *Pool) DropOwner(ctx context.Context, owner string) error {
 	return p.toNodes(ctx, nodes, pageproto.Header{Op: pageproto.OpDropOwner}, owner)
 }
 
-// Greet says hello to every live node. A node that restarted is known by
-// its new instance: servers drop what its previous incarnation stored
-// (whose programs are gone) at the first hello, and an agent calls Greet
-// once it has joined rather than waiting for its first store.
+// Greet makes sure there is a connection to every live node (a hello on
+// a new one). A node that restarted is known by its new instance: servers
+// drop what its previous incarnation stored (whose programs are gone) at
+// the first hello, so an agent calls Greet periodically rather than
+// waiting for its first store to each node.
 func (p *Pool) Greet(ctx context.Context) {
 	var wg sync.WaitGroup
 	for _, n := range p.candidates() {
