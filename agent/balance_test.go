@@ -1,7 +1,10 @@
 package agent
 
 import (
+	"bytes"
+	"fmt"
 	"math"
+	"os"
 	"os/exec"
 	"syscall"
 	"testing"
@@ -44,6 +47,21 @@ func TestCountRunnable(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer func() { c.Process.Kill(); c.Wait() }()
+	}
+	// A process that is still starting (fork, exec, loading) is runnable:
+	// sample once sleep is asleep, as it is for the rest of its life.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", idle.Process.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i := bytes.LastIndexByte(b, ')'); i > 0 && len(b) > i+2 && b[i+2] == 'S' {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sleep never went to sleep: %s", b)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	var busyR, idleR int
 	const rounds = 20
