@@ -28,6 +28,12 @@ const PayloadTimeout = 10 * time.Second
 // WriteTimeout bounds each response write.
 const WriteTimeout = 10 * time.Second
 
+// MaxOwners bounds how many owners may hold a reservation at once (all
+// members together): the map of reservations is fed from the network, and
+// reservations of a few bytes each would otherwise grow it without a
+// bound that capacity sets.
+const MaxOwners = 1 << 16
+
 type page = [pageproto.PageSize]byte
 
 // ownerKey names an owner's pages: the node that stored them and the
@@ -355,6 +361,12 @@ func (cn *conn) handle(h pageproto.Header, p []byte) (pageproto.Status, []byte) 
 	case pageproto.OpReserve:
 		if s.reserved+h.Arg > s.capacity || s.reserved+h.Arg < s.reserved {
 			return pageproto.StatusFull, fmt.Appendf(nil, "node has %d of %d bytes reserved, %d more asked", s.reserved, s.capacity, h.Arg)
+		}
+		if h.Arg == 0 {
+			return pageproto.StatusOK, nil // nothing to account: no entry
+		}
+		if _, held := s.owners[ok]; !held && len(s.owners) >= MaxOwners {
+			return pageproto.StatusFull, fmt.Appendf(nil, "node holds reservations of %d owners, the most it keeps", len(s.owners))
 		}
 		s.reserved += h.Arg
 		s.owners[ok] += h.Arg

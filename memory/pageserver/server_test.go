@@ -2,6 +2,7 @@ package pageserver
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"testing"
 	"time"
@@ -126,4 +127,34 @@ func FuzzServeConn(f *testing.F) {
 			t.Fatalf("beyond capacity: %+v", st)
 		}
 	})
+}
+
+// TestReservationsBounded: empty reservations keep no entry, and the
+// number of owners holding one is bounded whatever their sizes.
+func TestReservationsBounded(t *testing.T) {
+	s := New(1<<40, nil)
+	n1 := dial(t, s, "n1", 1)
+	for i := range 100 {
+		if st, _ := n1.do(pageproto.Header{Op: pageproto.OpReserve}, fmt.Sprint("o", i), nil); st != pageproto.StatusOK {
+			t.Fatalf("reserve 0: %v", st)
+		}
+	}
+	s.mu.Lock()
+	n := len(s.owners)
+	s.mu.Unlock()
+	if n != 0 {
+		t.Fatalf("%d owners kept for reservations of 0 bytes", n)
+	}
+	s.mu.Lock()
+	for i := range MaxOwners {
+		s.owners[ownerKey{"n1", fmt.Sprint("p", i)}] = 1
+	}
+	s.reserved += MaxOwners
+	s.mu.Unlock()
+	if st, _ := n1.do(pageproto.Header{Op: pageproto.OpReserve, Arg: 1}, "new", nil); st != pageproto.StatusFull {
+		t.Fatalf("reservation of owner %d: %v, want full", MaxOwners+1, st)
+	}
+	if st, _ := n1.do(pageproto.Header{Op: pageproto.OpReserve, Arg: 1}, "p0", nil); st != pageproto.StatusOK {
+		t.Fatalf("more for an owner already holding some: %v", st)
+	}
 }
