@@ -158,12 +158,20 @@ func SendFiles(c *stream.Conn, dir string) (int64, error) {
 	return total, c.Write(stream.FilesDone, nil)
 }
 
-// FileSink writes received File frames into a directory.
+// MaxFiles bounds how many files a FileSink takes (a dump has a few per
+// process and thread of the program).
+const MaxFiles = 1 << 14
+
+// FileSink writes received File frames into a directory. SendFiles sends
+// each file's frames in a row, so one file is open at a time; a name that
+// comes back after another file began is refused (O_EXCL).
 type FileSink struct {
 	Dir   string
 	Max   int64 // bound on the total size
 	total int64
-	open  map[string]*os.File
+	files int
+	name  string
+	cur   *os.File
 }
 
 // Write appends one File frame's data to its file.
@@ -176,35 +184,36 @@ func (s *FileSink) Write(payload []byte) error {
 	if s.Max > 0 && s.total > s.Max {
 		return fmt.Errorf("migrate: checkpoint images larger than %d bytes", s.Max)
 	}
-	if s.open == nil {
-		s.open = map[string]*os.File{}
-	}
-	f := s.open[name]
-	if f == nil {
-		f, err = os.OpenFile(filepath.Join(s.Dir, name), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if s.cur == nil || name != s.name {
+		if err := s.Close(); err != nil {
+			return err
+		}
+		if s.files++; s.files > MaxFiles {
+			return fmt.Errorf("migrate: checkpoint of more than %d files", MaxFiles)
+		}
+		f, err := os.OpenFile(filepath.Join(s.Dir, name), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 		if err != nil {
 			return err
 		}
-		s.open[name] = f
+		s.cur, s.name = f, name
 	}
-	_, err = f.Write(data)
+	_, err = s.cur.Write(data)
 	return err
 }
 
-// Close closes the files, reporting the first error (a full disk may
-// only show on close).
+// Close closes the open file, reporting its error (a full disk may only
+// show on close).
 func (s *FileSink) Close() error {
-	var first error
-	for _, f := range s.open {
-		if err := f.Sync(); err != nil && first == nil {
-			first = err
-		}
-		if err := f.Close(); err != nil && first == nil {
-			first = err
-		}
+	f := s.cur
+	if f == nil {
+		return nil
 	}
-	s.open = nil
-	return first
+	s.cur = nil
+	err := f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // Tunnel carries CRIU's page-server stream between the local CRIU's

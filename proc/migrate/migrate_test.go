@@ -3,6 +3,7 @@ package migrate
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -154,6 +155,41 @@ func TestFilesRoundTrip(t *testing.T) {
 		t.Error("sink took more than its bound")
 	}
 	small.Close()
+}
+
+// TestFileSinkOneFileOpen: the sink keeps one file open whatever the
+// number of files, refuses a file that comes back after another, and
+// refuses more than MaxFiles files.
+func TestFileSinkOneFileOpen(t *testing.T) {
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Skip(err)
+		}
+		return len(ents)
+	}
+	before := fds()
+	sink := &FileSink{Dir: t.TempDir()}
+	defer sink.Close()
+	for i := range 200 {
+		if err := sink.Write(stream.AppendFile(nil, fmt.Sprintf("f%d.img", i), []byte("x"))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := fds() - before; n > 20 {
+		t.Fatalf("%d more fds open after 200 files", n)
+	}
+	if err := sink.Write(stream.AppendFile(nil, "f0.img", []byte("y"))); err == nil {
+		t.Error("a file came back after another and was appended to")
+	}
+	many := &FileSink{Dir: t.TempDir(), files: MaxFiles - 1}
+	defer many.Close()
+	if err := many.Write(stream.AppendFile(nil, "last", nil)); err != nil {
+		t.Fatalf("file %d: %v", MaxFiles, err)
+	}
+	if err := many.Write(stream.AppendFile(nil, "one-more", nil)); err == nil {
+		t.Errorf("sink took %d files", MaxFiles+1)
+	}
 }
 
 // FuzzSpec: a Migrate frame from the network either fails to validate or
