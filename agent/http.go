@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log"
 	"log/slog"
 	"net/http"
@@ -199,3 +201,47 @@ func umask(m int) int { return unix.Umask(m) }
 // flock takes an exclusive, non-blocking lock on f (released when f closes
 // or the process dies, so a killed agent never leaves a stale lock).
 func flock(f *os.File) error { return unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) }
+
+// callMember makes one control-API request to member m over mutual TLS,
+// bounded by timeout: body (if not nil) is sent as JSON, the answer is
+// decoded into v. It checks the answer comes from m (the certificate's
+// name), and turns an error answer into a *peerError with its status.
+func (a *Agent) callMember(ctx context.Context, m membership.Member, method, path string, timeout time.Duration, body, v any) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "https://"+m.FabricAddr+path, rd)
+	if err != nil {
+		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := a.peers.hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.TLS == nil || pki.PeerName(*resp.TLS) != m.Name {
+		return fmt.Errorf("the node at %s is not %s", m.FabricAddr, m.Name)
+	}
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode/100 != 2 {
+		var eb api.ErrorBody
+		if json.Unmarshal(b, &eb) == nil && eb.Error != "" {
+			return &peerError{code: resp.StatusCode, msg: eb.Error}
+		}
+		return &peerError{code: resp.StatusCode, msg: fmt.Sprintf("HTTP %d", resp.StatusCode)}
+	}
+	return json.Unmarshal(b, v)
+}

@@ -1,13 +1,11 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -750,42 +748,9 @@ func (s *svcState) clusterList(ctx context.Context) service.List {
 }
 
 // peerCall makes one control-API request to a member over mutual TLS,
-// bounded by PeerTimeout, and checks the answer comes from that member.
+// bounded by PeerTimeout (see Agent.callMember).
 func (s *svcState) peerCall(ctx context.Context, m membership.Member, method, path string, body, v any) error {
-	ctx, cancel := context.WithTimeout(ctx, s.a.cfg.PeerTimeout)
-	defer cancel()
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, "https://"+m.FabricAddr+path, rd)
-	if err != nil {
-		return err
-	}
-	resp, err := s.a.peers.hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.TLS == nil || pki.PeerName(*resp.TLS) != m.Name {
-		return fmt.Errorf("the node at %s is not %s", m.FabricAddr, m.Name)
-	}
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode/100 != 2 {
-		var eb api.ErrorBody
-		if json.Unmarshal(b, &eb) == nil && eb.Error != "" {
-			return &peerError{code: resp.StatusCode, msg: eb.Error}
-		}
-		return &peerError{code: resp.StatusCode, msg: fmt.Sprintf("HTTP %d", resp.StatusCode)}
-	}
-	return json.Unmarshal(b, v)
+	return s.a.callMember(ctx, m, method, path, s.a.cfg.PeerTimeout, body, v)
 }
 
 // httpError is a failure with the HTTP status to answer it with.
