@@ -51,6 +51,7 @@ const (
 	pathMigrate = "/v1/procs/{gid}/migrate"
 
 	migrateReadyTimeout   = 2 * time.Minute  // dump to images written
+	checkpointTimeout     = 10 * time.Minute // a checkpoint's dump, memory included
 	migrateRestoreTimeout = 2 * time.Minute  // images sent to Restored
 	migratePagesTimeout   = 30 * time.Minute // Restored to the last page
 	migrateFrameTimeout   = time.Minute      // between two frames of the image phase
@@ -1005,21 +1006,19 @@ func (p *procState) checkpoint(gid, dir string, stop bool) (CheckpointResult, er
 		}
 		spec.Stdio[fd] = k
 	}
-	args := []string{"dump", "-t", strconv.Itoa(spec.PID), "-j", "-D", dir, "-o", "dump.log", criu.LogLevel}
+	args := []string{"dump", "-t", strconv.Itoa(spec.PID), "-j"}
 	if !stop {
 		args = append(args, "--leave-running")
 	}
 	start := time.Now()
-	c := b.Command(p.ctx, args...)
-	if wrap := enterNamespaces(pr.PID, spec.PID); wrap != nil {
-		c.Args = append([]string{"nsenter", "-t", strconv.Itoa(pr.PID), "-p", "-m", "--"}, c.Args...)
-		if c.Path, err = exec.LookPath("nsenter"); err != nil {
-			return res, migrateErr(http.StatusServiceUnavailable, "the program runs in a PID namespace and nsenter is missing")
-		}
+	// Bounded: a CRIU that hangs would keep the program frozen; killing
+	// it (with a wrapping nsenter, its process group) lets it run on.
+	dump, err := b.Start(p.ctx, dir, "dump.log", nil, args, enterNamespaces(pr.PID, spec.PID))
+	if err != nil {
+		return res, migrateErr(http.StatusServiceUnavailable, "node %s cannot checkpoint: %v", p.a.id.Node, err)
 	}
-	if out, err := c.CombinedOutput(); err != nil {
-		return res, migrateErr(http.StatusInternalServerError, "criu dump: %v: %s %s (the process goes on running)", err,
-			strings.TrimSpace(string(out)), criu.LogTail(filepath.Join(dir, "dump.log")))
+	if err := dump.WaitFor(checkpointTimeout); err != nil {
+		return res, migrateErr(http.StatusInternalServerError, "criu dump: %v (%s) (the process goes on running)", err, dump.Tail())
 	}
 	res.DumpMS = ms(time.Since(start))
 	meta, _ := json.MarshalIndent(spec, "", "  ")
@@ -1147,7 +1146,7 @@ func (p *procState) checkpointRoute(w http.ResponseWriter, r *http.Request) {
 		}
 		var res CheckpointResult
 		q.Set("scope", "node")
-		err := p.peerCallTimeout(r.Context(), m, http.MethodPost, "/v1/procs/"+url.PathEscape(gid)+"/checkpoint?"+q.Encode(), migrateRestoreTimeout, &res)
+		err := p.peerCallTimeout(r.Context(), m, http.MethodPost, "/v1/procs/"+url.PathEscape(gid)+"/checkpoint?"+q.Encode(), checkpointTimeout+time.Minute, &res)
 		reply(res, err)
 		return
 	}

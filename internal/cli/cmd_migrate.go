@@ -69,7 +69,7 @@ running unless --stop. 'onebox restore DIR' starts it again later, on any node.`
 				q.Set("stop", "1")
 			}
 			var res agent.CheckpointResult
-			if err := agentPost(cmd, "/v1/procs/"+url.PathEscape(args[0])+"/checkpoint?"+q.Encode(), 5*time.Minute, &res); err != nil {
+			if err := agentPost(cmd, "/v1/procs/"+url.PathEscape(args[0])+"/checkpoint?"+q.Encode(), 12*time.Minute, &res); err != nil {
 				return err
 			}
 			if format == "json" {

@@ -16,6 +16,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -135,6 +136,7 @@ type Cmd struct {
 	Dir string // the images directory, which also holds its log
 	Log string // log file name in Dir
 
+	name    string     // the CRIU command (dump, lazy-pages, ...)
 	ready   chan error // gets nil when CRIU writes its status byte, or an error
 	waitErr chan error // Wait's result, once
 }
@@ -155,6 +157,14 @@ func (b Binary) Start(ctx context.Context, dir, log string, extra []*os.File, ar
 	c := b.Command(ctx, full...)
 	c.ExtraFiles = files
 	c.Stderr = nil
+	// Its own process group, killed whole: CRIU may run under a wrapper
+	// (nsenter forks it, and does not pass SIGKILL on), and a CRIU left
+	// running would keep a dumped program frozen.
+	if c.SysProcAttr == nil {
+		c.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	c.SysProcAttr.Setpgid = true
+	c.Cancel = func() error { return killGroup(c.Process) }
 	if start == nil {
 		start = (*exec.Cmd).Start
 	}
@@ -164,7 +174,7 @@ func (b Binary) Start(ctx context.Context, dir, log string, extra []*os.File, ar
 		return nil, fmt.Errorf("start criu %s: %w", args[0], err)
 	}
 	sw.Close()
-	cc := &Cmd{Cmd: c, Dir: dir, Log: log, ready: make(chan error, 1), waitErr: make(chan error, 1)}
+	cc := &Cmd{Cmd: c, Dir: dir, Log: log, name: args[0], ready: make(chan error, 1), waitErr: make(chan error, 1)}
 	go func() {
 		defer sr.Close()
 		var b [1]byte
@@ -191,12 +201,39 @@ func (c *Cmd) Ready(timeout time.Duration) error {
 // Done returns a channel that gets the command's exit (nil: success), once.
 func (c *Cmd) Done() <-chan error { return c.waitErr }
 
-// Kill ends the command at once (SIGKILL). Killing a lazy dump resumes
-// the dumped processes: they run on where they were.
+// Kill ends the command and whatever it started (its process group) at
+// once (SIGKILL). Killing a lazy dump resumes the dumped processes: they
+// run on where they were.
 func (c *Cmd) Kill() {
 	if c.Process != nil {
-		_ = c.Process.Kill()
+		_ = killGroup(c.Process)
 	}
+}
+
+// WaitFor waits for the command's end, for at most timeout: past it the
+// command is killed (Kill) and WaitFor returns an error saying so. It
+// takes the exit that Done would give.
+func (c *Cmd) WaitFor(timeout time.Duration) error {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case err := <-c.waitErr:
+		return err
+	case <-t.C:
+		c.Kill()
+		<-c.waitErr
+		return fmt.Errorf("criu %s did not end within %v: killed (%s)", c.name, timeout, c.Tail())
+	}
+}
+
+// killGroup kills p's process group (p leads it), and p itself should it
+// have left it.
+func killGroup(p *os.Process) error {
+	err := syscall.Kill(-p.Pid, syscall.SIGKILL)
+	if kerr := p.Kill(); err != nil {
+		err = kerr
+	}
+	return err
 }
 
 // Tail returns the last error lines of the command's log, for messages.

@@ -242,3 +242,50 @@ func TestDumpRestore(t *testing.T) {
 		t.Fatalf("kill restored process group: %v", err)
 	}
 }
+
+// TestKillEndsWrappedCommand: Kill and WaitFor end what the command
+// started too (as nsenter forks CRIU and does not pass SIGKILL on), so a
+// hung CRIU under a wrapper does not keep running.
+func TestKillEndsWrappedCommand(t *testing.T) {
+	dir := t.TempDir()
+	fake := filepath.Join(dir, "criu")
+	pidFile := filepath.Join(dir, "child.pid")
+	script := "#!/bin/sh\nsleep 300 &\necho $! > " + pidFile + "\nwait\n"
+	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, how := range []string{"kill", "waitfor"} {
+		os.Remove(pidFile)
+		c, err := Binary{Path: fake}.Start(context.Background(), dir, "x.log", nil, []string{"dump"}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		child := 0
+		for deadline := time.Now().Add(30 * time.Second); child == 0; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the fake criu did not start its child")
+			}
+			if b, err := os.ReadFile(pidFile); err == nil {
+				child, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+			}
+		}
+		if how == "kill" {
+			c.Kill()
+			<-c.Done()
+		} else if err := c.WaitFor(100 * time.Millisecond); err == nil || !strings.Contains(err.Error(), "did not end") {
+			t.Fatalf("WaitFor of a hung command: %v", err)
+		}
+		// The child is gone (or a zombie waiting for init) within a
+		// generous bound.
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", child))
+			if err != nil || strings.Contains(string(b), ") Z") {
+				break
+			}
+			if time.Now().After(deadline) {
+				syscall.Kill(child, syscall.SIGKILL)
+				t.Fatalf("%s: the command's child %d still runs", how, child)
+			}
+		}
+	}
+}
