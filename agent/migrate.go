@@ -902,18 +902,7 @@ func (p *procState) migrateRoute(w http.ResponseWriter, r *http.Request) {
 		replyJSON(w, http.StatusBadRequest, api.ErrorBody{Error: "say where to: a node name or 'home'"})
 		return
 	}
-	reply := func(res migrate.Result, err error) {
-		if err != nil {
-			var pe *peerError
-			if errors.As(err, &pe) {
-				replyJSON(w, pe.code, api.ErrorBody{Error: pe.msg})
-				return
-			}
-			replyJSON(w, http.StatusInternalServerError, api.ErrorBody{Error: err.Error()})
-			return
-		}
-		replyJSON(w, http.StatusOK, res)
-	}
+	reply := func(res migrate.Result, err error) { replyResult(w, res, err) }
 	if _, ok := p.mgr.Get(gid); ok || q.Get("scope") == "node" {
 		reply(p.migrateOut(r.Context(), gid, target, "user", ""))
 		return
@@ -1116,18 +1105,7 @@ func (p *procState) checkpointRoute(w http.ResponseWriter, r *http.Request) {
 	gid := r.PathValue("gid")
 	q := r.URL.Query()
 	dir, stop := q.Get("dir"), q.Get("stop") == "1"
-	reply := func(v any, err error) {
-		if err != nil {
-			var pe *peerError
-			if errors.As(err, &pe) {
-				replyJSON(w, pe.code, api.ErrorBody{Error: pe.msg})
-				return
-			}
-			replyJSON(w, http.StatusInternalServerError, api.ErrorBody{Error: err.Error()})
-			return
-		}
-		replyJSON(w, http.StatusOK, v)
-	}
+	reply := func(v any, err error) { replyResult(w, v, err) }
 	if !manager.ValidGID(gid) {
 		reply(nil, migrateErr(http.StatusNotFound, "%q is not a process id ('onebox ps' lists them)", gid))
 		return
@@ -1156,14 +1134,20 @@ func (p *procState) checkpointRoute(w http.ResponseWriter, r *http.Request) {
 func (p *procState) restoreRoute(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	res, err := p.restoreFrom(r.Context(), q.Get("dir"), q.Get("node"))
-	if err != nil {
-		var pe *peerError
-		if errors.As(err, &pe) {
-			replyJSON(w, pe.code, api.ErrorBody{Error: pe.msg})
-			return
-		}
-		replyJSON(w, http.StatusInternalServerError, api.ErrorBody{Error: err.Error()})
+	replyResult(w, res, err)
+}
+
+// replyResult answers v, or err with its status (a *peerError's, else
+// 500).
+func replyResult(w http.ResponseWriter, v any, err error) {
+	if err == nil {
+		replyJSON(w, http.StatusOK, v)
 		return
 	}
-	replyJSON(w, http.StatusOK, res)
+	var pe *peerError
+	if errors.As(err, &pe) {
+		replyJSON(w, pe.code, api.ErrorBody{Error: pe.msg})
+		return
+	}
+	replyJSON(w, http.StatusInternalServerError, api.ErrorBody{Error: err.Error()})
 }

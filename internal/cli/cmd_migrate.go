@@ -174,7 +174,7 @@ func runMigrate(cmd *cobra.Command, args []string) error {
 }
 
 // agentPost makes a POST to the local agent's control socket and decodes
-// the JSON answer into v; an error answer becomes the error.
+// the JSON answer into v (nil: ignored); an error answer becomes the error.
 func agentPost(cmd *cobra.Command, path string, timeout time.Duration, v any) error {
 	dial, err := agentDial(cmd)
 	if err != nil {
@@ -203,6 +203,9 @@ func agentPost(cmd *cobra.Command, path string, timeout time.Duration, v any) er
 			return errors.New(eb.Error)
 		}
 		return fmt.Errorf("agent: HTTP %d", resp.StatusCode)
+	}
+	if v == nil {
+		return nil
 	}
 	return json.Unmarshal(body, v)
 }

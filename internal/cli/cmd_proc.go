@@ -464,34 +464,6 @@ func runKill(cmd *cobra.Command, args []string) error {
 		return usagef("want exactly one global id ('onebox ps' lists them), got %d arguments", len(rest))
 	}
 	gid := rest[0]
-	dial, err := agentDial(cmd)
-	if err != nil {
-		return err
-	}
-	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
-	}}
 	q := url.Values{"signal": {manager.SignalName(s)}}
-	req, err := http.NewRequestWithContext(cmd.Context(), http.MethodPost, "http://agent/v1/procs/"+url.PathEscape(gid)+"/signal?"+q.Encode(), nil)
-	if err != nil {
-		return usagef("bad global id %q", gid)
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
-		return err
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if resp.StatusCode/100 != 2 {
-		var eb api.ErrorBody
-		if json.Unmarshal(body, &eb) == nil && eb.Error != "" {
-			return errors.New(eb.Error)
-		}
-		return fmt.Errorf("agent: HTTP %d", resp.StatusCode)
-	}
-	return nil
+	return agentPost(cmd, "/v1/procs/"+url.PathEscape(gid)+"/signal?"+q.Encode(), 30*time.Second, nil)
 }
