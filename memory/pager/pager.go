@@ -14,7 +14,9 @@
 // zeros for a page never written), write-protected unless the access is a
 // write, so the first write raises a WP fault that marks the page dirty.
 // Sequential faults grow a prefetch window: one pool Load and one UFFDIO_COPY
-// fill up to 1 MiB of following pages. Over the limit, victims are taken in
+// fill up to 1 MiB of following pages. Over the limit, a block read as a
+// stream gives up the pages its stream passed most recently (a cyclic scan
+// keeps the part that fits resident); otherwise victims are taken in
 // fault order with a second chance for pages written since (clock-like);
 // dirty ones are write-protected, copied out of the memfd with pread and
 // stored in the pool in batches, then every victim's page is punched out of
