@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -99,6 +100,11 @@ func (a *Agent) startProc(_ context.Context) error {
 		migrating: map[string]*migration{}, waiting: map[string]*waitingStdio{},
 	}
 	a.proc.registerMigrateMetrics()
+	// Images of migrations cut short by this agent's last death: no
+	// migration outlives its agent (nor do its programs: closeProc).
+	if err := os.RemoveAll(filepath.Join(a.cfg.DataDir, "proc", "migrate")); err != nil {
+		a.log.Warn("cannot remove the images of earlier migrations", "err", err)
+	}
 	a.mux.Handle(stream.ALPN, a.proc.serveFabric)
 	return nil
 }

@@ -332,6 +332,19 @@ func TestMigrateFailures(t *testing.T) {
 			t.Errorf("migrate to a dying node: exit %d, %q", r.code, r.stderr)
 		}
 		stillHere("the target's death")
+		// The images it received go when it starts again.
+		in := filepath.Join(n3.DataDir, "proc", "migrate", pi.GID+".in")
+		if _, err := os.Stat(in); err != nil {
+			t.Logf("no images left by the crash: %v", err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if err := c.StartNode(ctx, n3); err != nil {
+			t.Fatal(err)
+		}
+		if ents, err := os.ReadDir(filepath.Join(n3.DataDir, "proc", "migrate")); len(ents) > 0 || (err != nil && !os.IsNotExist(err)) {
+			t.Errorf("after a restart %s still holds migration images: %v %v", n3.Name, ents, err)
+		}
 	})
 
 	t.Run("NodeDown", func(t *testing.T) {
