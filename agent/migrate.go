@@ -521,6 +521,21 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 		fail("process %s is already here", spec.GID)
 		return
 	}
+	// One restore of a GID at a time: its image directory is named after
+	// it (a retry must not remove the images a lingering one still uses).
+	p.mu.Lock()
+	busy := p.incoming[spec.GID]
+	p.incoming[spec.GID] = true
+	p.mu.Unlock()
+	if busy {
+		fail("process %s is already migrating here: try again once that migration ended", spec.GID)
+		return
+	}
+	defer func() {
+		p.mu.Lock()
+		delete(p.incoming, spec.GID)
+		p.mu.Unlock()
+	}()
 	if !spec.Checkpoint && !p.a.schedulable(self) {
 		fail("this node is cordoned: it takes no moved processes")
 		return

@@ -77,6 +77,7 @@ type procState struct {
 
 	migrating map[string]*migration    // outgoing migrations by GID, kept a while after; guarded by mu
 	waiting   map[string]*waitingStdio // restored here, stdio waiting for the caller; guarded by mu
+	incoming  map[string]bool          // GIDs being restored here (their image directory in use); guarded by mu
 	mm        *migrateMetrics          // set by startProc
 }
 
@@ -97,7 +98,7 @@ func (a *Agent) startProc(_ context.Context) error {
 			Logger: a.log.With("component", "proc")}),
 		ctx: pctx, cancel: cancel,
 		conns: map[io.Closer]bool{}, where: map[string]seen{},
-		migrating: map[string]*migration{}, waiting: map[string]*waitingStdio{},
+		migrating: map[string]*migration{}, waiting: map[string]*waitingStdio{}, incoming: map[string]bool{},
 	}
 	a.proc.registerMigrateMetrics()
 	// Images of migrations cut short by this agent's last death: no
