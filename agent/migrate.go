@@ -998,7 +998,12 @@ func (p *procState) checkpoint(gid, dir string, stop bool) (CheckpointResult, er
 	if err != nil {
 		return res, migrateErr(http.StatusServiceUnavailable, "node %s cannot checkpoint: %v", p.a.id.Node, err)
 	}
+	// Private, as the images hold the program's memory (CRIU writes them
+	// 0644 under the usual umask): the directory was empty or new.
 	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return res, migrateErr(http.StatusInternalServerError, "checkpoint directory: %v", err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
 		return res, migrateErr(http.StatusInternalServerError, "checkpoint directory: %v", err)
 	}
 	spec := migrate.Spec{GID: gid, Home: pr.Home, Argv: pr.Argv, Started: pr.Started, Detached: true,

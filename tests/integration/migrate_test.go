@@ -448,12 +448,20 @@ func TestCheckpointRestore(t *testing.T) {
 	testbed.WaitFor(ctxT(t, 30*time.Second), 20*time.Second, "counts in the log", func(context.Context) (bool, error) {
 		return len(logOf(n1, gid)) >= 20, nil
 	})
+	// An empty directory anyone may read: the images (the program's
+	// memory) must not be readable by other users all the same.
 	dir := filepath.Join(t.TempDir(), "ck")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	r = cli(t, nil, "checkpoint", "--stop", "--agent", n2.Agent(), gid, dir)
 	if r.code != 0 {
 		t.Fatalf("checkpoint: %d %s", r.code, r.stderr)
 	}
 	t.Log(strings.TrimSpace(r.stdout))
+	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm()&0o077 != 0 {
+		t.Errorf("checkpoint directory: %v, %v; want no access for group and others", fi.Mode(), err)
+	}
 	saved := logOf(n1, gid)
 	last := saved[len(saved)-1]
 	r = cli(t, nil, "restore", "--agent", n1.Agent(), "--node", n2.Name, dir)
