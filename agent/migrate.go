@@ -845,9 +845,16 @@ func (p *procState) restore(b criu.Binary, dir string, spec migrate.Spec, lazy b
 	if pidns {
 		cmd.SysProcAttr.Cloneflags = syscall.CLONE_NEWPID | syscall.CLONE_NEWNS
 	}
+	// Adopt's bound runs from the holder's start: a gated holder starts
+	// while the source dumps and sends the images, which the source
+	// bounds by migrateReadyTimeout and migrateRestoreTimeout.
+	timeout := migrateRestoreTimeout
+	if gate != nil {
+		timeout += migrateReadyTimeout + migrateRestoreTimeout
+	}
 	pr, err := p.mgr.Adopt(manager.AdoptOptions{GID: spec.GID, Home: spec.Home, Argv: spec.Argv, Started: spec.Started,
 		Detached: spec.Detached, Log: logPath, Balance: spec.Balance, Note: note,
-		Holder: cmd, Status: sr, Child: migrate.ChildOf, Timeout: migrateRestoreTimeout})
+		Holder: cmd, Status: sr, Child: migrate.ChildOf, Timeout: timeout})
 	sw.Close()
 	if err != nil {
 		closeStdio()
