@@ -1085,6 +1085,10 @@ func (p *procState) restoreFrom(ctx context.Context, dir, target string) (Restor
 		return res, errors.New("the agent is shutting down")
 	}
 	defer p.untrack(conn)
+	// The caller's request bounds the transfer (a target that stops
+	// reading would block the writes for good).
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
 	sc := stream.NewConn(conn, nil)
 	if err := sc.WriteJSON(stream.Migrate, spec); err != nil {
 		return res, err
