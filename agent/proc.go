@@ -250,11 +250,16 @@ func (a *Agent) procRoutes(mux *http.ServeMux, side string) {
 			p.checkpointRoute(w, r)
 		}
 	})
-	mux.HandleFunc("POST "+pathRestore, func(w http.ResponseWriter, r *http.Request) {
-		if p := ready(w); p != nil {
-			p.restoreRoute(w, r)
-		}
-	})
+	// A restore reads a directory of this node and sends it to any node:
+	// this node's operator asks (the CLI on its control socket), no other
+	// member (nothing forwards it).
+	if side == "local" {
+		mux.HandleFunc("POST "+pathRestore, func(w http.ResponseWriter, r *http.Request) {
+			if p := ready(w); p != nil {
+				p.restoreRoute(w, r)
+			}
+		})
+	}
 	mux.HandleFunc("POST "+pathRun, func(w http.ResponseWriter, r *http.Request) {
 		p := ready(w)
 		if p == nil {

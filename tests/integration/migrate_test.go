@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/onebox-project/onebox/fabric/identity"
 	"github.com/onebox-project/onebox/internal/testenv"
 	"github.com/onebox-project/onebox/proc/criu"
 	"github.com/onebox-project/onebox/proc/manager"
@@ -461,6 +464,21 @@ func TestCheckpointRestore(t *testing.T) {
 	t.Log(strings.TrimSpace(r.stdout))
 	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm()&0o077 != 0 {
 		t.Errorf("checkpoint directory: %v, %v; want no access for group and others", fi.Mode(), err)
+	}
+	// A restore reads a directory of the node it is asked of: only that
+	// node's operator (its control socket) may ask, not another member.
+	member, err := identity.Load(n2.DataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: member.ClientTLS()}}
+	resp, err := hc.Post("https://"+n1.Ready.FabricAddr+"/v1/procs/restore?"+url.Values{"dir": {dir}, "node": {n2.Name}}.Encode(), "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("restore asked by a member over the fabric: HTTP %d, want 404", resp.StatusCode)
 	}
 	saved := logOf(n1, gid)
 	last := saved[len(saved)-1]
