@@ -647,29 +647,15 @@ func (s *balanceState) clusterReport(ctx context.Context) loadbal.ClusterReport 
 	a := s.a
 	out := loadbal.ClusterReport{Observer: a.id.Node, Nodes: []loadbal.Report{s.report()}}
 	var mu sync.Mutex
-	var wg sync.WaitGroup
-	for _, m := range a.members.Members() {
-		if m.Name == a.id.Node || m.Status == membership.StatusLeft || m.Status == membership.StatusLeaving {
-			continue
-		}
-		if m.Status != membership.StatusAlive || m.FabricAddr == "" {
-			out.Unreachable = append(out.Unreachable, manager.NodeError{Node: m.Name, Error: "node is " + string(m.Status)})
-			continue
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			r, err := s.fetchReport(ctx, m)
+	out.Unreachable = a.askPeers(func(m membership.Member) error {
+		r, err := s.fetchReport(ctx, m)
+		if err == nil {
 			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				out.Unreachable = append(out.Unreachable, manager.NodeError{Node: m.Name, Error: err.Error()})
-				return
-			}
 			out.Nodes = append(out.Nodes, r)
-		}()
-	}
-	wg.Wait()
+			mu.Unlock()
+		}
+		return err
+	})
 	sort.Slice(out.Nodes, func(i, j int) bool { return out.Nodes[i].Node < out.Nodes[j].Node })
 	sort.Slice(out.Unreachable, func(i, j int) bool { return out.Unreachable[i].Node < out.Unreachable[j].Node })
 	return out

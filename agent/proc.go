@@ -338,9 +338,10 @@ type SignalResult struct {
 
 // list asks every member for its processes, in parallel, each bounded by
 // PeerTimeout. Members that do not answer, or are down, are reported.
-func (p *procState) list(ctx context.Context) manager.ClusterList {
-	a := p.a
-	out := manager.ClusterList{Observer: a.id.Node, Procs: p.localList()}
+// askPeers calls ask for every other live member, in parallel, and
+// returns the members it could not ask (not alive) or whose ask failed.
+func (a *Agent) askPeers(ask func(m membership.Member) error) []manager.NodeError {
+	var bad []manager.NodeError
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	for _, m := range a.members.Members() {
@@ -348,23 +349,36 @@ func (p *procState) list(ctx context.Context) manager.ClusterList {
 			continue
 		}
 		if m.Status != membership.StatusAlive || m.FabricAddr == "" {
-			out.Unreachable = append(out.Unreachable, manager.NodeError{Node: m.Name, Error: "node is " + string(m.Status)})
+			bad = append(bad, manager.NodeError{Node: m.Name, Error: "node is " + string(m.Status)})
 			continue
 		}
 		wg.Add(1)
-		go func(m membership.Member) {
+		go func() {
 			defer wg.Done()
-			procs, err := p.fetchList(ctx, m)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				out.Unreachable = append(out.Unreachable, manager.NodeError{Node: m.Name, Error: err.Error()})
-				return
+			if err := ask(m); err != nil {
+				mu.Lock()
+				bad = append(bad, manager.NodeError{Node: m.Name, Error: err.Error()})
+				mu.Unlock()
 			}
-			out.Procs = append(out.Procs, procs...)
-		}(m)
+		}()
 	}
 	wg.Wait()
+	return bad
+}
+
+func (p *procState) list(ctx context.Context) manager.ClusterList {
+	a := p.a
+	out := manager.ClusterList{Observer: a.id.Node, Procs: p.localList()}
+	var mu sync.Mutex
+	out.Unreachable = a.askPeers(func(m membership.Member) error {
+		procs, err := p.fetchList(ctx, m)
+		if err == nil {
+			mu.Lock()
+			out.Procs = append(out.Procs, procs...)
+			mu.Unlock()
+		}
+		return err
+	})
 	for _, pi := range out.Procs {
 		p.remember(pi.GID, pi.Node)
 	}
