@@ -408,51 +408,56 @@ func benchMS(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 
 
 // waitRSS waits (at most 5 minutes) until pid has want bytes resident.
 func waitRSS(ctx context.Context, pid int, want uint64) error {
-	deadline := time.Now().Add(5 * time.Minute)
-	for time.Now().Before(deadline) {
+	return pollFill(ctx, fmt.Sprintf("process %d", pid), 50*time.Millisecond, func() (bool, error) {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/statm", pid))
 		if err != nil {
-			return fmt.Errorf("process %d: %w", pid, err)
+			return false, fmt.Errorf("process %d: %w", pid, err)
 		}
 		f := strings.Fields(string(b))
 		if len(f) > 1 {
 			if pages, _ := strconv.ParseUint(f[1], 10, 64); pages*uint64(os.Getpagesize()) >= want {
-				return nil
+				return true, nil
 			}
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	return fmt.Errorf("process %d did not fill its memory in 5 minutes", pid)
+		return false, nil
+	})
 }
 
 // waitGIDRSS waits until 'onebox ps' shows gid with want bytes resident.
 func waitGIDRSS(ctx context.Context, obx func(...string) ([]byte, error), gid string, want uint64) error {
-	deadline := time.Now().Add(5 * time.Minute)
-	for time.Now().Before(deadline) {
+	return pollFill(ctx, "process "+gid, 100*time.Millisecond, func() (bool, error) {
 		out, err := obx("ps", "-o", "json")
 		if err != nil {
-			return err
+			return false, err
 		}
 		var l manager.ClusterList
 		if err := json.Unmarshal(out, &l); err != nil {
-			return err
+			return false, err
 		}
 		for _, p := range l.Procs {
 			if p.GID == gid && p.RSSBytes >= want {
-				return nil
+				return true, nil
 			}
+		}
+		return false, nil
+	})
+}
+
+// pollFill polls filled every interval until it says true or fails, ctx
+// ends, or 5 minutes pass (then the error says what did not fill).
+func pollFill(ctx context.Context, what string, interval time.Duration, filled func() (bool, error)) error {
+	deadline := time.Now().Add(5 * time.Minute)
+	for time.Now().Before(deadline) {
+		if ok, err := filled(); ok || err != nil {
+			return err
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(interval):
 		}
 	}
-	return fmt.Errorf("process %s did not fill its memory in 5 minutes", gid)
+	return fmt.Errorf("%s did not fill its memory in 5 minutes", what)
 }
 
 // demoMigrate is the demo's migration step: a counter started on the
