@@ -224,7 +224,8 @@ func (a *Agent) callMember(ctx context.Context, m membership.Member, method, pat
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := a.peers.hc.Do(req)
+	hc := &http.Client{Transport: a.peers.hc.Transport} // bounded by ctx, which may exceed PeerTimeout
+	resp, err := hc.Do(req)
 	if err != nil {
 		return err
 	}

@@ -412,33 +412,7 @@ func (p *procState) peerCall(ctx context.Context, m membership.Member, method, p
 
 // peerCallTimeout is peerCall bounded by timeout instead.
 func (p *procState) peerCallTimeout(ctx context.Context, m membership.Member, method, path string, timeout time.Duration, v any) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, "https://"+m.FabricAddr+path, nil)
-	if err != nil {
-		return err
-	}
-	hc := &http.Client{Transport: p.a.peers.hc.Transport} // bounded by ctx
-	resp, err := hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.TLS == nil || pki.PeerName(*resp.TLS) != m.Name {
-		return fmt.Errorf("the node at %s is not %s", m.FabricAddr, m.Name)
-	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode/100 != 2 {
-		var eb api.ErrorBody
-		if json.Unmarshal(body, &eb) == nil && eb.Error != "" {
-			return &peerError{code: resp.StatusCode, msg: eb.Error}
-		}
-		return &peerError{code: resp.StatusCode, msg: fmt.Sprintf("HTTP %d", resp.StatusCode)}
-	}
-	return json.Unmarshal(body, v)
+	return p.a.callMember(ctx, m, method, path, timeout, nil, v)
 }
 
 type peerError struct {
