@@ -162,7 +162,10 @@ func TestDumpRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	file := filepath.Join(dir, "counter")
-	script := fmt.Sprintf("i=0; while :; do i=$((i+1)); echo $i > %s; sleep 0.05; done", file)
+	// Each value is written to a temporary file and renamed over the
+	// counter: a dump that kills the shell between the truncation and the
+	// write of a plain `echo > file` would leave the counter empty.
+	script := fmt.Sprintf("i=0; while :; do i=$((i+1)); echo $i > %[1]s.tmp; mv %[1]s.tmp %[1]s; sleep 0.05; done", file)
 	// A session leader with stdin/stdout/stderr on /dev/null (exec.Cmd's default) and no
 	// controlling terminal: CRIU dumps and restores it without --shell-job.
 	cmd := exec.Command("/bin/sh", "-c", script)
