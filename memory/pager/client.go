@@ -288,6 +288,13 @@ func (c *client) handle(m msg, fd int) (unix.Errno, uint64, error) {
 			closeFD(fd)
 			return 0, 0, errors.New("unexpected hello")
 		}
+		if err := checkUffd(fd); err != nil {
+			// serve reads it until EAGAIN: a blocking descriptor (a
+			// pipe, a socket, a uffd without O_NONBLOCK) would block
+			// this goroutine for good, and Close with it.
+			closeFD(fd)
+			return 0, 0, err
+		}
 		if m.start != 0 {
 			c.p.mu.Lock()
 			s := c.p.snaps[m.start]
@@ -386,6 +393,19 @@ func (c *client) register(start, n uint64, memfd int) (unix.Errno, uint64, error
 	c.regs[i] = r
 	c.p.regions.Add(1)
 	return 0, 0, nil
+}
+
+// checkUffd tells whether fd is a non-blocking userfaultfd.
+func checkUffd(fd int) error {
+	link, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+	if err != nil || link != "anon_inode:[userfaultfd]" {
+		return fmt.Errorf("hello: descriptor is not a userfaultfd (%q)", link)
+	}
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil || fl&unix.O_NONBLOCK == 0 {
+		return errors.New("hello: the userfaultfd is not O_NONBLOCK")
+	}
+	return nil
 }
 
 // isShmem tells whether fd's file lives in shared memory (memfd_create

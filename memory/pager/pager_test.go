@@ -654,3 +654,70 @@ func TestPagerKilled(t *testing.T) {
 	}
 	t.Logf("exit: %v; stderr: %s", err, strings.TrimSpace(stderr.String()))
 }
+
+// dialSend connects to sock and sends one message with fd attached (fd < 0:
+// none).
+func dialSend(t *testing.T, sock string, op byte, start, n uint64, fd int) *net.UnixConn {
+	t.Helper()
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	sendMsg(t, c, op, start, n, fd)
+	return c
+}
+
+func sendMsg(t *testing.T, c *net.UnixConn, op byte, start, n uint64, fd int) {
+	t.Helper()
+	b := make([]byte, msgSize)
+	b[0] = op
+	binary.NativeEndian.PutUint64(b[8:16], start)
+	binary.NativeEndian.PutUint64(b[16:24], n)
+	var oob []byte
+	if fd >= 0 {
+		oob = unix.UnixRights(fd)
+	}
+	if _, _, err := c.WriteMsgUnix(b, oob, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// wantBye reads a goodbye for reason and then EOF from c.
+func wantBye(t *testing.T, c *net.UnixConn, reason byte, what string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	bye := make([]byte, 32)
+	if n, err := c.Read(bye); err != nil || n != replySize || binary.NativeEndian.Uint32(bye[4:8]) != byeMagic || bye[8] != reason {
+		t.Fatalf("%s: read %x, %v; want a goodbye (reason %d)", what, bye[:max(n, 0)], err, reason)
+	}
+	if n, err := c.Read(bye); err != io.EOF {
+		t.Fatalf("%s: read %d, %v; want EOF (client dropped)", what, n, err)
+	}
+}
+
+// TestHelloNotUffd: a hello whose descriptor is not a non-blocking
+// userfaultfd is refused. serve reads the descriptor until EAGAIN: a
+// blocking one would stall the client's goroutine for good, and Close with
+// it.
+func TestHelloNotUffd(t *testing.T) {
+	_, sock := startPager(t, Config{}, 0)
+	var pfd [2]int
+	if err := unix.Pipe2(pfd[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(pfd[0])
+	defer unix.Close(pfd[1])
+	wantBye(t, dialSend(t, sock, opHello, 0, 0, pfd[0]), byeProtocol, "hello with a pipe")
+
+	needUffd(t)
+	uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC, 0, 0) // blocking
+	if e != 0 {
+		t.Fatal(e)
+	}
+	defer unix.Close(int(uf))
+	if _, err := uffd.Handshake(int(uf), 0); err != nil {
+		t.Fatal(err)
+	}
+	wantBye(t, dialSend(t, sock, opHello, 0, 0, int(uf)), byeProtocol, "hello with a blocking userfaultfd")
+}
