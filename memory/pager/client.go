@@ -364,10 +364,21 @@ func (c *client) register(start, n uint64, memfd int) (unix.Errno, uint64, error
 		unix.Close(memfd)
 		return 0, 0, fmt.Errorf("block %#x: descriptor is not a memfd of %d bytes", start, n)
 	}
+	if int64(len(c.regs)) >= c.p.blockCap.Load() {
+		unix.Close(memfd)
+		return 0, 0, fmt.Errorf("more than %d blocks registered", c.p.blockCap.Load())
+	}
 	i := sort.Search(len(c.regs), func(i int) bool { return c.regs[i].start >= start })
 	if (i < len(c.regs) && c.regs[i].start < start+n) || (i > 0 && c.regs[i-1].start+c.regs[i-1].len > start) {
 		unix.Close(memfd)
 		return 0, 0, fmt.Errorf("block %#x+%#x overlaps a registered one", start, n)
+	}
+	if c.p.memfds.Add(1) > c.p.memfdCap.Load() {
+		c.p.memfds.Add(-1)
+		unix.Close(memfd)
+		c.p.denied.Add(1)
+		c.p.cfg.Logf("pager: pid %d: block %#x refused: the pager holds %d block descriptors already", c.pid, start, c.p.memfdCap.Load())
+		return unix.ENOMEM, 0, nil
 	}
 	var inherited *snapBlock
 	if c.inherit != nil {
@@ -379,6 +390,7 @@ func (c *client) register(start, n uint64, memfd int) (unix.Errno, uint64, error
 		cancel()
 		if err != nil {
 			unix.Close(memfd)
+			c.p.memfds.Add(-1)
 			c.p.denied.Add(1)
 			if !errors.Is(err, pool.ErrFull) {
 				c.p.cfg.Logf("pager: reserve %d bytes for pid %d: %v", n, c.pid, err)

@@ -124,6 +124,12 @@ type Pager struct {
 	resident, pooled                                                 atomic.Int64
 	loadNs, aheadNs, copyNs, evictNs, storeNs                        atomic.Uint64
 
+	// memfds is how many block memfds the pager holds open, memfdCap how
+	// many it may (half the descriptor limit): programs registering blocks
+	// past it get ENOMEM rather than leave the agent without descriptors.
+	memfds, memfdCap atomic.Int64
+	blockCap         atomic.Int64 // blocks per process: maxBlocks (tests lower it)
+
 	// testStall, when set, is called before each fault is filled (tests).
 	testStall func()
 
@@ -151,8 +157,16 @@ func New(cfg Config) (*Pager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pager: stop pipe: %w", err)
 	}
-	return &Pager{cfg: cfg, stopR: r, stopW: w, listeners: map[*net.UnixListener]int{},
-		snaps: map[uint64]*snapshot{}}, nil
+	p := &Pager{cfg: cfg, stopR: r, stopW: w, listeners: map[*net.UnixListener]int{},
+		snaps: map[uint64]*snapshot{}}
+	var rl unix.Rlimit
+	fds := int64(1024)
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil && rl.Cur < 1<<40 {
+		fds = int64(rl.Cur)
+	}
+	p.memfdCap.Store(max(fds/2, 64))
+	p.blockCap.Store(maxBlocks)
+	return p, nil
 }
 
 // Listen creates the pager socket at path (SOCK_SEQPACKET), mode 0600. Put

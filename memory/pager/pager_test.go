@@ -82,6 +82,9 @@ func TestWireSizes(t *testing.T) {
 	if b := encodeBye(byePool); binary.NativeEndian.Uint32(b[4:8]) != byeMagic || b[8] != byePool {
 		t.Errorf("encodeBye = %x", b)
 	}
+	if m := regexp.MustCompile(`#define MAX_BLOCKS (\d+)`).FindSubmatch(src); m == nil || string(m[1]) != fmt.Sprint(maxBlocks) {
+		t.Errorf("the shim's MAX_BLOCKS is %q, proto.go's maxBlocks %d", m, maxBlocks)
+	}
 	for op, want := range map[uint32]bool{opHello: true, opRegister: true, opUnregister: false,
 		opDiscard: true, opFork: true, opForkAbort: false} {
 		if wantsReply(op) != want {
@@ -720,4 +723,83 @@ func TestHelloNotUffd(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantBye(t, dialSend(t, sock, opHello, 0, 0, int(uf)), byeProtocol, "hello with a blocking userfaultfd")
+}
+
+// TestBlockLimits: the memfds a program can make the pager hold are bounded:
+// past the pager's descriptor budget a block gets ENOMEM, and a process
+// registering more blocks than the shim ever does is dropped.
+func TestBlockLimits(t *testing.T) {
+	needUffd(t)
+	p, sock := startPager(t, Config{}, 0)
+	p.memfdCap.Store(3)
+	p.blockCap.Store(4)
+	hello := func() *net.UnixConn {
+		uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
+		if e != 0 {
+			t.Fatal(e)
+		}
+		defer unix.Close(int(uf))
+		if _, err := uffd.Handshake(int(uf), 0); err != nil {
+			t.Fatal(err)
+		}
+		c := dialSend(t, sock, opHello, 0, 0, int(uf))
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		if n, err := c.Read(make([]byte, 32)); err != nil || n != replySize {
+			t.Fatalf("hello reply: %d, %v", n, err)
+		}
+		return c
+	}
+	register := func(c *net.UnixConn, start uint64) (errno uint32, err error) {
+		fd, err := unix.MemfdCreate("blk", unix.MFD_CLOEXEC)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(fd)
+		unix.Ftruncate(fd, int64(PageSize))
+		sendMsg(t, c, opRegister, start, uint64(PageSize), fd)
+		b := make([]byte, 32)
+		n, err := c.Read(b)
+		if err != nil || n != replySize {
+			return 0, fmt.Errorf("read %d, %v", n, err)
+		}
+		if binary.NativeEndian.Uint32(b[4:8]) == byeMagic {
+			return 0, fmt.Errorf("goodbye %d", b[8])
+		}
+		return binary.NativeEndian.Uint32(b[0:4]), nil
+	}
+	a, b := hello(), hello()
+	base := uint64(1 << 30)
+	for i := range 3 {
+		if e, err := register(a, base+uint64(i*PageSize)); err != nil || e != 0 {
+			t.Fatalf("block %d: errno %d, %v", i, e, err)
+		}
+	}
+	if e, err := register(b, base); err != nil || e != uint32(unix.ENOMEM) {
+		t.Fatalf("block past the descriptor budget: errno %d, %v; want ENOMEM", e, err)
+	}
+	if got := p.memfds.Load(); got != 3 {
+		t.Fatalf("memfds held: %d, want 3", got)
+	}
+	sendMsg(t, a, opUnregister, base, 0, -1)
+	if e, err := register(b, base); err != nil || e != 0 { // the freed one's place
+		t.Fatalf("block after an unregister: errno %d, %v", e, err)
+	}
+
+	p.memfdCap.Store(100)
+	for i := 1; i < 4; i++ {
+		if e, err := register(b, base+uint64(i*PageSize)); err != nil || e != 0 {
+			t.Fatalf("block %d of b: errno %d, %v", i, e, err)
+		}
+	}
+	if _, err := register(b, base+uint64(4*PageSize)); err == nil || err.Error() != fmt.Sprintf("goodbye %d", byeProtocol) {
+		t.Fatalf("block past maxBlocks: %v; want a goodbye for a protocol error", err)
+	}
+	a.Close()
+	deadline := time.Now().Add(30 * time.Second)
+	for p.memfds.Load() != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := p.memfds.Load(); got != 0 {
+		t.Fatalf("memfds held after both clients left: %d", got)
+	}
 }

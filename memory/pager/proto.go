@@ -31,6 +31,11 @@ const (
 	byeShutdown = 3 // the agent is stopping
 )
 
+// maxBlocks is the shim's MAX_BLOCKS: it never has more blocks registered
+// per process. A process registering more breaks the protocol (each block
+// holds a memfd open in the agent).
+const maxBlocks = 16384
+
 type msg struct {
 	op, pid    uint32
 	start, len uint64

@@ -120,6 +120,7 @@ func (c *client) release(r *region) {
 	c.p.pooled.Add(-int64(pooled))
 	r.dead = true
 	unix.Close(r.memfd)
+	c.p.memfds.Add(-1)
 	for _, s := range r.srcs {
 		s.unref(c.p)
 	}
