@@ -803,3 +803,58 @@ func TestBlockLimits(t *testing.T) {
 		t.Fatalf("memfds held after both clients left: %d", got)
 	}
 }
+
+// TestPendingForksBounded: a process asking for fork snapshots that no child
+// ever adopts gets ENOMEM past maxPendingForks instead of growing the
+// pager's snapshot table without bound; an adopted one frees its place.
+func TestPendingForksBounded(t *testing.T) {
+	needUffd(t)
+	p, sock := startPager(t, Config{}, 0)
+	uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
+	if e != 0 {
+		t.Fatal(e)
+	}
+	defer unix.Close(int(uf))
+	if _, err := uffd.Handshake(int(uf), 0); err != nil {
+		t.Fatal(err)
+	}
+	c := dialSend(t, sock, opHello, 0, 0, int(uf))
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	reply := func(c *net.UnixConn) (uint32, uint64) {
+		b := make([]byte, 32)
+		if n, err := c.Read(b); err != nil || n != replySize || binary.NativeEndian.Uint32(b[4:8]) == byeMagic {
+			t.Fatalf("reply: %x, %v", b[:max(n, 0)], err)
+		}
+		return binary.NativeEndian.Uint32(b[0:4]), binary.NativeEndian.Uint64(b[8:16])
+	}
+	reply(c)
+	var first uint64
+	for i := range maxPendingForks {
+		sendMsg(t, c, opFork, 0, 0, -1)
+		errno, tok := reply(c)
+		if errno != 0 {
+			t.Fatalf("fork %d: errno %d", i, errno)
+		}
+		if i == 0 {
+			first = tok
+		}
+	}
+	sendMsg(t, c, opFork, 0, 0, -1)
+	if errno, _ := reply(c); errno != uint32(unix.ENOMEM) {
+		t.Fatalf("fork past %d pending: errno %d; want ENOMEM", maxPendingForks, errno)
+	}
+	// A child adopts the first snapshot: the parent may fork once more.
+	child := dialSend(t, sock, opHello, first, 0, int(uf))
+	child.SetReadDeadline(time.Now().Add(30 * time.Second))
+	reply(child)
+	sendMsg(t, c, opFork, 0, 0, -1)
+	if errno, _ := reply(c); errno != 0 {
+		t.Fatalf("fork after an adoption: errno %d", errno)
+	}
+	p.mu.Lock()
+	n := len(p.snaps)
+	p.mu.Unlock()
+	if n != maxPendingForks {
+		t.Fatalf("%d snapshots pending, want %d", n, maxPendingForks)
+	}
+}

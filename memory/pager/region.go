@@ -27,11 +27,14 @@ const (
 )
 
 const (
-	noSrc     = 0xffff // where[i] of a page with no pool copy
-	maxSrcs   = noSrc - 1
-	maxWindow = 256  // pages: largest prefetch and eviction batch (1 MiB)
-	raPages   = 4096 // pages: how far readahead runs past a sequential fault (16 MiB)
-	minLimit  = 64   // pages: the smallest local limit honoured
+	noSrc   = 0xffff // where[i] of a page with no pool copy
+	maxSrcs = noSrc - 1
+	// maxPendingForks bounds a process's fork snapshots no child has
+	// adopted yet: past it fork fails with ENOMEM.
+	maxPendingForks = 1024
+	maxWindow       = 256  // pages: largest prefetch and eviction batch (1 MiB)
+	raPages         = 4096 // pages: how far readahead runs past a sequential fault (16 MiB)
+	minLimit        = 64   // pages: the smallest local limit honoured
 
 	// streamGuard: pages just behind a stream's last fault that eviction
 	// leaves alone (a program may still be reading them).
@@ -913,6 +916,22 @@ func (s *snapshot) release(p *Pager) {
 // are frozen for the child, and the parent's later evictions go to new pool
 // regions. The reply carries the token the child says hello with.
 func (c *client) fork() (unix.Errno, uint64, error) {
+	c.p.mu.Lock()
+	live := c.snaps[:0] // forget the tokens children adopted
+	for _, t := range c.snaps {
+		if c.p.snaps[t] != nil {
+			live = append(live, t)
+		}
+	}
+	c.snaps = live
+	c.p.mu.Unlock()
+	if len(c.snaps) >= maxPendingForks {
+		// Each holds pager memory (and, with blocks, pool pages)
+		// until a child adopts it or this process exits.
+		c.p.denied.Add(1)
+		c.p.cfg.Logf("pager: pid %d: fork refused: %d forked children have not connected yet", c.pid, len(c.snaps))
+		return unix.ENOMEM, 0, nil
+	}
 	var total uint64
 	for _, r := range c.regs {
 		if len(r.srcs) >= 256 {
@@ -954,13 +973,7 @@ func (c *client) fork() (unix.Errno, uint64, error) {
 	}
 	c.p.mu.Lock()
 	c.p.snaps[id] = s
-	live := c.snaps[:0] // forget the tokens children adopted
-	for _, t := range c.snaps {
-		if c.p.snaps[t] != nil {
-			live = append(live, t)
-		}
-	}
-	c.snaps = append(live, id)
+	c.snaps = append(c.snaps, id)
 	c.p.mu.Unlock()
 	c.p.forks.Add(1)
 	return 0, id, nil
