@@ -780,7 +780,10 @@ func TestBlockLimits(t *testing.T) {
 	if got := p.memfds.Load(); got != 3 {
 		t.Fatalf("memfds held: %d, want 3", got)
 	}
-	sendMsg(t, a, opUnregister, base, 0, -1)
+	sendMsg(t, a, opUnregister, base, 0, -1) // no reply: wait for a's goroutine
+	for deadline := time.Now().Add(30 * time.Second); p.memfds.Load() != 2 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
 	if e, err := register(b, base); err != nil || e != 0 { // the freed one's place
 		t.Fatalf("block after an unregister: errno %d, %v", e, err)
 	}
