@@ -246,7 +246,14 @@ func (c *client) drain() error {
 			return err
 		}
 		if wantsReply(m.op) {
-			if _, err := unix.SendmsgN(c.sock, encodeReply(int32(errno), val), nil, nil, unix.MSG_NOSIGNAL); err != nil {
+			// The shim waits for each reply before its next request:
+			// a full socket means a program that does not read them,
+			// and a blocking send would hold this goroutine (and Close)
+			// for as long as it does not.
+			if _, err := unix.SendmsgN(c.sock, encodeReply(int32(errno), val), nil, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT); err != nil {
+				if err == unix.EAGAIN {
+					return errors.New("the program does not read the pager's replies")
+				}
 				return errGone
 			}
 		}

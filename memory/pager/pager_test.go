@@ -861,3 +861,40 @@ func TestPendingForksBounded(t *testing.T) {
 		t.Fatalf("%d snapshots pending, want %d", n, maxPendingForks)
 	}
 }
+
+// TestUnreadReplies: a program that sends requests without reading the
+// replies is dropped; the pager neither blocks on its full socket nor keeps
+// Close waiting for it.
+func TestUnreadReplies(t *testing.T) {
+	needUffd(t)
+	p, sock := startPager(t, Config{}, 0)
+	uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
+	if e != 0 {
+		t.Fatal(e)
+	}
+	defer unix.Close(int(uf))
+	if _, err := uffd.Handshake(int(uf), 0); err != nil {
+		t.Fatal(err)
+	}
+	c := dialSend(t, sock, opHello, 0, 0, int(uf))
+	b := make([]byte, msgSize)
+	b[0] = opFork
+	c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	var err error
+	for i := 0; i < 100000 && err == nil; i++ {
+		_, err = c.Write(b)
+	}
+	if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("writes without reading the replies: %v; want the client dropped (EPIPE)", err)
+	}
+	closed := make(chan struct{})
+	go func() { p.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(60 * time.Second):
+		t.Fatal("Close still waits for a client that does not read its replies after 60 s")
+	}
+	if st := p.Stats(); st.Dropped != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+}
