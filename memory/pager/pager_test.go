@@ -224,7 +224,11 @@ func TestFillIdentical(t *testing.T) {
 			if c.local == 0 && st.Evicted != 0 {
 				t.Fatalf("stats %+v: evictions without a limit", st)
 			}
-			time.Sleep(50 * time.Millisecond) // the client loop ends after the program
+			// The client loop ends after the program: wait for it, with a
+			// bound generous enough for a loaded machine.
+			for deadline := time.Now().Add(30 * time.Second); p.Stats().Live != 0 && time.Now().Before(deadline); {
+				time.Sleep(5 * time.Millisecond)
+			}
 			if n := pl.Stored(); n != 0 || p.Stats().Resident != 0 {
 				t.Errorf("after exit: %d pages left in the pool, stats %+v", n, p.Stats())
 			}
