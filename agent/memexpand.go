@@ -14,7 +14,6 @@ import (
 
 	"github.com/onebox-project/onebox/fabric/api"
 	"github.com/onebox-project/onebox/memory/pager"
-	"github.com/onebox-project/onebox/memory/pool"
 	"github.com/onebox-project/onebox/memory/shim"
 	"github.com/onebox-project/onebox/proc/stream"
 )
@@ -47,16 +46,6 @@ func (a *Agent) mx() *mxState {
 	return s
 }
 
-// mxPool is the pool evicted pages go to: the cluster pool (agent/mem.go),
-// replicated on other nodes; an in-process pool of the donation's size only
-// if the agent runs without one.
-func (a *Agent) mxPool() pool.Pages {
-	if p := a.memPool(); p != nil {
-		return p
-	}
-	return pool.NewLocal(uint64(a.cfg.DonateMemory))
-}
-
 func (a *Agent) startMemExpand() error {
 	dir := filepath.Join(a.cfg.DataDir, "pager")
 	// Sockets of a previous run are stale: their programs were stopped
@@ -67,9 +56,15 @@ func (a *Agent) startMemExpand() error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("memory expansion: %w", err)
 	}
+	// Evicted pages go to the cluster pool (agent/mem.go), which startMem
+	// set up: there is no unbounded in-process fallback.
+	pl := a.memPool()
+	if pl == nil {
+		return errors.New("memory expansion: the memory pool is not started")
+	}
 	log := a.log.With("component", "pager")
 	p, err := pager.New(pager.Config{
-		Pool:  a.mxPool(),
+		Pool:  pl,
 		Owner: a.id.Node,
 		Logf:  func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
 	})
