@@ -104,6 +104,22 @@ func needUffd(t *testing.T) {
 	testenv.NeedNoError(t, err, "no C compiler (cc) to build the shim")
 }
 
+// handshakenUffd makes a userfaultfd with the given extra flags (0 or
+// O_NONBLOCK), done with the API handshake, closed when the test ends.
+func handshakenUffd(t *testing.T, flags int) int {
+	t.Helper()
+	uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, uintptr(unix.O_CLOEXEC|flags), 0, 0)
+	if e != 0 {
+		t.Fatal(e)
+	}
+	fd := int(uf)
+	t.Cleanup(func() { unix.Close(fd) })
+	if _, err := uffd.Handshake(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	return fd
+}
+
 func cc(t *testing.T, args ...string) {
 	t.Helper()
 	out, err := exec.Command("cc", args...).CombinedOutput()
@@ -558,14 +574,7 @@ func TestRegisterNotMemfd(t *testing.T) {
 	needUffd(t)
 	logs := make(chan string, 10)
 	p, sock := startPager(t, Config{Logf: func(f string, a ...any) { logs <- fmt.Sprintf(f, a...) }}, 0)
-	uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
-	if e != 0 {
-		t.Fatal(e)
-	}
-	defer unix.Close(int(uf))
-	if _, err := uffd.Handshake(int(uf), 0); err != nil {
-		t.Fatal(err)
-	}
+	uf := handshakenUffd(t, unix.O_NONBLOCK)
 	f, err := os.Create(filepath.Join(t.TempDir(), "file"))
 	if err != nil {
 		t.Fatal(err)
@@ -586,7 +595,7 @@ func TestRegisterNotMemfd(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	send(opHello, 0, 0, int(uf))
+	send(opHello, 0, 0, uf)
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if n, err := c.Read(make([]byte, 32)); err != nil || n != replySize {
 		t.Fatalf("hello reply: %d, %v", n, err)
@@ -720,15 +729,8 @@ func TestHelloNotUffd(t *testing.T) {
 	wantBye(t, dialSend(t, sock, opHello, 0, 0, pfd[0]), byeProtocol, "hello with a pipe")
 
 	needUffd(t)
-	uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC, 0, 0) // blocking
-	if e != 0 {
-		t.Fatal(e)
-	}
-	defer unix.Close(int(uf))
-	if _, err := uffd.Handshake(int(uf), 0); err != nil {
-		t.Fatal(err)
-	}
-	wantBye(t, dialSend(t, sock, opHello, 0, 0, int(uf)), byeProtocol, "hello with a blocking userfaultfd")
+	uf := handshakenUffd(t, 0) // blocking
+	wantBye(t, dialSend(t, sock, opHello, 0, 0, uf), byeProtocol, "hello with a blocking userfaultfd")
 }
 
 // TestBlockLimits: the memfds a program can make the pager hold are bounded:
@@ -740,15 +742,8 @@ func TestBlockLimits(t *testing.T) {
 	p.memfdCap.Store(3)
 	p.blockCap.Store(4)
 	hello := func() *net.UnixConn {
-		uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
-		if e != 0 {
-			t.Fatal(e)
-		}
-		defer unix.Close(int(uf))
-		if _, err := uffd.Handshake(int(uf), 0); err != nil {
-			t.Fatal(err)
-		}
-		c := dialSend(t, sock, opHello, 0, 0, int(uf))
+		uf := handshakenUffd(t, unix.O_NONBLOCK)
+		c := dialSend(t, sock, opHello, 0, 0, uf)
 		c.SetReadDeadline(time.Now().Add(20 * time.Second))
 		if n, err := c.Read(make([]byte, 32)); err != nil || n != replySize {
 			t.Fatalf("hello reply: %d, %v", n, err)
@@ -819,15 +814,8 @@ func TestBlockLimits(t *testing.T) {
 func TestPendingForksBounded(t *testing.T) {
 	needUffd(t)
 	p, sock := startPager(t, Config{}, 0)
-	uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
-	if e != 0 {
-		t.Fatal(e)
-	}
-	defer unix.Close(int(uf))
-	if _, err := uffd.Handshake(int(uf), 0); err != nil {
-		t.Fatal(err)
-	}
-	c := dialSend(t, sock, opHello, 0, 0, int(uf))
+	uf := handshakenUffd(t, unix.O_NONBLOCK)
+	c := dialSend(t, sock, opHello, 0, 0, uf)
 	c.SetReadDeadline(time.Now().Add(30 * time.Second))
 	reply := func(c *net.UnixConn) (uint32, uint64) {
 		b := make([]byte, 32)
@@ -853,7 +841,7 @@ func TestPendingForksBounded(t *testing.T) {
 		t.Fatalf("fork past %d pending: errno %d; want ENOMEM", maxPendingForks, errno)
 	}
 	// A child adopts the first snapshot: the parent may fork once more.
-	child := dialSend(t, sock, opHello, first, 0, int(uf))
+	child := dialSend(t, sock, opHello, first, 0, uf)
 	child.SetReadDeadline(time.Now().Add(30 * time.Second))
 	reply(child)
 	sendMsg(t, c, opFork, 0, 0, -1)
@@ -874,15 +862,8 @@ func TestPendingForksBounded(t *testing.T) {
 func TestUnreadReplies(t *testing.T) {
 	needUffd(t)
 	p, sock := startPager(t, Config{}, 0)
-	uf, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
-	if e != 0 {
-		t.Fatal(e)
-	}
-	defer unix.Close(int(uf))
-	if _, err := uffd.Handshake(int(uf), 0); err != nil {
-		t.Fatal(err)
-	}
-	c := dialSend(t, sock, opHello, 0, 0, int(uf))
+	uf := handshakenUffd(t, unix.O_NONBLOCK)
+	c := dialSend(t, sock, opHello, 0, 0, uf)
 	b := make([]byte, msgSize)
 	b[0] = opFork
 	c.SetWriteDeadline(time.Now().Add(20 * time.Second))
