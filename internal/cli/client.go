@@ -92,3 +92,22 @@ func writeJSON(w io.Writer, v any) error {
 }
 
 func size(b uint64) string { return agent.ByteSize(b).String() }
+
+// getAndPrint is the body of a read command: it asks the agent for path,
+// prints the answer (JSON with -o json, else a table by print), and returns
+// it, so the caller can set the exit status from what it says (nodes that
+// did not answer).
+func getAndPrint[T any](cmd *cobra.Command, path string, print func(io.Writer, T) error) (T, error) {
+	var v T
+	format, cl, err := readCommand(cmd)
+	if err != nil {
+		return v, err
+	}
+	if err := cl.Get(cmd.Context(), path, &v); err != nil {
+		return v, err
+	}
+	if format == "json" {
+		return v, writeJSON(cmd.OutOrStdout(), v)
+	}
+	return v, print(cmd.OutOrStdout(), v)
+}

@@ -165,20 +165,12 @@ the node is cordoned, whether its agent balances (off with 'onebox agent
 --no-balance'), and the processes it moved or tried to move lately, with why.
 Nodes that cannot be asked are named, and the exit status is then 1.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, cl, err := readCommand(cmd)
+			cr, err := getAndPrint(cmd, "/v1/balance", func(w io.Writer, cr loadbal.ClusterReport) error {
+				printBalance(w, cr)
+				return nil
+			})
 			if err != nil {
 				return err
-			}
-			var cr loadbal.ClusterReport
-			if err := cl.Get(cmd.Context(), "/v1/balance", &cr); err != nil {
-				return err
-			}
-			if format == "json" {
-				if err := writeJSON(cmd.OutOrStdout(), cr); err != nil {
-					return err
-				}
-			} else {
-				printBalance(cmd.OutOrStdout(), cr)
 			}
 			if len(cr.Unreachable) > 0 {
 				var parts []string

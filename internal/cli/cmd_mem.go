@@ -37,20 +37,12 @@ its error and the command exits 1.`,
   onebox mem -o json`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, cl, err := readCommand(cmd)
+			r, err := getAndPrint(cmd, api.PathMem, func(w io.Writer, r api.MemResponse) error {
+				printMem(w, r)
+				return nil
+			})
 			if err != nil {
 				return err
-			}
-			var r api.MemResponse
-			if err := cl.Get(cmd.Context(), api.PathMem, &r); err != nil {
-				return err
-			}
-			if format == "json" {
-				if err := writeJSON(cmd.OutOrStdout(), r); err != nil {
-					return err
-				}
-			} else {
-				printMem(cmd.OutOrStdout(), r)
 			}
 			var bad []string
 			for _, n := range r.Nodes {

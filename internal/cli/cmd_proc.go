@@ -362,20 +362,12 @@ state (running, exited N, killed SIGNAL), CPU%, resident memory, start time and
 command. Exited processes stay listed for 10 minutes (at most 100 per node).
 Nodes that cannot be asked are named, and the exit status is then 1.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, cl, err := readCommand(cmd)
+			l, err := getAndPrint(cmd, "/v1/procs", func(w io.Writer, l manager.ClusterList) error {
+				printProcs(w, l)
+				return nil
+			})
 			if err != nil {
 				return err
-			}
-			var l manager.ClusterList
-			if err := cl.Get(cmd.Context(), "/v1/procs", &l); err != nil {
-				return err
-			}
-			if format == "json" {
-				if err := writeJSON(cmd.OutOrStdout(), l); err != nil {
-					return err
-				}
-			} else {
-				printProcs(cmd.OutOrStdout(), l)
 			}
 			if len(l.Unreachable) > 0 {
 				var parts []string

@@ -228,19 +228,7 @@ when it listens on all addresses), each target with its health and open and
 total connections, and totals. It exits 1 if a live node did not answer.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, cl, err := readCommand(cmd)
-			if err != nil {
-				return err
-			}
-			var l service.List
-			if err := cl.Get(cmd.Context(), "/v1/services", &l); err != nil {
-				return err
-			}
-			if format == "json" {
-				err = writeJSON(cmd.OutOrStdout(), l)
-			} else {
-				err = printServices(cmd.OutOrStdout(), l)
-			}
+			l, err := getAndPrint(cmd, "/v1/services", printServices)
 			if err == nil && len(l.Unreachable) > 0 {
 				var names []string
 				for _, u := range l.Unreachable {
