@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # a C compiler for the memory shim (LD_PRELOAD), and the real programs the
 # integration tests run through onebox (python3, curl, git, sqlite3).
 need=()
-for pair in ip:iproute2 cc:gcc python3:python3 curl:curl git:git sqlite3:sqlite3; do
+for pair in ip:iproute2 setpriv:util-linux cc:gcc python3:python3 curl:curl git:git sqlite3:sqlite3; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if command -v cc >/dev/null 2>&1 && ! echo '#include <stdio.h>' | cc -E - >/dev/null 2>&1; then

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/onebox-project/onebox/internal/testenv"
 )
 
 func TestParseGroups(t *testing.T) {
@@ -47,9 +49,8 @@ func mustGroups(t *testing.T) []int {
 // the node acts with the caller's groups, not only its user and group.
 func TestMountSupplementaryGroups(t *testing.T) {
 	needFUSE(t)
-	if _, err := exec.LookPath("setpriv"); err != nil {
-		t.Skip("setpriv (util-linux) not installed")
-	}
+	_, err := exec.LookPath("setpriv")
+	testenv.NeedNoError(t, err, "setpriv (util-linux) not installed")
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	export, _ := mountOne(t, mnt)
 	must := func(err error) {

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/onebox-project/onebox/cfs/fusefs"
+	"github.com/onebox-project/onebox/internal/testenv"
 )
 
 // notApplicable are go-fuse's POSIX tests that do not describe POSIX, with
@@ -172,9 +173,8 @@ func TestCFSPosix(t *testing.T) {
 	})
 
 	t.Run("Permissions", func(t *testing.T) {
-		if _, err := exec.LookPath("setpriv"); err != nil {
-			t.Skip("setpriv (util-linux) not installed")
-		}
+		_, err := exec.LookPath("setpriv")
+		testenv.NeedNoError(t, err, "setpriv (util-linux) not installed")
 		d, ld := sub("perm")
 		must(t, os.Chmod(d, 0o755))
 		p := filepath.Join(d, "secret")

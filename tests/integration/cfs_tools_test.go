@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/onebox-project/onebox/internal/testenv"
 )
 
 // Unmodified programs on n1 working in n2's export through n1's mount:
@@ -56,9 +58,8 @@ func TestCFSTools(t *testing.T) {
 	})
 
 	t.Run("SQLite", func(t *testing.T) {
-		if _, err := exec.LookPath("sqlite3"); err != nil {
-			t.Skip("sqlite3 not installed (scripts/deps.sh installs it)")
-		}
+		_, err := exec.LookPath("sqlite3")
+		testenv.NeedNoError(t, err, "sqlite3 not installed (scripts/deps.sh installs it)")
 		db := filepath.Join(remote, "app.db")
 		var sb strings.Builder
 		sb.WriteString("CREATE TABLE kv(k INTEGER PRIMARY KEY, v TEXT, n INTEGER);\nBEGIN;\n")
@@ -90,9 +91,8 @@ func TestCFSTools(t *testing.T) {
 	})
 
 	t.Run("Python", func(t *testing.T) {
-		if _, err := exec.LookPath("python3"); err != nil {
-			t.Skip("python3 not installed (scripts/deps.sh installs it)")
-		}
+		_, err := exec.LookPath("python3")
+		testenv.NeedNoError(t, err, "python3 not installed (scripts/deps.sh installs it)")
 		// Atomic replace through a temporary file, JSON, mmap, a tree copy
 		// and a walk: what Python programs commonly do with files.
 		script := `
