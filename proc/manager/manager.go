@@ -295,10 +295,14 @@ func (m *Manager) Start(o StartOptions) (*Proc, *Stdio, error) {
 	if cmd.Env == nil {
 		cmd.Env = []string{}
 	}
-	// Own process group: signals reach the whole group. Pdeathsig: an
-	// agent that dies takes its processes with it (nothing could manage
-	// them any more).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	// Own session (and so own process group): signals reach the whole
+	// group, and CRIU finds the session leader inside the dumped tree. A
+	// program left in the agent's session could not be dumped wherever
+	// that session's leader lies outside the agent's PID namespace (a
+	// container, a CI runner): CRIU refuses "a session leader ... outside
+	// of its pid namespace". Pdeathsig: an agent that dies takes its
+	// processes with it (nothing could manage them any more).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Pdeathsig: syscall.SIGKILL}
 	p := &Proc{GID: gid, Home: o.Home, Argv: append([]string(nil), o.Argv...), Detached: o.Detach, Balance: o.Balance, done: make(chan struct{})}
 
 	var stdio *Stdio
@@ -597,7 +601,7 @@ func (m *Manager) SignalProc(p *Proc, sig syscall.Signal) error {
 		}
 	default:
 	}
-	// The group id is the leader's pid (Setpgid). Until the leader is
+	// The group id is the leader's pid (Setsid). Until the leader is
 	// reaped its pid cannot be reused; after, groupAlive vouched for it.
 	if err := syscall.Kill(-p.PID, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
 		return fmt.Errorf("manager: signal %s: %w", p.GID, err)
@@ -605,20 +609,20 @@ func (m *Manager) SignalProc(p *Proc, sig syscall.Signal) error {
 	return nil
 }
 
-// groupAlive reports whether process group pgid still has members in this
-// agent's session. Linux does not hand out a pid that names a live process
-// group, so while members remain the id is still ours; the session check
-// keeps an unrelated group that later took the number (in another
-// session, as a daemon or a login would be) from being signalled.
+// groupAlive reports whether process group pgid, which a program started
+// or restored by this agent led as its own session (pgid = sid = the
+// program's pid), still has members now that the program itself is
+// reaped. Linux does not hand out a pid that names a live process group
+// or session, so while members remain the id is still ours. A live
+// process whose pid is pgid is not ours (ours was reaped): the number
+// was free and taken again, and nothing is signalled.
 func groupAlive(pgid int) bool {
-	sid, err := unix.Getsid(0)
-	if err != nil {
-		return false
-	}
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
 		return false
 	}
+	id := strconv.Itoa(pgid)
+	alive := false
 	for _, e := range entries {
 		if e.Name()[0] < '0' || e.Name()[0] > '9' {
 			continue
@@ -636,11 +640,14 @@ func groupAlive(pgid int) bool {
 		if len(f) < 4 || f[0] == "Z" {
 			continue
 		}
-		if f[2] == strconv.Itoa(pgid) && f[3] == strconv.Itoa(sid) {
-			return true
+		if e.Name() == id {
+			return false
+		}
+		if f[2] == id && f[3] == id {
+			alive = true
 		}
 	}
-	return false
+	return alive
 }
 
 // List reports every process in the table, oldest first.

@@ -50,6 +50,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Wire format shared with memory/pager (proto.go), host order. Requests are
@@ -354,8 +355,17 @@ static void *watchdog(void *arg)
 	for (;;) {
 		if (poll(&p, 1, -1) < 0 && errno == EINTR)
 			continue;
-		if (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))
+		if (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) {
+			/* A thread in request() holds mu and may be reading the
+			 * pager's goodbye right now: let it print the reason.
+			 * Bounded, since a thread could hold mu while blocked on
+			 * a page the gone pager will never fill. */
+			struct timespec t;
+			clock_gettime(CLOCK_REALTIME, &t);
+			t.tv_sec += 2;
+			pthread_mutex_timedlock(&mu, &t);
 			gone();
+		}
 	}
 	return NULL;
 }
