@@ -184,9 +184,16 @@ static void gone(void)
 	if (__atomic_exchange_n(&dying, 1, __ATOMIC_ACQ_REL))
 		for (;;)
 			pause(); /* another thread is printing the reason and aborting */
+	/* A pager that closes with a message of ours unread makes our first
+	 * recv fail with ECONNRESET; its goodbye is queued behind that. */
 	struct obx_reply r;
-	if (recv(sock, &r, sizeof r, MSG_DONTWAIT) == (ssize_t)sizeof r && r.pad == OBX_BYE)
-		bye(&r);
+	for (int i = 0; i < 4; i++) {
+		ssize_t n = recv(sock, &r, sizeof r, MSG_DONTWAIT);
+		if (n == (ssize_t)sizeof r && r.pad == OBX_BYE)
+			bye(&r);
+		if (n >= 0 || (errno != ECONNRESET && errno != EINTR))
+			break;
+	}
 	die(GONE);
 }
 
