@@ -62,9 +62,10 @@ const (
 
 // migration is an outgoing migration of one program.
 type migration struct {
-	pr   *manager.Proc // the program as it ran here
-	done chan struct{} // closed when it succeeded or failed
-	to   string        // the node it moved to, once Restored; guarded by procState.mu
+	pr     *manager.Proc // the program as it ran here
+	target string        // the node it is moving to
+	done   chan struct{} // closed when it succeeded or failed
+	to     string        // the node it moved to, once Restored; guarded by procState.mu
 }
 
 // waitingStdio is a program restored here whose caller has not attached.
@@ -208,7 +209,7 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 		spec.Stdio[fd] = k
 	}
 
-	mig := &migration{pr: pr, done: make(chan struct{})}
+	mig := &migration{pr: pr, target: target, done: make(chan struct{})}
 	p.mu.Lock()
 	if old := p.migrating[gid]; old != nil {
 		select {

@@ -308,14 +308,20 @@ func (p *procState) localList() []manager.Info {
 		if m != nil && m.pr != cur {
 			m = nil // an earlier migration of the program, which came back
 		}
-		to := ""
+		to, moving := "", ""
 		if m != nil {
 			to = m.to
+			select {
+			case <-m.done:
+			default:
+				moving = m.target
+			}
 		}
 		p.mu.Unlock()
 		if to != "" {
 			continue
 		}
+		i.Migrating = moving
 		if i.State == manager.StateRunning && m == nil {
 			if why := cannot[i.PID]; why != "" {
 				if i.Note != "" {
@@ -379,6 +385,7 @@ func (p *procState) list(ctx context.Context) manager.ClusterList {
 		}
 		return err
 	})
+	out.Procs = dedupe(out.Procs)
 	for _, pi := range out.Procs {
 		p.remember(pi.GID, pi.Node)
 	}
@@ -389,6 +396,37 @@ func (p *procState) list(ctx context.Context) manager.ClusterList {
 		return out.Procs[i].GID < out.Procs[j].GID
 	})
 	sort.Slice(out.Unreachable, func(i, j int) bool { return out.Unreachable[i].Node < out.Unreachable[j].Node })
+	return out
+}
+
+// dedupe keeps one entry per global id. While a program migrates, its
+// target may already list the restored copy while the source still lists
+// the frozen original (marked Migrating) for a moment: the running entry
+// that is not leaving wins, then any running entry, then the latest one.
+func dedupe(procs []manager.Info) []manager.Info {
+	rank := func(i manager.Info) int {
+		switch {
+		case i.State == manager.StateRunning && i.Migrating == "":
+			return 2
+		case i.State == manager.StateRunning:
+			return 1
+		}
+		return 0
+	}
+	at := make(map[string]int, len(procs))
+	out := procs[:0]
+	for _, pi := range procs {
+		k, seen := at[pi.GID]
+		if !seen {
+			at[pi.GID] = len(out)
+			out = append(out, pi)
+			continue
+		}
+		old := out[k]
+		if r, ro := rank(pi), rank(old); r > ro || (r == ro && pi.Started.After(old.Started)) {
+			out[k] = pi
+		}
+	}
 	return out
 }
 

@@ -83,14 +83,20 @@ type Info struct {
 	// Balance: the load balancer may move the process (started with
 	// --best and without --no-balance).
 	Balance bool `json:"balance"`
+	// Migrating names the node the process is moving to, while a
+	// migration is under way (the entry is the frozen original).
+	Migrating string `json:"migrating,omitempty"`
 	// Note says where the process went and why ("migrated from n1:
 	// balance"), or why it cannot migrate.
 	Note string `json:"note,omitempty"`
 }
 
-// StateText is the STATE column: "running", "exited 3", "killed SIGTERM".
+// StateText is the STATE column: "running", "exited 3", "killed SIGTERM",
+// "migrating to n2".
 func (i Info) StateText() string {
 	switch {
+	case i.State == StateRunning && i.Migrating != "":
+		return "migrating to " + i.Migrating
 	case i.State == StateExited && i.ExitCode != nil:
 		return fmt.Sprintf("exited %d", *i.ExitCode)
 	case i.State == StateKilled:
