@@ -123,6 +123,31 @@ func criuBinary() (criu.Binary, error) {
 	return b, nil
 }
 
+// primeCRIU writes CRIU's kernel cache if this boot has none yet
+// (criu.PrimeKdat): every later CRIU start, two of them inside a
+// migration's downtime, is 20-40 ms shorter. Without CRIU, or when it
+// fails, nothing changes but speed.
+func (a *Agent) primeCRIU() {
+	exe, err := os.Executable()
+	if err != nil || strings.HasSuffix(exe, ".test") {
+		return // an in-process test agent: no onebox binary to run
+	}
+	b, err := criuBinary()
+	if err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	start := time.Now()
+	wrote, err := b.PrimeKdat(ctx, exe)
+	switch {
+	case err != nil:
+		a.log.Warn("cannot write CRIU's kernel cache; every CRIU start probes the kernel again", "path", criu.KdatCache, "err", err)
+	case wrote:
+		a.log.Info("wrote CRIU's kernel cache", "path", criu.KdatCache, "took", time.Since(start).Round(time.Millisecond))
+	}
+}
+
 // migrate moves the running process gid to node target (by CRIU). reason
 // says why ("user", "balance", "drain"), shown in 'onebox ps'.
 func (p *procState) migrate(ctx context.Context, gid, target, reason string) error {

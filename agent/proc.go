@@ -107,6 +107,7 @@ func (a *Agent) startProc(_ context.Context) error {
 		a.log.Warn("cannot remove the images of earlier migrations", "err", err)
 	}
 	a.mux.Handle(stream.ALPN, a.proc.serveFabric)
+	a.primeCRIU()
 	return nil
 }
 

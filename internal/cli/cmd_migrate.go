@@ -44,7 +44,17 @@ func migrateCommands() []*cobra.Command {
 			return nil
 		},
 	}
-	return []*cobra.Command{newMigrateCmd(), newCheckpointCmd(), newRestoreCmd(), holder}
+	kdat := &cobra.Command{
+		Use:                criu.KdatCommand,
+		Hidden:             true,
+		DisableFlagParsing: true,
+		Args:               cobra.ArbitraryArgs,
+		RunE: func(_ *cobra.Command, args []string) error {
+			os.Exit(criu.KdatMain(args))
+			return nil
+		},
+	}
+	return []*cobra.Command{newMigrateCmd(), newCheckpointCmd(), newRestoreCmd(), holder, kdat}
 }
 
 func newCheckpointCmd() *cobra.Command {
