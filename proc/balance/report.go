@@ -78,11 +78,12 @@ const (
 )
 
 // DecodeReport reads one Report from another member (network input: at
-// most MaxReportBytes, unknown fields refused, every value checked).
+// most MaxReportBytes, every value checked). Fields it does not know are
+// ignored: a report only informs this node's balancer, and a member one
+// version ahead in a rolling upgrade must not stop balancing.
 func DecodeReport(r io.Reader) (Report, error) {
 	var rep Report
 	dec := json.NewDecoder(io.LimitReader(r, MaxReportBytes))
-	dec.DisallowUnknownFields()
 	if err := dec.Decode(&rep); err != nil {
 		return Report{}, fmt.Errorf("balance: bad report: %w", err)
 	}

@@ -25,18 +25,22 @@ func TestDecodeReport(t *testing.T) {
 	if r.Node != "n1" || r.CPUs != 2 || len(r.Procs) != 1 || r.Procs[0].StaysUntil == nil {
 		t.Fatalf("decoded %+v", r)
 	}
+	// A newer member's extra fields are ignored, its values still checked.
+	if r, err := DecodeReport(strings.NewReader(`{"node":"n1","cpus":1,"load":0,"later":{"x":[1]}}`)); err != nil || r.Node != "n1" {
+		t.Fatalf("report with an unknown field: %+v, %v", r, err)
+	}
 	bad := map[string]string{
-		"not JSON":        "{",
-		"unknown field":   `{"node":"n1","cpus":1,"load":0,"evil":1}`,
-		"bad node":        `{"node":"../x","cpus":1,"load":0}`,
-		"no CPUs":         `{"node":"n1","cpus":0,"load":0}`,
-		"too many CPUs":   `{"node":"n1","cpus":99999999,"load":0}`,
-		"negative load":   `{"node":"n1","cpus":1,"load":-1}`,
-		"huge load":       `{"node":"n1","cpus":1,"load":1e300}`,
-		"bad migrating":   `{"node":"n1","cpus":1,"load":0,"migrating":"x"}`,
-		"bad proc id":     `{"node":"n1","cpus":1,"load":0,"procs":[{"gid":"nope","demand":1}]}`,
-		"negative demand": `{"node":"n1","cpus":1,"load":0,"procs":[{"gid":"g0123456789ab","demand":-1}]}`,
-		"long reason":     `{"node":"n1","cpus":1,"load":0,"recent":[{"gid":"g0123456789ab","reason":"` + strings.Repeat("x", 5000) + `"}]}`,
+		"not JSON":                 "{",
+		"unknown field, bad value": `{"node":"n1","cpus":0,"load":0,"later":1}`,
+		"bad node":                 `{"node":"../x","cpus":1,"load":0}`,
+		"no CPUs":                  `{"node":"n1","cpus":0,"load":0}`,
+		"too many CPUs":            `{"node":"n1","cpus":99999999,"load":0}`,
+		"negative load":            `{"node":"n1","cpus":1,"load":-1}`,
+		"huge load":                `{"node":"n1","cpus":1,"load":1e300}`,
+		"bad migrating":            `{"node":"n1","cpus":1,"load":0,"migrating":"x"}`,
+		"bad proc id":              `{"node":"n1","cpus":1,"load":0,"procs":[{"gid":"nope","demand":1}]}`,
+		"negative demand":          `{"node":"n1","cpus":1,"load":0,"procs":[{"gid":"g0123456789ab","demand":-1}]}`,
+		"long reason":              `{"node":"n1","cpus":1,"load":0,"recent":[{"gid":"g0123456789ab","reason":"` + strings.Repeat("x", 5000) + `"}]}`,
 	}
 	for name, in := range bad {
 		if _, err := DecodeReport(strings.NewReader(in)); err == nil {
