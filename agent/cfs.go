@@ -50,7 +50,7 @@ type cfsState struct {
 func (a *Agent) startCFS(ctx context.Context) error {
 	exports := make([]server.Export, 0, len(a.cfg.Exports))
 	for _, e := range a.cfg.Exports {
-		exports = append(exports, server.Export{Name: e.Name, Path: e.Path, ReadOnly: e.ReadOnly})
+		exports = append(exports, server.Export{Name: e.Name, Path: e.Path, ReadOnly: e.ReadOnly, RootSquash: e.RootSquash})
 	}
 	srv, err := server.New(exports, a.log)
 	if err != nil {

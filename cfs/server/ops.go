@@ -450,6 +450,7 @@ func (e *export) atParent(path string, caller *proto.Cred, f func(dfd int, name 
 		return errno
 	}
 	defer unix.Close(dfd)
+	e.squash(caller) // the caller's later uses in the op see it too
 	return asCaller(caller, func() unix.Errno { return errnoOf(f(dfd, name)) })
 }
 
@@ -579,6 +580,7 @@ func (e *export) openFile(path string, flags int, dev, ino uint64, caller *proto
 		return -1, unix.ENXIO
 	}
 	// Found as root; opened as the caller (its permission checked).
+	e.squash(caller)
 	fd := -1
 	errno = asCaller(caller, func() unix.Errno {
 		var errno unix.Errno
@@ -692,6 +694,7 @@ func (cn *conn) setattr(e *export, r *proto.SetattrReq) (unix.Errno, proto.Msg) 
 	// Resolved as the node's root (the client's kernel checked the
 	// search permissions of the path); changed with the caller's
 	// credentials, so the node's kernel checks ownership and access too.
+	e.squash(&r.Caller)
 	return runAs(&r.Caller, func() (unix.Errno, proto.Msg) { return applySetattr(fd, h, st, r) })
 }
 

@@ -42,6 +42,31 @@ type Export struct {
 	Name     string
 	Path     string
 	ReadOnly bool
+	// RootSquash maps a caller's root user and group to nobody (65534),
+	// as NFS's root_squash: root on another member gets no more than
+	// any other user here.
+	RootSquash bool
+}
+
+// Nobody is the user and group a squashed root becomes.
+const Nobody = 65534
+
+// squash applies the export's RootSquash to a request's caller, in place.
+func (e *export) squash(c *proto.Cred) {
+	if c == nil || !e.RootSquash {
+		return
+	}
+	if c.UID == 0 {
+		c.UID = Nobody
+	}
+	if c.GID == 0 {
+		c.GID = Nobody
+	}
+	for i, g := range c.Groups {
+		if g == 0 {
+			c.Groups[i] = Nobody
+		}
+	}
 }
 
 // Limits per connection.

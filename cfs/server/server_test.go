@@ -756,3 +756,64 @@ func TestFSCallerCredentials(t *testing.T) {
 		t.Errorf("create as root after requests as uid 1000: %v", e)
 	}
 }
+
+// TestFSRootSquash: in a root-squash export, root on another member is
+// nobody: it cannot change root's files, and what it creates is nobody's.
+// Without the option (the "rw" export of setup), root stays root.
+func TestFSRootSquash(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("a server that is not root acts as itself")
+	}
+	dir := t.TempDir()
+	must(t, os.Chmod(dir, 0o755))
+	must(t, os.Mkdir(filepath.Join(dir, "pub"), 0o777))
+	must(t, os.Chmod(filepath.Join(dir, "pub"), 0o777))
+	must(t, os.WriteFile(filepath.Join(dir, "rootfile"), []byte("r"), 0o644))
+	s, err := server.New([]server.Export{{Name: "sq", Path: dir, RootSquash: true}}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := client.New(func(context.Context) (net.Conn, error) {
+		a, b := net.Pipe()
+		go s.ServeConn(b)
+		return a, nil
+	}, 0)
+	t.Cleanup(func() { c.Close(); s.Close() })
+
+	root := proto.Cred{Groups: []uint32{0}}
+	var rf, a proto.Attr
+	call(t, c, proto.OpGetattr, &proto.PathReq{Export: "sq", Path: "rootfile"}, &rf)
+	var hr proto.HandleReply
+	for _, tc := range []struct {
+		what string
+		got  syscall.Errno
+		want syscall.Errno
+	}{
+		{"create in root's 0755 directory", call(t, c, proto.OpCreate, &proto.OpenReq{Export: "sq", Path: "x", Flags: syscall.O_WRONLY, Mode: 0o644, Caller: root}, &hr), syscall.EACCES},
+		{"open of root's 0644 file for writing", call(t, c, proto.OpOpen, &proto.OpenReq{Export: "sq", Path: "rootfile", Flags: syscall.O_WRONLY, Dev: rf.Dev, Ino: rf.Ino, Caller: root}, &hr), syscall.EACCES},
+		{"chmod of root's file", call(t, c, proto.OpSetattr, &proto.SetattrReq{Export: "sq", Path: "rootfile", Valid: proto.SetMode, Mode: 0o666, Dev: rf.Dev, Ino: rf.Ino, Caller: root}, &a), syscall.EPERM},
+		{"unlink of root's file", call(t, c, proto.OpUnlink, &proto.RemoveReq{Export: "sq", Path: "rootfile", Dev: rf.Dev, Ino: rf.Ino, Caller: root}, &a), syscall.EACCES},
+		{"create in a 0777 directory", call(t, c, proto.OpCreate, &proto.OpenReq{Export: "sq", Path: "pub/f", Flags: syscall.O_WRONLY, Mode: 0o644, Caller: root}, &hr), 0},
+		{"mkdir in a 0777 directory", call(t, c, proto.OpMkdir, &proto.OpenReq{Export: "sq", Path: "pub/d", Mode: 0o755, Caller: root}, &proto.EntryReply{}), 0},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("%s by squashed root: %v, want %v", tc.what, tc.got, tc.want)
+		}
+	}
+	for _, name := range []string{"pub/f", "pub/d"} {
+		st, err := os.Stat(filepath.Join(dir, name))
+		must(t, err)
+		if s := st.Sys().(*syscall.Stat_t); s.Uid != server.Nobody || s.Gid != server.Nobody {
+			t.Errorf("%s made by squashed root is %d:%d, want nobody's", name, s.Uid, s.Gid)
+		}
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "rootfile")); string(b) != "r" {
+		t.Errorf("root's file changed: %q", b)
+	}
+	// The same requests on an export without the option: root is root.
+	c2, rw, _ := setup(t)
+	must(t, os.Chmod(rw, 0o755))
+	if e := call(t, c2, proto.OpCreate, &proto.OpenReq{Export: "rw", Path: "x", Flags: syscall.O_WRONLY, Mode: 0o644, Caller: root}, &hr); e != 0 {
+		t.Errorf("create as root without root-squash: %v", e)
+	}
+}

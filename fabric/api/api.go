@@ -36,6 +36,8 @@ type Export struct {
 	Name     string `json:"name"`
 	Path     string `json:"path"`
 	ReadOnly bool   `json:"read_only,omitempty"`
+	// RootSquash: root on other members acts as nobody in this export.
+	RootSquash bool `json:"root_squash,omitempty"`
 }
 
 // Pool is a node's share of the cluster memory pool.

@@ -37,8 +37,10 @@ type exportRow struct {
 	Name     string `json:"name"`
 	Path     string `json:"path"` // on the node
 	ReadOnly bool   `json:"read_only"`
-	Status   string `json:"status"` // the node's membership status
-	Stale    bool   `json:"stale,omitempty"`
+	// RootSquash: root on other members acts as nobody there.
+	RootSquash bool   `json:"root_squash"`
+	Status     string `json:"status"` // the node's membership status
+	Stale      bool   `json:"stale,omitempty"`
 }
 
 func newExportsCmd() *cobra.Command {
@@ -70,7 +72,7 @@ known exports are shown, marked stale). See docs/filesystem.md.`,
 					continue
 				}
 				for _, e := range n.Info.Exports {
-					rows = append(rows, exportRow{Node: n.Name, Name: e.Name, Path: e.Path, ReadOnly: e.ReadOnly, Status: string(n.Status), Stale: n.Stale})
+					rows = append(rows, exportRow{Node: n.Name, Name: e.Name, Path: e.Path, ReadOnly: e.ReadOnly, RootSquash: e.RootSquash, Status: string(n.Status), Stale: n.Stale})
 				}
 			}
 			if format == "json" {
@@ -82,6 +84,9 @@ known exports are shown, marked stale). See docs/filesystem.md.`,
 					access, status := "rw", r.Status
 					if r.ReadOnly {
 						access = "ro"
+					}
+					if r.RootSquash {
+						access += ",root-squash"
 					}
 					if r.Stale {
 						status += " (stale)"

@@ -188,7 +188,7 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 	f.StringVar(&tokenFile, "token-file", "", "read the join token from this file")
 	f.BoolVar(&cfg.NoDiscover, "no-discover", false, "do not announce or look for the cluster on the LAN (mDNS)")
 	f.Var(&cfg.DonateMemory, "donate-memory", "memory this node donates to the cluster pool, e.g. 2GiB")
-	f.StringArrayVar(&exports, "export", nil, "export a directory to the cluster: NAME=PATH[:ro] (repeatable)")
+	f.StringArrayVar(&exports, "export", nil, "export a directory to the cluster: NAME=PATH[:OPTIONS], options ro and root-squash, comma-separated (repeatable)")
 	f.StringVar(&cfg.Mount, "mount", "", "mount the cluster filesystem here (PATH/NODE/EXPORT/...; needs root and /dev/fuse), or none (default "+agent.DefaultMount+" if it is free)")
 	f.Bool("no-mount", false, "do not mount the cluster filesystem (same as --mount none)")
 	f.DurationVar(&cfg.ReconnectInterval, "reconnect-interval", 5*time.Second, "how often to retry failed members")
@@ -198,16 +198,36 @@ SIGINT or SIGTERM make it leave the cluster gracefully.`,
 	return c
 }
 
+// parseExport reads NAME=PATH[:OPTIONS]. OPTIONS is a comma-separated
+// list of ro, rw and root-squash; a last ":..." part that is not such a
+// list belongs to the path.
 func parseExport(s string) (api.Export, error) {
 	name, path, ok := strings.Cut(s, "=")
 	if !ok || name == "" || path == "" {
-		return api.Export{}, fmt.Errorf("--export %q: want NAME=PATH[:ro]", s)
+		return api.Export{}, fmt.Errorf("--export %q: want NAME=PATH[:OPTIONS] (options: ro, root-squash)", s)
 	}
-	ro := false
-	if p, found := strings.CutSuffix(path, ":ro"); found {
-		path, ro = p, true
+	e := api.Export{Name: name, Path: path}
+	i := strings.LastIndexByte(path, ':')
+	if i < 0 {
+		return e, nil
 	}
-	return api.Export{Name: name, Path: path, ReadOnly: ro}, nil
+	var opts api.Export
+	for _, o := range strings.Split(path[i+1:], ",") {
+		switch o {
+		case "ro":
+			opts.ReadOnly = true
+		case "rw":
+		case "root-squash":
+			opts.RootSquash = true
+		default:
+			return e, nil // not options: part of the path
+		}
+	}
+	if i == 0 {
+		return api.Export{}, fmt.Errorf("--export %q: no path before the options", s)
+	}
+	e.Path, e.ReadOnly, e.RootSquash = path[:i], opts.ReadOnly, opts.RootSquash
+	return e, nil
 }
 
 func newLogger(w interface{ Write([]byte) (int, error) }, level, format string) (*slog.Logger, error) {
