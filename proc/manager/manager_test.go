@@ -4,6 +4,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -173,5 +174,64 @@ func TestLookPathUsesCallersPath(t *testing.T) {
 	}
 	if p, err := lookPath("./myprog", "", dir); err != nil || p != prog {
 		t.Errorf("relative path: %q, %v", p, err)
+	}
+}
+
+// statFields returns fields after "(comm)" of /proc/PID/stat: state ppid pgrp session...
+func statFields(t *testing.T, pid int) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+}
+
+// TestOwnSessionAndLeftovers: a program leads a session and group of its
+// own (CRIU needs the session leader inside the tree it dumps, wherever
+// the agent's own session leader is), and a signal still reaches what it
+// left in its group after it ended, and nothing once that is gone too.
+func TestOwnSessionAndLeftovers(t *testing.T) {
+	m := newTest(t)
+	p, stdio, err := m.Start(StartOptions{Argv: []string{"sh", "-c", "sleep 100 & echo $!; read x"}, Env: []string{"PATH=/usr/bin:/bin"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := statFields(t, p.PID)
+	if f[2] != strconv.Itoa(p.PID) || f[3] != strconv.Itoa(p.PID) {
+		t.Fatalf("program %d: group %s session %s, want both its own pid", p.PID, f[2], f[3])
+	}
+	var line string
+	buf := make([]byte, 64)
+	for !strings.Contains(line, "\n") {
+		n, err := stdio.Stdout.Read(buf)
+		if err != nil {
+			t.Fatalf("no pid from the program: %v", err)
+		}
+		line += string(buf[:n])
+	}
+	child, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdio.Stdin.Close() // the shell ends; its sleep stays in the group
+	waitDone(t, p)
+	if err := m.Signal(p.GID, syscall.SIGTERM); err != nil {
+		t.Fatalf("signal to what the ended program left: %v", err)
+	}
+	for i := 0; ; i++ {
+		if _, err := os.Stat("/proc/" + strconv.Itoa(child)); err != nil {
+			break
+		}
+		if f := statFields(t, child); f[0] == "Z" {
+			break // killed; its new parent reaps it
+		}
+		if i > 3000 {
+			t.Fatal("the leftover sleep did not end")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := m.Signal(p.GID, syscall.SIGTERM); err == nil {
+		t.Error("signal succeeded with nothing left of the program")
 	}
 }
