@@ -28,17 +28,23 @@ import (
 func setup(t *testing.T) (c *client.Client, rw, ro string) {
 	t.Helper()
 	rw, ro = t.TempDir(), t.TempDir()
-	s, err := server.New([]server.Export{{Name: "rw", Path: rw}, {Name: "ro", Path: ro, ReadOnly: true}}, slog.New(slog.DiscardHandler))
+	return serve(t, server.Export{Name: "rw", Path: rw}, server.Export{Name: "ro", Path: ro, ReadOnly: true}), rw, ro
+}
+
+// serve serves exps over in-memory connections until the test ends.
+func serve(t *testing.T, exps ...server.Export) *client.Client {
+	t.Helper()
+	s, err := server.New(exps, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
-	c = client.New(func(context.Context) (net.Conn, error) {
+	c := client.New(func(context.Context) (net.Conn, error) {
 		a, b := net.Pipe()
 		go s.ServeConn(b)
 		return a, nil
 	}, 0)
 	t.Cleanup(func() { c.Close(); s.Close() })
-	return c, rw, ro
+	return c
 }
 
 func call(t *testing.T, c *client.Client, op proto.Op, req, resp proto.Msg) syscall.Errno {
@@ -769,16 +775,7 @@ func TestFSRootSquash(t *testing.T) {
 	must(t, os.Mkdir(filepath.Join(dir, "pub"), 0o777))
 	must(t, os.Chmod(filepath.Join(dir, "pub"), 0o777))
 	must(t, os.WriteFile(filepath.Join(dir, "rootfile"), []byte("r"), 0o644))
-	s, err := server.New([]server.Export{{Name: "sq", Path: dir, RootSquash: true}}, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := client.New(func(context.Context) (net.Conn, error) {
-		a, b := net.Pipe()
-		go s.ServeConn(b)
-		return a, nil
-	}, 0)
-	t.Cleanup(func() { c.Close(); s.Close() })
+	c := serve(t, server.Export{Name: "sq", Path: dir, RootSquash: true})
 
 	root := proto.Cred{Groups: []uint32{0}}
 	var rf, a proto.Attr
