@@ -93,6 +93,7 @@ type nodeClient struct {
 	dialErr      error
 
 	failedAt atomic.Int64 // last dial or connection failure (Unix ns); not under mu, which a dial holds
+	slowAt   atomic.Int64 // last time a hedged load was answered by another holder first (Unix ns)
 }
 
 // Pool is the replicated cluster pool. Safe for concurrent use.
@@ -111,6 +112,12 @@ type Pool struct {
 	lost     atomic.Uint64 // pages with no copy left
 	repaired atomic.Uint64 // bytes copied by repair
 	passes   atomic.Uint64 // repair passes done
+
+	lat       [3]latencies  // recent loads by sizeClass: the hedge delays
+	hedged    atomic.Uint64 // loads asked of a second holder
+	hedgeWins atomic.Uint64 // ... that it answered first
+	failovers atomic.Uint64 // loads whose first holder failed, read from another
+	reclaimed atomic.Uint64 // stale copies dropped (reclaim.go)
 
 	kick    chan struct{}
 	stop    chan struct{}
@@ -667,15 +674,9 @@ func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte)
 	if err := checkOwner(r.Owner); err != nil {
 		return err
 	}
-	type pending struct {
-		pc   piece
-		hs   []holder
-		c    *conn
-		cl   *call
-		errs []error
-	}
 	ps := pieces(off, data)
-	pend := make([]pending, 0, len(ps))
+	class := sizeClass(len(data))
+	pend := make([]pendingLoad, 0, len(ps))
 	var errs []error
 	for _, pc := range ps {
 		hs, err := p.loadPlan(r, pc)
@@ -686,7 +687,7 @@ func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte)
 		if len(hs) == 0 {
 			continue // never stored: zeros
 		}
-		pd := pending{pc: pc, hs: hs}
+		pd := pendingLoad{pc: pc, hs: hs}
 		c, err := p.loadConn(ctx, hs[0])
 		if err != nil {
 			p.noteFailure(hs[0].node, err)
@@ -697,19 +698,15 @@ func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte)
 		}
 		pend = append(pend, pd)
 	}
-	for _, pd := range pend {
+	for i := range pend {
+		pd := &pend[i]
 		rest := pd.hs[1:]
 		if pd.c != nil {
-			_, _, err := pd.c.finish(ctx, pd.cl)
-			if err == nil {
+			ok, next := p.finishLoad(ctx, r, class, pd)
+			if ok {
 				continue
 			}
-			if stale(pd.c, err) {
-				rest = pd.hs // loadFrom retries it on a new connection
-			} else {
-				p.noteFailure(pd.hs[0].node, err)
-				pd.errs = append(pd.errs, err)
-			}
+			rest = next
 		}
 		if err := p.loadFrom(ctx, r, pd.pc, rest, pd.errs); err != nil {
 			errs = append(errs, err)
@@ -759,19 +756,46 @@ func (p *Pool) loadPlan(r pool.Region, pc piece) ([]holder, error) {
 		return nil, fmt.Errorf("cluster: pages at %d of %s/%d are lost: every node that held them failed", pc.off, r.Owner, r.ID)
 	}
 	if len(hs) > 1 {
-		// Nodes that failed lately go last.
-		slices.SortStableFunc(hs, func(a, b holder) int {
-			fa, fb := p.failedRecently(a.node), p.failedRecently(b.node)
-			switch {
-			case fa == fb:
-				return 0
-			case fb:
-				return -1
+		ranks := make([]int, len(hs))
+		for i, h := range hs {
+			ranks[i] = p.loadRank(h.node)
+		}
+		if slices.ContainsFunc(ranks, func(k int) bool { return k > 0 }) {
+			idx := make([]int, len(hs))
+			for i := range idx {
+				idx[i] = i
 			}
-			return 1
-		})
+			slices.SortStableFunc(idx, func(a, b int) int { return cmp.Compare(ranks[a], ranks[b]) })
+			sorted := make([]holder, len(hs))
+			for i, j := range idx {
+				sorted[i] = hs[j]
+			}
+			hs = sorted
+		}
 	}
 	return hs, nil
+}
+
+// loadRank orders holders for a load: 0 first; 1 for a node without a
+// working connection now (a dial into a cut link would wait for Timeout
+// before anything could be hedged); 2 for a node that failed a request or
+// lost a hedged load lately.
+func (p *Pool) loadRank(node string) int {
+	nc := p.node(node)
+	now := time.Now().UnixNano()
+	if now-nc.failedAt.Load() < int64(failedFor) || now-nc.slowAt.Load() < int64(failedFor) {
+		return 2
+	}
+	if !nc.mu.TryLock() {
+		return 1 // being dialed
+	}
+	defer nc.mu.Unlock()
+	for _, c := range nc.conns {
+		if c != nil && c.broken() == nil {
+			return 0
+		}
+	}
+	return 1
 }
 
 func (p *Pool) loadConn(ctx context.Context, h holder) (*conn, error) {
@@ -1060,12 +1084,17 @@ type Stats struct {
 	RepairedBytes        uint64            // copied by repair since start
 	ReservedBytes        uint64            // reserved by this node's owners, all copies
 	NodeBytes            map[string]uint64 // bytes of copies placed per node
+	HedgedLoads          uint64            // loads asked of a second holder after the first was slow
+	HedgeWins            uint64            // ... that the second holder answered first
+	LoadFailovers        uint64            // loads whose first holder failed (an error or a timeout), read from another
+	ReclaimedChunks      uint64            // stale copies dropped from nodes that came back
 }
 
 // Stats returns the owner side's account.
 func (p *Pool) Stats() Stats {
 	s := Stats{Replicas: p.opts.Replicas, UnderReplicatedPages: p.under.Load(), LostPages: p.lost.Load(),
-		RepairedBytes: p.repaired.Load(), NodeBytes: map[string]uint64{}}
+		RepairedBytes: p.repaired.Load(), NodeBytes: map[string]uint64{},
+		HedgedLoads: p.hedged.Load(), HedgeWins: p.hedgeWins.Load(), LoadFailovers: p.failovers.Load(), ReclaimedChunks: p.reclaimed.Load()}
 	for _, ch := range p.allChunks() {
 		np := uint64(bits.OnesCount64(ch.pages.Load()))
 		s.Chunks++

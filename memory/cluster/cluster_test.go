@@ -593,3 +593,65 @@ func (l lockedWriter) Write(b []byte) (int, error) {
 	defer l.mu.Unlock()
 	return l.w.Write(b)
 }
+
+// A holder whose link is cut (alive to membership, answering nothing,
+// its connection still open) does not make loads wait for Timeout: after
+// the hedge delay the second holder is asked too and answers. Counted,
+// not timed: every load returns the right bytes and none had to wait for
+// its first holder to fail.
+func TestCutHolderHedged(t *testing.T) {
+	c, p := start(t, 3, 64<<20, cluster.Options{Timeout: 20 * time.Second, RepairInterval: time.Hour})
+	ctx := context.Background()
+	r := pool.Region{Owner: "o", ID: 1}
+	const chunks = 16
+	data := random(chunks*cluster.ChunkSize, 6)
+	if err := p.Store(ctx, r, 0, data); err != nil {
+		t.Fatal(err)
+	}
+	// Warm the connections and the latency samples.
+	got := make([]byte, len(data))
+	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("load: %v", err)
+	}
+	victim, most := "", uint64(0)
+	for n, b := range p.Stats().NodeBytes {
+		if b > most {
+			victim, most = n, b
+		}
+	}
+	c.Cut(victim)
+	defer c.Heal(victim)
+	var wg sync.WaitGroup
+	errs := make(chan error, 4*chunks)
+	for round := range 2 {
+		for i := range chunks {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				// One page per load, in another place each round.
+				off := uint64(i)*cluster.ChunkSize + uint64(round)*pool.PageSize
+				one := make([]byte, pool.PageSize)
+				if err := p.Load(ctx, r, off, one); err != nil || !bytes.Equal(one, data[off:off+pool.PageSize]) {
+					errs <- fmt.Errorf("load at %d: %v", off, err)
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	// A whole-region load: its pieces on the cut node are hedged too.
+	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
+		errs <- fmt.Errorf("load of the region: %v", err)
+	}
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	st := p.Stats()
+	t.Logf("victim %s: %d loads hedged, %d answered by the second holder, %d failed over", victim, st.HedgedLoads, st.HedgeWins, st.LoadFailovers)
+	if st.LoadFailovers != 0 {
+		t.Errorf("%d loads waited for the cut holder to fail (want 0: hedged instead)", st.LoadFailovers)
+	}
+	if st.HedgeWins == 0 {
+		t.Errorf("no load was answered by a second holder, though %s holds %d bytes of first copies and is cut", victim, most)
+	}
+}

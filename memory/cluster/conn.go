@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -46,6 +47,8 @@ type conn struct {
 
 	readTok chan struct{} // holding a value = reading
 	br      *bufio.Reader // used by the read token holder only
+	// lastFrame: when the last frame's header arrived; read token only.
+	lastFrame time.Time
 
 	// used: an answer other than the hello's came back. A used
 	// connection that breaks at the next request may just have gone
@@ -61,6 +64,7 @@ type conn struct {
 
 type call struct {
 	id   uint64
+	sent time.Time // when the request was handed to the connection
 	op   pageproto.Op
 	dst  []byte // load: the response's pages go here
 	done chan struct{}
@@ -120,7 +124,7 @@ func (cn *conn) do(ctx context.Context, h pageproto.Header, owner string, data, 
 // one goroutine can have requests in flight to several nodes at once
 // without a goroutine each.
 func (cn *conn) start(h pageproto.Header, owner string, data, dst []byte) *call {
-	cl := &call{dst: dst, op: h.Op, done: make(chan struct{})}
+	cl := &call{dst: dst, op: h.Op, done: make(chan struct{}), sent: time.Now()}
 	cn.mu.Lock()
 	if cn.err != nil {
 		cl.err = cn.err
@@ -145,16 +149,7 @@ func (cn *conn) finish(ctx context.Context, cl *call) (pageproto.Header, []byte,
 	if err := cn.wait(ctx, cl); err != nil {
 		return cl.h, nil, err
 	}
-	if cl.err != nil {
-		return cl.h, nil, cl.err
-	}
-	if cl.op != pageproto.OpHello {
-		cn.used.Store(true)
-	}
-	if st := pageproto.Status(cl.h.Arg); st != pageproto.StatusOK {
-		return cl.h, nil, &StatusError{Node: cn.node, Op: cl.op, Status: st, Msg: string(cl.msg)}
-	}
-	return cl.h, cl.msg, nil
+	return cn.result(cl)
 }
 
 func (cn *conn) write(h pageproto.Header, owner string, data []byte) error {
@@ -183,65 +178,162 @@ func (cn *conn) write(h pageproto.Header, owner string, data []byte) error {
 // the read token. A context that ends first abandons cl (its response,
 // if it comes, is discarded).
 func (cn *conn) wait(ctx context.Context, cl *call) error {
-	for {
+	if cn.waitUntil(cl, ctx.Done(), time.Time{}) {
+		return nil
+	}
+	if !cn.abandon(cl) {
+		// Delivered (or being delivered) meanwhile.
+		<-cl.done
+		return nil
+	}
+	return ctx.Err()
+}
+
+// waitUntil waits for cl, reading responses while it holds the read
+// token, until cl is done (true) or until passes or stop closes (false:
+// cl is still pending; wait again, or abandon it). A zero until and a nil
+// stop wait for the answer or for the connection to break.
+func (cn *conn) waitUntil(cl *call, stop <-chan struct{}, until time.Time) bool {
+	var timer <-chan time.Time
+	if !until.IsZero() {
+		// Only a caller that cannot lead at once pays for a timer.
 		select {
 		case <-cl.done:
-			return nil
+			return true
 		case cn.readTok <- struct{}{}:
-			// Our response may have been delivered while we waited.
-			select {
-			case <-cl.done:
-				<-cn.readTok
-				return nil
-			default:
-			}
-			cn.readUntil(cl)
-			<-cn.readTok
-			// readUntil returns when cl is answered or the connection
-			// broke; a close running on another goroutine may still be
-			// failing the pending calls, cl among them.
-			<-cl.done
-			return nil
-		case <-ctx.Done():
-			cn.mu.Lock()
-			_, still := cn.pending[cl.id]
-			if still {
-				delete(cn.pending, cl.id)
-				cl.dst = nil
-			}
-			cn.mu.Unlock()
-			if !still {
-				// Delivered (or being delivered) meanwhile.
-				<-cl.done
-				return nil
-			}
-			return ctx.Err()
+			return cn.lead(cl, stop, until)
+		default:
 		}
+		t := time.NewTimer(time.Until(until))
+		defer t.Stop()
+		timer = t.C
+	}
+	select {
+	case <-cl.done:
+		return true
+	case cn.readTok <- struct{}{}:
+		return cn.lead(cl, stop, until)
+	case <-stop:
+		return false
+	case <-timer:
+		return false
 	}
 }
 
+// lead reads responses for cl while holding the read token.
+func (cn *conn) lead(cl *call, stop <-chan struct{}, until time.Time) bool {
+	// Our response may have been delivered while we waited.
+	select {
+	case <-cl.done:
+		<-cn.readTok
+		return true
+	default:
+	}
+	done := cn.readUntil(cl, stop, until)
+	<-cn.readTok
+	if done {
+		// readUntil returns when cl is answered or the connection broke;
+		// a close running on another goroutine may still be failing the
+		// pending calls, cl among them.
+		<-cl.done
+	}
+	return done
+}
+
+// abandon gives up on cl: true if it was still pending (its answer, if it
+// comes, is read and dropped, and never written to cl.dst), false if it
+// is done or being delivered (cl.done closes soon).
+func (cn *conn) abandon(cl *call) bool {
+	cn.mu.Lock()
+	defer cn.mu.Unlock()
+	if _, still := cn.pending[cl.id]; still {
+		delete(cn.pending, cl.id)
+		cl.dst = nil
+		return true
+	}
+	return false
+}
+
+// result is the outcome of a call that is done.
+func (cn *conn) result(cl *call) (pageproto.Header, []byte, error) {
+	if cl.err != nil {
+		return cl.h, nil, cl.err
+	}
+	if cl.op != pageproto.OpHello {
+		cn.used.Store(true)
+	}
+	if st := pageproto.Status(cl.h.Arg); st != pageproto.StatusOK {
+		return cl.h, nil, &StatusError{Node: cn.node, Op: cl.op, Status: st, Msg: string(cl.msg)}
+	}
+	return cl.h, cl.msg, nil
+}
+
+// pollSlice is how often a reader that may be told to stop looks up
+// while no answer arrives.
+const pollSlice = 2 * time.Millisecond
+
 // readUntil reads responses, handing each to its call, until mine is done
-// or the connection breaks.
-func (cn *conn) readUntil(mine *call) {
+// or the connection breaks (true), or, between frames, until passes or
+// stop closes (false). The connection breaks when no frame arrives within
+// the timeout of mine being sent or of the last frame, whichever is later.
+func (cn *conn) readUntil(mine *call, stop <-chan struct{}, until time.Time) bool {
 	var hb [pageproto.HeaderSize]byte
 	for {
 		select {
 		case <-mine.done:
-			return
+			return true
 		default:
+		}
+		if cn.br.Buffered() == 0 {
+			// Wait for the first byte of a frame: nothing is consumed if
+			// the wait is cut short, so the framing stays intact (a read
+			// timeout does not break a TLS connection either).
+			hard := mine.sent
+			if cn.lastFrame.After(hard) {
+				hard = cn.lastFrame
+			}
+			hard = hard.Add(cn.timeout)
+			for {
+				d := hard
+				if !until.IsZero() && until.Before(d) {
+					d = until
+				}
+				if poll := time.Now().Add(pollSlice); stop != nil && poll.Before(d) {
+					d = poll
+				}
+				_ = cn.c.SetReadDeadline(d)
+				_, err := cn.br.Peek(1)
+				if err == nil {
+					break
+				}
+				now := time.Now()
+				if !errors.Is(err, os.ErrDeadlineExceeded) || !now.Before(hard) {
+					cn.close(err)
+					return true
+				}
+				if !until.IsZero() && !now.Before(until) {
+					return false
+				}
+				select {
+				case <-stop:
+					return false
+				default:
+				}
+			}
 		}
 		_ = cn.c.SetReadDeadline(time.Now().Add(cn.timeout))
 		if _, err := io.ReadFull(cn.br, hb[:]); err != nil {
 			cn.close(err)
-			return
+			return true
 		}
+		cn.lastFrame = time.Now()
 		h, err := pageproto.Parse(hb[:])
 		if err == nil && h.Op&pageproto.RespBit == 0 {
 			err = fmt.Errorf("%w: %v from the server", pageproto.ErrBadFrame, h.Op)
 		}
 		if err != nil {
 			cn.close(err)
-			return
+			return true
 		}
 		cn.mu.Lock()
 		cl := cn.pending[h.ID]
@@ -258,7 +350,7 @@ func (cn *conn) readUntil(mine *call) {
 		if cl != nil && cl.dst != nil && pageproto.Status(h.Arg) == pageproto.StatusOK {
 			if int(h.Length) != len(cl.dst) {
 				fail(fmt.Errorf("%w: load answered with %d bytes, %d asked", pageproto.ErrBadFrame, h.Length, len(cl.dst)))
-				return
+				return true
 			}
 			buf = cl.dst
 		} else {
@@ -266,7 +358,7 @@ func (cn *conn) readUntil(mine *call) {
 		}
 		if _, err := io.ReadFull(cn.br, buf); err != nil {
 			fail(err)
-			return
+			return true
 		}
 		if cl == nil {
 			continue // abandoned by a cancelled caller
