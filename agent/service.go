@@ -41,12 +41,14 @@ import (
 // forwards them to the exposing node over mutual TLS (the control API);
 // 'services' asks every live member for its own.
 //
-// Data path. The exposing agent dials the target's node on the fabric port
-// with ALPN onebox-svc/1 (mutual TLS: members only), sends a wire header
-// naming the port (and the process, for a GID target), and the target's
-// agent connects to that port on itself only, 127.0.0.1 first and then
-// its own advertised address, never to another host. A target on the
-// exposing node itself is connected to directly.
+// Data path. The exposing agent keeps one session per target node: a
+// fabric connection with ALPN onebox-svc/1 (mutual TLS: members only)
+// carrying yamux streams (proxy.Sessions). Each client connection opens a
+// stream and sends a wire header naming the port (and the process, for a
+// GID target), and the target's agent connects to that port on itself
+// only, 127.0.0.1 first and then its own advertised address, never to
+// another host. A target on the exposing node itself is connected to
+// directly.
 
 // ServiceConfig configures exposed services. Embedded in Config, so its
 // JSON keys sit at the top level of the config file.
@@ -79,6 +81,7 @@ const (
 	svcDialTimeout   = 3 * time.Second // one target tried for a client connection
 	svcRelisten      = 2 * time.Second // retry of a port that was taken when the agent started
 	svcResolveTTL    = time.Second     // how long a GID's node is trusted without asking again
+	svcSweep         = 2 * time.Second // sessions of nodes that left are closed this often
 )
 
 type svcState struct {
@@ -110,7 +113,8 @@ type svcState struct {
 	tlsOnce sync.Once
 	tls     *tls.Config
 
-	spares *proxy.Spares // handshaken streams by node, for new connections
+	sessions *proxy.Sessions // one session (multiplexed streams) per target node
+	sweepWG  sync.WaitGroup
 }
 
 type gidLoc struct {
@@ -165,13 +169,15 @@ func (a *Agent) startService(_ context.Context) error {
 	if s.bind == "" {
 		s.bind = a.cfg.BindAddr
 	}
-	s.spares = &proxy.Spares{Dial: s.stream, DialTimeout: svcDialTimeout}
+	s.sessions = &proxy.Sessions{Dial: s.stream, DialTimeout: svcDialTimeout, Log: a.log}
 	s.backend = &proxy.Backend{
 		Local: s.local, Log: a.log,
 		OnServe: func(k wire.Kind, st wire.Status) {
 			kind := "connect"
 			if k == wire.KindCheck {
 				kind = "check"
+			} else if k == wire.KindSession {
+				kind = "session"
 			} else if k == 0 {
 				kind = "bad"
 			}
@@ -179,12 +185,20 @@ func (a *Agent) startService(_ context.Context) error {
 		},
 	}
 	a.metrics.reg.MustRegister(s.conns, s.bytes, s.served, svcCollector{s})
-	a.mux.Handle(pki.ProtoService, s.backend.ServeConn)
+	a.mux.Handle(pki.ProtoService, func(c net.Conn) {
+		peer := ""
+		if tc, ok := c.(*tls.Conn); ok {
+			peer = pki.PeerName(tc.ConnectionState())
+		}
+		s.backend.ServeConn(c, peer)
+	})
 	a.svc = s
 	specs, err := service.Load(s.path)
 	if err != nil {
 		return fmt.Errorf("agent: %w (fix or remove the file to start)", err)
 	}
+	s.sweepWG.Add(1)
+	go s.sweep()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, sp := range specs {
@@ -222,8 +236,38 @@ func (a *Agent) closeService() error {
 	for _, e := range svcs {
 		e.close()
 	}
-	s.spares.Close()
-	return s.backend.Close()
+	s.sessions.Close()
+	err := s.backend.Close()
+	s.sweepWG.Wait()
+	return err
+}
+
+// sweep closes the sessions to and from nodes that are no longer live
+// members (left, failed, forgotten), every svcSweep until the agent
+// closes: their streams fail at once instead of waiting for keepalives.
+func (s *svcState) sweep() {
+	defer s.sweepWG.Done()
+	t := time.NewTicker(svcSweep)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, node := range s.sessions.Keys() {
+			if _, err := s.member(node); err != nil {
+				s.a.log.Info("service session closed", "node", node, "why", err)
+				s.sessions.Drop(node)
+			}
+		}
+		for _, node := range s.backend.Peers() {
+			if _, err := s.member(node); err != nil && node != s.a.id.Node {
+				s.a.log.Info("service session from a node closed", "node", node, "why", err)
+				s.backend.DropPeer(node)
+			}
+		}
+	}
 }
 
 func (s *svcState) newExposed(sp service.Spec) *exposed {
@@ -549,35 +593,13 @@ func (s *svcState) open(ctx context.Context, t service.Target, kind wire.Kind) (
 	}
 }
 
-// fabric opens a service stream to node's agent and sends req. A client
-// connection takes a spare stream when one is ready (proxy.Spares), and
-// dials afresh if the spare turns out dead.
+// fabric opens a stream of node's session and sends req on it.
 func (s *svcState) fabric(ctx context.Context, node string, req wire.Request) (net.Conn, error) {
-	if req.Kind == wire.KindConnect {
-		if c := s.spares.Take(node); c != nil {
-			err := proxy.Open(ctx, c, req)
-			if err == nil {
-				return c, nil
-			}
-			c.Close()
-			if re := (*wire.ReplyError)(nil); errors.As(err, &re) || ctx.Err() != nil {
-				return nil, err // the target's own answer
-			}
-		}
-	}
-	c, err := s.stream(ctx, node)
-	if err != nil {
-		return nil, err
-	}
-	if err := proxy.Open(ctx, c, req); err != nil {
-		c.Close()
-		return nil, err
-	}
-	return c, nil
+	return s.sessions.Open(ctx, node, req)
 }
 
-// stream dials node's fabric port for the service protocol and checks
-// the certificate names that node.
+// stream dials node's fabric port for the service protocol (a session's
+// connection) and checks the certificate names that node.
 func (s *svcState) stream(ctx context.Context, node string) (net.Conn, error) {
 	m, err := s.member(node)
 	if err != nil {
@@ -601,18 +623,11 @@ func (s *svcState) stream(ctx context.Context, node string) (net.Conn, error) {
 	return c, nil
 }
 
-// tlsConfig is the client configuration of service streams. It keeps
-// TLS 1.3 session tickets: a new connection to a node seen recently
-// resumes instead of a full handshake (no certificate signature and
-// verification), which is most of the cost of opening a connection
-// through a service address. A ticket only resumes a session whose
-// certificates were verified in a full handshake, and the peer's name
-// is still checked on every connection.
+// tlsConfig is the client configuration of service sessions.
 func (s *svcState) tlsConfig() *tls.Config {
 	s.tlsOnce.Do(func() {
 		cfg := s.a.id.ClientTLS()
 		cfg.NextProtos = []string{pki.ProtoService}
-		cfg.ClientSessionCache = tls.NewLRUClientSessionCache(256)
 		s.tls = cfg
 	})
 	return s.tls

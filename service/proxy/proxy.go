@@ -1,10 +1,12 @@
 // Package proxy carries the connections of an exposed service. Frontend
 // accepts clients on the exposing node's port and, for each, asks a
 // balance.Pool for a target and dials it (trying the next target when a
-// dial fails, every dial bounded); Backend, on the target's node, reads
-// the wire header of a fabric connection, connects to the local port and
-// splices the two. Neither knows about TLS or membership: the agent
-// supplies the dialer and the local connector.
+// dial fails, every dial bounded); Sessions opens those dials as streams
+// of one long-lived session (yamux) per target node; Backend, on the
+// target's node, serves a session's streams: reads each stream's wire
+// header, connects to the local port and splices the two. None knows
+// about TLS or membership: the agent supplies the fabric dialer and the
+// local connector.
 package proxy
 
 import (
@@ -15,6 +17,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	yamux "github.com/libp2p/go-yamux/v5"
 
 	"github.com/onebox-project/onebox/service/balance"
 	"github.com/onebox-project/onebox/service/wire"
@@ -45,17 +49,20 @@ var ErrNoTarget = errors.New("proxy: no target accepted the connection")
 // When one direction ends cleanly its destination's write side is shut
 // (half-close), so request/response protocols that signal the end of a
 // request by closing work; when it ends with an error both connections are
-// closed at once, so the other direction cannot block forever.
+// aborted at once (a TCP connection with a reset, a stream with its RST),
+// so the other direction cannot block forever and neither end mistakes
+// the failure for a clean end of data.
 func Splice(a, b net.Conn) (ab, ba int64) {
 	var wg sync.WaitGroup
 	var once sync.Once
 	closeBoth := func() { once.Do(func() { a.Close(); b.Close() }) }
+	abortBoth := func() { once.Do(func() { abort(a); abort(b) }) }
 	half := func(dst, src net.Conn, n *int64) {
 		defer wg.Done()
 		var err error
 		*n, err = io.Copy(dst, src)
 		if err != nil {
-			closeBoth()
+			abortBoth()
 			return
 		}
 		if cw, ok := dst.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
@@ -69,6 +76,19 @@ func Splice(a, b net.Conn) (ab, ba int64) {
 	wg.Wait()
 	closeBoth()
 	return ab, ba
+}
+
+// abort closes c so that its peer sees a failure, not an end of data.
+func abort(c net.Conn) {
+	switch c := c.(type) {
+	case *net.TCPConn:
+		c.SetLinger(0)
+		c.Close()
+	case *Stream:
+		c.Abort()
+	default:
+		c.Close()
+	}
 }
 
 // Dialer connects to a target by its pool key; the returned connection
@@ -385,10 +405,11 @@ type Backend struct {
 	// the bytes fabric→port and port→fabric.
 	OnDone func(in, out int64)
 
-	mu     sync.Mutex
-	conns  map[net.Conn]struct{} // guarded by mu
-	closed bool                  // guarded by mu
-	wg     sync.WaitGroup
+	mu       sync.Mutex
+	conns    map[net.Conn]struct{}     // streams and local connections; guarded by mu
+	sessions map[*yamux.Session]string // session → peer node; guarded by mu
+	closed   bool                      // guarded by mu
+	wg       sync.WaitGroup
 }
 
 func (b *Backend) track(c net.Conn) bool {
@@ -411,8 +432,11 @@ func (b *Backend) untrack(c net.Conn) {
 	b.mu.Unlock()
 }
 
-// ServeConn serves one fabric connection (it owns and closes c).
-func (b *Backend) ServeConn(c net.Conn) {
+// ServeConn serves one fabric connection (it owns and closes c): its
+// first request must open a session (wire version 2), whose streams are
+// then served until it ends. peer names the node at the other end (from
+// its certificate); DropPeer closes its sessions.
+func (b *Backend) ServeConn(c net.Conn, peer string) {
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -423,22 +447,53 @@ func (b *Backend) ServeConn(c net.Conn) {
 	b.wg.Add(1)
 	b.mu.Unlock()
 	defer b.wg.Done()
+	c.SetDeadline(time.Now().Add(b.headerTimeout()))
+	req, err := wire.ReadRequest(c)
+	if err != nil {
+		b.reply(c, 0, wire.Reply{Status: wire.StatusBad, Message: err.Error()})
+		c.Close()
+		return
+	}
+	if req.Kind != wire.KindSession {
+		b.reply(c, req.Kind, wire.Reply{Status: wire.StatusBad, Message: "a service connection starts with a session request"})
+		c.Close()
+		return
+	}
+	if !b.reply(c, req.Kind, wire.Reply{}) {
+		c.Close()
+		return
+	}
+	c.SetDeadline(time.Time{})
+	b.serveSession(c, peer)
+}
+
+func (b *Backend) headerTimeout() time.Duration {
+	if b.HeaderTimeout > 0 {
+		return b.HeaderTimeout
+	}
+	return DefaultHeaderTimeout
+}
+
+// serveStream serves one stream of a session: a request, and for a
+// connect the port's bytes.
+func (b *Backend) serveStream(c net.Conn) {
 	if !b.track(c) {
 		c.Close()
 		return
 	}
 	defer b.untrack(c)
-	ht, lt := b.HeaderTimeout, b.LocalTimeout
-	if ht <= 0 {
-		ht = DefaultHeaderTimeout
-	}
+	lt := b.LocalTimeout
 	if lt <= 0 {
 		lt = DefaultLocalTimeout
 	}
-	c.SetDeadline(time.Now().Add(ht))
+	c.SetDeadline(time.Now().Add(b.headerTimeout()))
 	req, err := wire.ReadRequest(c)
 	if err != nil {
 		b.reply(c, 0, wire.Reply{Status: wire.StatusBad, Message: err.Error()})
+		return
+	}
+	if req.Kind == wire.KindSession {
+		b.reply(c, req.Kind, wire.Reply{Status: wire.StatusBad, Message: "a session inside a session"})
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), lt)
@@ -471,6 +526,53 @@ func (b *Backend) ServeConn(c net.Conn) {
 	}
 }
 
+func (b *Backend) trackSession(s *yamux.Session, peer string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return false
+	}
+	if b.sessions == nil {
+		b.sessions = map[*yamux.Session]string{}
+	}
+	b.sessions[s] = peer
+	return true
+}
+
+func (b *Backend) untrackSession(s *yamux.Session) {
+	s.Close()
+	b.mu.Lock()
+	delete(b.sessions, s)
+	b.mu.Unlock()
+}
+
+// Peers lists the nodes with a session to this backend.
+func (b *Backend) Peers() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []string
+	for _, p := range b.sessions {
+		out = append(out, p)
+	}
+	return out
+}
+
+// DropPeer closes the sessions of node peer (a member that left): their
+// streams end.
+func (b *Backend) DropPeer(peer string) {
+	b.mu.Lock()
+	var drop []*yamux.Session
+	for s, p := range b.sessions {
+		if p == peer {
+			drop = append(drop, s)
+		}
+	}
+	b.mu.Unlock()
+	for _, s := range drop {
+		s.Close()
+	}
+}
+
 func (b *Backend) reply(c net.Conn, kind wire.Kind, rep wire.Reply) bool {
 	if b.OnServe != nil {
 		b.OnServe(kind, rep.Status)
@@ -479,14 +581,20 @@ func (b *Backend) reply(c net.Conn, kind wire.Kind, rep wire.Reply) bool {
 	return err == nil
 }
 
-// Close ends every connection being served and waits for the handlers.
+// Close ends every session and connection being served and waits for
+// the handlers.
 func (b *Backend) Close() error {
 	b.mu.Lock()
 	b.closed = true
 	for c := range b.conns {
 		c.Close()
 	}
+	sessions := b.sessions
+	b.sessions = nil
 	b.mu.Unlock()
+	for s := range sessions {
+		s.Close()
+	}
 	b.wg.Wait()
 	return nil
 }

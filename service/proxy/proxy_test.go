@@ -8,6 +8,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -50,10 +51,19 @@ func deadPort(t *testing.T) int {
 	return p
 }
 
-// backendPair serves a Backend on a local TCP listener (the fabric's TLS
+// backend serves a Backend on a local TCP listener (the fabric's TLS
 // is the agent's business) that connects to 127.0.0.1.
 func backend(t *testing.T) (addr string, b *Backend) {
+	addr, b, _ = backendConns(t)
+	return addr, b
+}
+
+// backendConns is backend, with a function that returns the fabric
+// connections accepted so far.
+func backendConns(t *testing.T) (addr string, b *Backend, conns func() []net.Conn) {
 	t.Helper()
+	var mu sync.Mutex
+	var accepted []net.Conn
 	b = &Backend{Local: func(ctx context.Context, req wire.Request) (net.Conn, wire.Reply) {
 		var d net.Dialer
 		c, err := d.DialContext(ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(req.Port))))
@@ -72,39 +82,48 @@ func backend(t *testing.T) (addr string, b *Backend) {
 			if err != nil {
 				return
 			}
-			go b.ServeConn(c)
+			mu.Lock()
+			accepted = append(accepted, c)
+			mu.Unlock()
+			go b.ServeConn(c, "peer")
 		}
 	}()
 	t.Cleanup(func() { ln.Close(); b.Close() })
-	return ln.Addr().String(), b
+	return ln.Addr().String(), b, func() []net.Conn {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]net.Conn(nil), accepted...)
+	}
+}
+
+// sessions opens streams to the backend at baddr (any key).
+func sessions(t *testing.T, baddr string) *Sessions {
+	s := &Sessions{Dial: func(ctx context.Context, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", baddr)
+	}}
+	t.Cleanup(func() { s.Close() })
+	return s
 }
 
 // frontend serves pool keys "PORT" through the backend at baddr.
 func frontend(t *testing.T, baddr string, policy balance.Policy, ports ...int) (string, *Frontend) {
 	t.Helper()
-	f := newFrontend(baddr, policy, ports...)
+	f := newFrontend(t, baddr, policy, ports...)
 	return serve(t, f), f
 }
 
-func newFrontend(baddr string, policy balance.Policy, ports ...int) *Frontend {
+func newFrontend(t *testing.T, baddr string, policy balance.Policy, ports ...int) *Frontend {
 	var keys []string
 	for _, p := range ports {
 		keys = append(keys, strconv.Itoa(p))
 	}
+	ss := sessions(t, baddr)
 	f := &Frontend{
 		Pool: balance.NewPool(policy, balance.Thresholds{}, keys...),
 		Dial: func(ctx context.Context, key string) (net.Conn, error) {
 			port, _ := strconv.Atoi(key)
-			var d net.Dialer
-			c, err := d.DialContext(ctx, "tcp", baddr)
-			if err != nil {
-				return nil, err
-			}
-			if err := Open(ctx, c, wire.Request{Kind: wire.KindConnect, Port: uint16(port)}); err != nil {
-				c.Close()
-				return nil, err
-			}
-			return c, nil
+			return ss.Open(ctx, "backend", wire.Request{Kind: wire.KindConnect, Port: uint16(port)})
 		},
 		DialTimeout: 2 * time.Second,
 	}
@@ -197,15 +216,15 @@ func TestBackendCheckAndBadHeader(t *testing.T) {
 	pa, stop := echoServer(t, "a")
 	defer stop()
 	baddr, _ := backend(t)
+	ss := sessions(t, baddr)
 	check := func(port int) error {
-		c, err := net.Dial("tcp", baddr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		return Open(ctx, c, wire.Request{Kind: wire.KindCheck, Port: uint16(port)})
+		c, err := ss.Open(ctx, "backend", wire.Request{Kind: wire.KindCheck, Port: uint16(port)})
+		if c != nil {
+			c.Close()
+		}
+		return err
 	}
 	if err := check(pa); err != nil {
 		t.Errorf("check of a live port: %v", err)
@@ -221,6 +240,25 @@ func TestBackendCheckAndBadHeader(t *testing.T) {
 	rep, err := wire.ReadReply(c)
 	if err != nil || rep.Status != wire.StatusBad {
 		t.Errorf("garbage header: reply %+v, %v", rep, err)
+	}
+	// A version 1 client (a header per connection, no session) is told.
+	c1, _ := net.Dial("tcp", baddr)
+	defer c1.Close()
+	c1.Write([]byte{'O', 'B', 'S', 'V', 1, byte(wire.KindConnect), 0x1f, 0x40, 0})
+	c1.SetDeadline(time.Now().Add(5 * time.Second))
+	rep, err = wire.ReadReply(c1)
+	if err != nil || rep.Status != wire.StatusBad || !strings.Contains(rep.Message, "version 1") {
+		t.Errorf("version 1 header: reply %+v, %v", rep, err)
+	}
+	// A connect request without a session first is refused too.
+	c2, _ := net.Dial("tcp", baddr)
+	defer c2.Close()
+	b, _ := wire.AppendRequest(nil, wire.Request{Kind: wire.KindConnect, Port: uint16(pa)})
+	c2.Write(b)
+	c2.SetDeadline(time.Now().Add(5 * time.Second))
+	rep, err = wire.ReadReply(c2)
+	if err != nil || rep.Status != wire.StatusBad {
+		t.Errorf("connect outside a session: reply %+v, %v", rep, err)
 	}
 }
 
@@ -270,7 +308,7 @@ func TestFrontendHedgesSilentTarget(t *testing.T) {
 	pa, stop := echoServer(t, "a")
 	defer stop()
 	baddr, _ := backend(t)
-	f := newFrontend(baddr, balance.RoundRobin, pa)
+	f := newFrontend(t, baddr, balance.RoundRobin, pa)
 	live := f.Dial
 	f.Pool.SetTargets([]string{"silent", strconv.Itoa(pa)})
 	f.HedgeAfter = 200 * time.Millisecond
@@ -309,7 +347,7 @@ func TestFrontendMaxConns(t *testing.T) {
 	pa, stop := echoServer(t, "a")
 	defer stop()
 	baddr, _ := backend(t)
-	f := newFrontend(baddr, balance.RoundRobin, pa)
+	f := newFrontend(t, baddr, balance.RoundRobin, pa)
 	f.MaxConns = 1
 	busy := make(chan string, 4)
 	f.OnDone = func(key string, _, _ int64) {

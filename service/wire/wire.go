@@ -3,6 +3,12 @@
 // exposing agent asks the target's agent to connect to a local port (or
 // only to check it could), and the target's agent answers with a status.
 //
+// Version 2: a fabric connection starts with one request of KindSession
+// (port 0, no gid); after a StatusOK reply it carries a yamux session
+// (github.com/libp2p/go-yamux, the exposing agent is the client) whose
+// streams each start with their own KindConnect or KindCheck request and
+// reply, as a whole connection did in version 1.
+//
 // Request, client to server:
 //
 //	"OBSV" | version (1) | kind (1) | port (2, big-endian) | len (1) | gid (len bytes)
@@ -11,9 +17,9 @@
 //
 //	status (1) | len (2, big-endian) | message (len bytes, UTF-8)
 //
-// After a reply with StatusOK to KindConnect, the connection carries the
+// After a reply with StatusOK to KindConnect, the stream carries the
 // proxied bytes in both directions and nothing else. Every other reply ends
-// the connection.
+// the stream (or, to KindSession, the connection).
 package wire
 
 import (
@@ -24,8 +30,10 @@ import (
 	"unicode/utf8"
 )
 
-// Version is the only header version this package speaks.
-const Version = 1
+// Version is the only header version this package speaks (2: streams
+// multiplexed over one session per pair of nodes; 1 was one fabric
+// connection per proxied connection).
+const Version = 2
 
 var magic = [4]byte{'O', 'B', 'S', 'V'}
 
@@ -39,6 +47,10 @@ const (
 	// KindCheck asks whether a connection to the port would succeed now
 	// (an active health check); the server connects, closes and replies.
 	KindCheck Kind = 2
+	// KindSession opens a session (port 0, no gid): on StatusOK the fabric
+	// connection carries multiplexed streams, each starting with a request
+	// of KindConnect or KindCheck.
+	KindSession Kind = 3
 )
 
 // Status is the server's answer.
@@ -89,8 +101,14 @@ var ErrBadHeader = errors.New("wire: bad service header")
 
 // Validate checks the fields an encoder is given.
 func (r Request) Validate() error {
-	if r.Kind != KindConnect && r.Kind != KindCheck {
+	if r.Kind != KindConnect && r.Kind != KindCheck && r.Kind != KindSession {
 		return fmt.Errorf("%w: unknown kind %d", ErrBadHeader, r.Kind)
+	}
+	if r.Kind == KindSession {
+		if r.Port != 0 || r.GID != "" {
+			return fmt.Errorf("%w: a session request names no port and no gid", ErrBadHeader)
+		}
+		return nil
 	}
 	if r.Port == 0 {
 		return fmt.Errorf("%w: port 0", ErrBadHeader)
@@ -129,7 +147,7 @@ func ReadRequest(r io.Reader) (Request, error) {
 		return Request{}, fmt.Errorf("%w: wrong magic", ErrBadHeader)
 	}
 	if h[4] != Version {
-		return Request{}, fmt.Errorf("%w: version %d (this agent speaks %d)", ErrBadHeader, h[4], Version)
+		return Request{}, fmt.Errorf("%w: version %d (this agent speaks %d: run the same onebox release on every node)", ErrBadHeader, h[4], Version)
 	}
 	req := Request{Kind: Kind(h[5]), Port: binary.BigEndian.Uint16(h[6:8])}
 	n := int(h[8])

@@ -12,6 +12,7 @@ func TestRequestRoundTrip(t *testing.T) {
 		{Kind: KindConnect, Port: 8000},
 		{Kind: KindCheck, Port: 65535, GID: "g0123456789ab"},
 		{Kind: KindConnect, Port: 1, GID: strings.Repeat("x", MaxGID)},
+		{Kind: KindSession},
 	} {
 		b, err := AppendRequest(nil, r)
 		if err != nil {
@@ -33,15 +34,17 @@ func TestRequestRejects(t *testing.T) {
 	good, _ := AppendRequest(nil, Request{Kind: KindConnect, Port: 80, GID: "g1"})
 	mut := func(f func(b []byte) []byte) []byte { return f(append([]byte(nil), good...)) }
 	for name, b := range map[string][]byte{
-		"empty":       nil,
-		"short":       good[:5],
-		"magic":       mut(func(b []byte) []byte { b[0] = 'X'; return b }),
-		"version":     mut(func(b []byte) []byte { b[4] = 2; return b }),
-		"kind":        mut(func(b []byte) []byte { b[5] = 9; return b }),
-		"port zero":   mut(func(b []byte) []byte { b[6], b[7] = 0, 0; return b }),
-		"gid too big": mut(func(b []byte) []byte { b[8] = MaxGID + 1; return b }),
-		"gid cut":     good[:len(good)-1],
-		"gid space":   mut(func(b []byte) []byte { b[9] = ' '; return b }),
+		"empty":        nil,
+		"short":        good[:5],
+		"magic":        mut(func(b []byte) []byte { b[0] = 'X'; return b }),
+		"version 1":    mut(func(b []byte) []byte { b[4] = 1; return b }),
+		"version 3":    mut(func(b []byte) []byte { b[4] = 3; return b }),
+		"session port": mut(func(b []byte) []byte { b[5] = byte(KindSession); return b }),
+		"kind":         mut(func(b []byte) []byte { b[5] = 9; return b }),
+		"port zero":    mut(func(b []byte) []byte { b[6], b[7] = 0, 0; return b }),
+		"gid too big":  mut(func(b []byte) []byte { b[8] = MaxGID + 1; return b }),
+		"gid cut":      good[:len(good)-1],
+		"gid space":    mut(func(b []byte) []byte { b[9] = ' '; return b }),
 	} {
 		if _, err := ReadRequest(bytes.NewReader(b)); !errors.Is(err, ErrBadHeader) {
 			t.Errorf("%s: err = %v, want ErrBadHeader", name, err)
@@ -49,6 +52,9 @@ func TestRequestRejects(t *testing.T) {
 	}
 	if _, err := AppendRequest(nil, Request{Kind: KindCheck}); err == nil {
 		t.Error("port 0 encoded")
+	}
+	if _, err := AppendRequest(nil, Request{Kind: KindSession, Port: 80}); err == nil {
+		t.Error("session with a port encoded")
 	}
 }
 
@@ -78,7 +84,9 @@ func FuzzReadRequest(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte("OBSV\x01\x01\x00\x00\x00"))
-	f.Add([]byte("OBSV\x01\x02\x1f\x40\xff"))
+	f.Add([]byte("OBSV\x02\x03\x00\x00\x00"))
+	f.Add([]byte("OBSV\x02\x03\x00\x01\x00"))
+	f.Add([]byte("OBSV\x02\x02\x1f\x40\xff"))
 	f.Add([]byte("GET / HTTP/1.1\r\n"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		rd := bytes.NewReader(b)

@@ -1,0 +1,358 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	yamux "github.com/libp2p/go-yamux/v5"
+
+	"github.com/onebox-project/onebox/service/wire"
+)
+
+// Sessions and the session bounds. A session is one fabric connection
+// between two agents carrying every proxied connection between them as a
+// yamux stream: opening a connection through a service address costs the
+// stream header's round trip, not a TLS handshake.
+const (
+	// SessionKeepAlive: an idle session is pinged this often; a ping (or
+	// any frame) not written or answered within SessionWriteTimeout ends
+	// the session and every stream on it.
+	SessionKeepAlive    = 5 * time.Second
+	SessionWriteTimeout = 5 * time.Second
+	// SessionMaxStreams bounds the streams one peer may have open at once
+	// on a session it opened (more are reset).
+	SessionMaxStreams = 1 << 16
+	// SessionMaxWindow bounds what one stream may have in flight (and so
+	// what a receiver buffers for a consumer that does not read); the
+	// window grows to it from 256 KiB while a stream's consumer keeps up.
+	SessionMaxWindow = 4 << 20
+	// probeTimeout bounds the ping that checks a session after a stream on
+	// it went unanswered.
+	probeTimeout = 2 * time.Second
+)
+
+// ErrSessionLost is the failure of a stream whose session ended under it.
+var ErrSessionLost = errors.New("proxy: the session to the target's node ended")
+
+// muxConfig is the yamux configuration of both ends.
+func muxConfig(log *slog.Logger) *yamux.Config {
+	c := yamux.DefaultConfig()
+	c.KeepAliveInterval = SessionKeepAlive
+	c.ConnectionWriteTimeout = SessionWriteTimeout
+	c.MaxIncomingStreams = SessionMaxStreams
+	c.AcceptBacklog = 1024
+	c.MaxStreamWindowSize = SessionMaxWindow
+	c.LogOutput = logWriter{log}
+	return c
+}
+
+// logWriter turns yamux's log lines into debug records.
+type logWriter struct{ log *slog.Logger }
+
+func (w logWriter) Write(p []byte) (int, error) {
+	if w.log != nil {
+		w.log.Debug("service session", "yamux", strings.TrimSpace(string(p)))
+	}
+	return len(p), nil
+}
+
+// Sessions opens streams to the agents of target nodes over one
+// long-lived session per node (the client side of wire version 2). A
+// session is dialed when a stream to its node is first wanted, one dial
+// at a time per node (callers meanwhile wait for it, each within its own
+// context), and again after it ended; a session whose stream went
+// unanswered is pinged, and closed if the ping fails too, so the next
+// stream redials instead of waiting on a dead connection.
+type Sessions struct {
+	// Dial opens a fabric connection to key's agent that negotiated the
+	// service protocol (and proved it is key). It must return by the time
+	// ctx ends.
+	Dial        func(ctx context.Context, key string) (net.Conn, error)
+	DialTimeout time.Duration // a session dial with its request; default DefaultDialTimeout
+	Log         *slog.Logger
+
+	once   sync.Once
+	ctx    context.Context
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	sess   map[string]*session // guarded by mu
+	dials  atomic.Int64
+}
+
+// session is one node's session, or the dial that is making it.
+type session struct {
+	ready   chan struct{} // closed when the dial ended
+	s       *yamux.Session
+	err     error
+	probing atomic.Bool
+}
+
+func (s *Sessions) init() {
+	s.once.Do(func() {
+		s.ctx, s.cancel = context.WithCancel(context.Background())
+		s.sess = map[string]*session{}
+		if s.DialTimeout <= 0 {
+			s.DialTimeout = DefaultDialTimeout
+		}
+		if s.Log == nil {
+			s.Log = slog.Default()
+		}
+	})
+}
+
+// Dials reports how many sessions were dialed (successfully or not).
+func (s *Sessions) Dials() int64 { return s.dials.Load() }
+
+// get returns key's live session, dialing it if there is none.
+func (s *Sessions) get(ctx context.Context, key string) (*session, error) {
+	s.init()
+	for {
+		s.mu.Lock()
+		if s.ctx.Err() != nil {
+			s.mu.Unlock()
+			return nil, net.ErrClosed
+		}
+		m := s.sess[key]
+		if m == nil {
+			m = &session{ready: make(chan struct{})}
+			s.sess[key] = m
+			go s.connect(key, m)
+		}
+		s.mu.Unlock()
+		select {
+		case <-m.ready:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if m.err != nil {
+			return nil, m.err
+		}
+		if !m.s.IsClosed() {
+			return m, nil
+		}
+		s.forget(key, m)
+	}
+}
+
+// connect dials key's session for every caller waiting on m.
+func (s *Sessions) connect(key string, m *session) {
+	defer close(m.ready)
+	s.dials.Add(1)
+	ctx, cancel := context.WithTimeout(s.ctx, s.DialTimeout)
+	defer cancel()
+	m.s, m.err = s.dial(ctx, key)
+	if m.err != nil {
+		s.forget(key, m)
+		return
+	}
+	s.mu.Lock()
+	closed := s.ctx.Err() != nil
+	s.mu.Unlock()
+	if closed {
+		m.s.Close()
+		m.err = net.ErrClosed
+		return
+	}
+	go func() {
+		<-m.s.CloseChan()
+		s.forget(key, m)
+	}()
+}
+
+func (s *Sessions) dial(ctx context.Context, key string) (*yamux.Session, error) {
+	c, err := s.Dial(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	if err := Open(ctx, c, wire.Request{Kind: wire.KindSession}); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("%s's agent: opening a service session: %w", key, err)
+	}
+	ys, err := yamux.Client(c, muxConfig(s.Log), nil)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return ys, nil
+}
+
+// forget removes m as key's session (if it still is) and closes it.
+func (s *Sessions) forget(key string, m *session) {
+	s.mu.Lock()
+	if s.sess[key] == m {
+		delete(s.sess, key)
+	}
+	s.mu.Unlock()
+	if m.s != nil {
+		m.s.Close()
+	}
+}
+
+// Open opens a stream to key's agent and sends req on it, all before ctx
+// ends. On nil error the stream carries the port's bytes (KindConnect) or
+// may be closed (KindCheck). A session found dead as the stream is opened
+// is replaced once.
+func (s *Sessions) Open(ctx context.Context, key string, req wire.Request) (net.Conn, error) {
+	for attempt := 0; ; attempt++ {
+		m, err := s.get(ctx, key)
+		if err != nil {
+			return nil, err
+		}
+		st, err := m.s.OpenStream(ctx)
+		if err != nil {
+			if m.s.IsClosed() && attempt == 0 && ctx.Err() == nil {
+				s.forget(key, m)
+				continue
+			}
+			return nil, fmt.Errorf("%s's agent: %w", key, err)
+		}
+		c := &Stream{st}
+		if err := Open(ctx, c, req); err != nil {
+			c.Abort()
+			var re *wire.ReplyError
+			if !errors.As(err, &re) {
+				if m.s.IsClosed() {
+					err = ErrSessionLost
+				} else if ctx.Err() != nil {
+					s.probe(key, m)
+				}
+				err = fmt.Errorf("%s's agent: %w", key, err)
+			}
+			return nil, err
+		}
+		return c, nil
+	}
+}
+
+// probe pings m in the background (one ping at a time) and drops it if
+// the ping is not answered.
+func (s *Sessions) probe(key string, m *session) {
+	if !m.probing.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer m.probing.Store(false)
+		done := make(chan error, 1)
+		go func() { _, err := m.s.Ping(); done <- err }()
+		var err error
+		select {
+		case err = <-done:
+		case <-time.After(probeTimeout):
+			err = errors.New("no answer")
+		}
+		if err != nil {
+			s.Log.Info("service session unanswered; closing it", "node", key, "err", err)
+			s.forget(key, m)
+		}
+	}()
+}
+
+// Keys lists the nodes with a session (or a session dial in flight).
+func (s *Sessions) Keys() []string {
+	s.init()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	keys := make([]string, 0, len(s.sess))
+	for k := range s.sess {
+		keys = append(keys, k)
+	}
+	return keys
+}
+
+// Drop closes key's session: its streams fail, the next Open redials.
+func (s *Sessions) Drop(key string) {
+	s.init()
+	s.mu.Lock()
+	m := s.sess[key]
+	delete(s.sess, key)
+	s.mu.Unlock()
+	if m != nil {
+		go func() {
+			<-m.ready
+			if m.s != nil {
+				m.s.Close()
+			}
+		}()
+	}
+}
+
+// Close closes every session (their streams fail) and refuses new ones.
+func (s *Sessions) Close() error {
+	s.init()
+	s.mu.Lock()
+	s.cancel()
+	all := s.sess
+	s.sess = map[string]*session{}
+	s.mu.Unlock()
+	for _, m := range all {
+		<-m.ready // bounded by DialTimeout; cancelled by s.cancel
+		if m.s != nil {
+			m.s.Close()
+		}
+	}
+	return nil
+}
+
+// Stream is one proxied connection on a session: a net.Conn whose
+// CloseWrite sends the stream's FIN (half-close passed through), and
+// whose Abort resets it (the peer's reads and writes fail at once).
+type Stream struct{ *yamux.Stream }
+
+// Abort resets the stream.
+func (c *Stream) Abort() error { return c.Stream.Reset() }
+
+// Read reads the stream; a session that ended under it is ErrSessionLost.
+func (c *Stream) Read(b []byte) (int, error) {
+	n, err := c.Stream.Read(b)
+	return n, c.mapErr(err)
+}
+
+// Write writes the stream; a session that ended under it is ErrSessionLost.
+func (c *Stream) Write(b []byte) (int, error) {
+	n, err := c.Stream.Write(b)
+	return n, c.mapErr(err)
+}
+
+func (c *Stream) mapErr(err error) error {
+	if err == nil || err == io.EOF {
+		return err
+	}
+	if errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, yamux.ErrKeepAliveTimeout) || c.Stream.Session().IsClosed() {
+		return fmt.Errorf("%w: %v", ErrSessionLost, err)
+	}
+	return err
+}
+
+// serveSession serves the streams of one session on c (after its
+// request was answered) until the session ends.
+func (b *Backend) serveSession(c net.Conn, peer string) {
+	ys, err := yamux.Server(c, muxConfig(b.Log), nil)
+	if err != nil {
+		c.Close()
+		return
+	}
+	if !b.trackSession(ys, peer) {
+		ys.Close()
+		return
+	}
+	defer b.untrackSession(ys)
+	for {
+		st, err := ys.AcceptStream()
+		if err != nil {
+			return
+		}
+		b.wg.Add(1) // the caller holds one: Close's Wait cannot have passed zero
+		go func() {
+			defer b.wg.Done()
+			b.serveStream(&Stream{st})
+		}()
+	}
+}
