@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -276,11 +278,11 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 		return failed(errors.New("the agent is shutting down"))
 	}
 	defer p.untrack(conn)
-	sc := stream.NewConn(conn, nil)
+	sc := memberConn(conn)
 	if err := sc.WriteJSON(stream.Migrate, spec); err != nil {
 		return failed(err)
 	}
-	dir := filepath.Join(p.a.cfg.DataDir, "proc", "migrate", gid+".out")
+	dir := p.imageDir(gid+".out", true)
 	_ = os.RemoveAll(dir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return failed(err)
@@ -299,6 +301,9 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 	if err != nil {
 		return failed(err)
 	}
+	// Until its images are written, the program is stopped: CRIU goes
+	// first (a no-op without CAP_SYS_NICE).
+	_ = dump.Renice(migrate.BoostNice)
 	// The downtime starts when CRIU stops the program, not when CRIU
 	// starts: watch for the stop (1 ms resolution).
 	frozenAt := make(chan time.Time, 1)
@@ -334,13 +339,12 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 		<-dump.Done()
 		return failed(fmt.Errorf("criu dump: %w (%s)", err, dump.Tail()))
 	}
+	_ = dump.Renice(0) // its page server runs as long as the pages take
 	endWatch()
 	freeze := <-frozenAt
 	res.FreezeMS = ms(time.Since(freeze))
 	t := time.Now()
-	_ = conn.SetWriteDeadline(time.Now().Add(migrateRestoreTimeout))
-	n, err := migrate.SendFiles(sc, dir)
-	_ = conn.SetWriteDeadline(time.Time{})
+	n, err := migrate.SendFiles(sc, dir) // each frame bounded (memberConn)
 	res.ImageBytes = n
 	res.ImagesMS = ms(time.Since(t))
 	if err != nil {
@@ -497,6 +501,50 @@ func failpoint(name, node string) bool {
 	return false
 }
 
+// imageDir is where a migration keeps its images (name: GID.out or
+// GID.in). With inMemory, a tmpfs: DATA_DIR/proc/migrate if it is one
+// (an operator may mount one there, of the size they choose), else this
+// agent's directory in /dev/shm, else DATA_DIR/proc/migrate on disk. CRIU
+// writes the images and reads them back inside the program's downtime;
+// on ext4 their creation and the target's writes cost several ms.
+func (p *procState) imageDir(name string, inMemory bool) string {
+	base := filepath.Join(p.a.cfg.DataDir, "proc", "migrate")
+	if inMemory && !onTmpfs(base) {
+		if shm := shmImageDir(p.a.cfg.DataDir); onTmpfs(filepath.Dir(shm)) {
+			base = shm
+		}
+	}
+	return filepath.Join(base, name)
+}
+
+// shmImageDir is the agent's image directory in /dev/shm, named after its
+// data directory (an agent that starts again finds its predecessor's).
+func shmImageDir(dataDir string) string {
+	abs, err := filepath.Abs(dataDir)
+	if err != nil {
+		abs = dataDir
+	}
+	h := sha256.Sum256([]byte(abs))
+	return filepath.Join("/dev/shm", "onebox-migrate-"+hex.EncodeToString(h[:6]))
+}
+
+// onTmpfs reports whether path, or the nearest directory above it that
+// exists, is on a tmpfs.
+func onTmpfs(path string) bool {
+	for {
+		var st unix.Statfs_t
+		err := unix.Statfs(path, &st)
+		if err == nil {
+			return st.Type == unix.TMPFS_MAGIC
+		}
+		up := filepath.Dir(path)
+		if !errors.Is(err, unix.ENOENT) || up == path {
+			return false
+		}
+		path = up
+	}
+}
+
 // stopped reports whether pid is stopped or traced (CRIU has seized it),
 // or gone.
 func stopped(pid int) bool {
@@ -571,7 +619,9 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 		fail("cannot restore: %v", err)
 		return
 	}
-	dir := filepath.Join(p.a.cfg.DataDir, "proc", "migrate", spec.GID+".in")
+	// A checkpoint's images hold all its memory: on disk. A migration's
+	// are tens of KiB: in memory, off the downtime's disk writes.
+	dir := p.imageDir(spec.GID+".in", !spec.Checkpoint)
 	_ = os.RemoveAll(dir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		fail("cannot store the checkpoint images: %v", err)
@@ -666,6 +716,9 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 		fail("%v", err)
 		return
 	}
+	// Its start is in the downtime; once ready, it pulls the pages in the
+	// background, which the restore must not wait behind.
+	_ = lazy.Renice(migrate.BoostNice)
 	if err := lazy.Ready(30 * time.Second); err != nil {
 		ours.Close()
 		lazy.Kill()
@@ -673,6 +726,7 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 		fail("criu lazy-pages: %v", err)
 		return
 	}
+	_ = lazy.Renice(0)
 	tun := &migrate.Tunnel{Local: ours, C: sc}
 	go func() { _ = tun.Pump() }()
 	rerr := make(chan error, 1)
@@ -846,9 +900,10 @@ func (p *procState) restore(b criu.Binary, dir string, spec migrate.Spec, lazy b
 		args = append(args, "--newpid")
 	}
 	if gate != nil {
-		args = append(args, "--wait")
+		args = append(args, "--wait", "--boost")
 	}
-	args = append(args, "--", b.Path)
+	args = append(args, "--")
+	args = append(args, b.Exec()...)
 	args = append(args, criu.RestoreArgs(lazy, inherit)...)
 	args = append(args, "-D", dir, "-o", "restore.log", criu.LogLevel)
 	sr, sw, err := os.Pipe()
@@ -1115,7 +1170,7 @@ func (p *procState) restoreFrom(ctx context.Context, dir, target string) (Restor
 	// reading would block the writes for good).
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
-	sc := stream.NewConn(conn, nil)
+	sc := memberConn(conn)
 	if err := sc.WriteJSON(stream.Migrate, spec); err != nil {
 		return res, err
 	}

@@ -103,8 +103,10 @@ func (a *Agent) startProc(_ context.Context) error {
 	a.proc.registerMigrateMetrics()
 	// Images of migrations cut short by this agent's last death: no
 	// migration outlives its agent (nor do its programs: closeProc).
-	if err := os.RemoveAll(filepath.Join(a.cfg.DataDir, "proc", "migrate")); err != nil {
-		a.log.Warn("cannot remove the images of earlier migrations", "err", err)
+	for _, d := range []string{filepath.Join(a.cfg.DataDir, "proc", "migrate"), shmImageDir(a.cfg.DataDir)} {
+		if err := os.RemoveAll(d); err != nil {
+			a.log.Warn("cannot remove the images of earlier migrations", "dir", d, "err", err)
+		}
 	}
 	a.mux.Handle(stream.ALPN, a.proc.serveFabric)
 	a.primeCRIU()
@@ -119,6 +121,9 @@ func (a *Agent) closeProc() error {
 	if p == nil {
 		return nil
 	}
+	// The in-memory image directory goes with the agent (if empty: a
+	// migration still ending removes its own images).
+	defer os.Remove(shmImageDir(a.cfg.DataDir))
 	p.mu.Lock()
 	p.closed = true // no new streams
 	// Relays to programs on other nodes: they hang up (those programs get
@@ -574,6 +579,20 @@ func (p *procState) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	p.relay(sc, spec, target)
 }
 
+// memberWriteTimeout bounds each frame written to another agent: one
+// that reads nothing for this long while the connection's buffers are
+// full is taken as gone (the write fails and the stream ends), rather
+// than holding the writing goroutine for good. A slow reader that keeps
+// reading is not cut (the bound is per frame).
+const memberWriteTimeout = time.Minute
+
+// memberConn is a stream on a connection with another agent.
+func memberConn(c net.Conn) *stream.Conn {
+	sc := stream.NewConn(c, nil)
+	sc.SetWriteTimeout(memberWriteTimeout)
+	return sc
+}
+
 // serveFabric serves a stream from another agent (ALPN stream.ALPN; the
 // mux already checked the client's cluster certificate): a program to run
 // (Start), a caller following a migrated program (Attach), or an incoming
@@ -583,7 +602,7 @@ func (p *procState) serveFabric(c net.Conn) {
 		return
 	}
 	defer p.untrack(c)
-	sc := stream.NewConn(c, nil)
+	sc := memberConn(c)
 	peer := ""
 	if tc, ok := c.(*tls.Conn); ok {
 		peer = pki.PeerName(tc.ConnectionState())
@@ -961,7 +980,7 @@ func (p *procState) relay(sc *stream.Conn, spec stream.Spec, target membership.M
 	if !p.track(rc, true) {
 		return
 	}
-	remote := stream.NewConn(rc, nil)
+	remote := memberConn(rc)
 	if err := remote.WriteJSON(stream.Start, spec); err != nil {
 		p.untrack(rc)
 		_ = sc.WriteError(fmt.Errorf("node %s: %w", target.Name, err))
@@ -1018,7 +1037,7 @@ func (p *procState) attachTo(gid, node string) (net.Conn, *stream.Conn, error) {
 	if !p.track(rc, true) {
 		return nil, nil, errors.New("the agent is shutting down")
 	}
-	remote := stream.NewConn(rc, nil)
+	remote := memberConn(rc)
 	if err := remote.WriteJSON(stream.Attach, stream.AttachInfo{GID: gid}); err != nil {
 		p.untrack(rc)
 		return nil, nil, fmt.Errorf("the program %s moved to node %s: %w", gid, node, err)

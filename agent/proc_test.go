@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -40,5 +41,38 @@ func TestDedupe(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A migration's images go to a tmpfs: DATA_DIR/proc/migrate if it is one
+// (the full-disk test mounts a tiny one there), else the agent's own
+// directory in /dev/shm; a checkpoint's stay on disk.
+func TestImageDir(t *testing.T) {
+	if !onTmpfs("/dev/shm") {
+		t.Skip("/dev/shm is no tmpfs here")
+	}
+	data := t.TempDir()
+	onDisk := filepath.Join(data, "proc", "migrate", "g0.in")
+	shm := filepath.Join(shmImageDir(data), "g0.in")
+	p := &procState{a: &Agent{cfg: Config{DataDir: data}}}
+	dataTmpfs := onTmpfs(filepath.Join(data, "proc", "migrate"))
+	for _, tc := range []struct {
+		name     string
+		inMemory bool
+		want     string
+	}{
+		{"migration", true, map[bool]string{true: onDisk, false: shm}[dataTmpfs]},
+		{"checkpoint", false, onDisk},
+	} {
+		if got := p.imageDir("g0.in", tc.inMemory); got != tc.want {
+			t.Errorf("%s: %s, want %s", tc.name, got, tc.want)
+		}
+	}
+	if shmImageDir(data) != shmImageDir(data+"/") || shmImageDir(data) == shmImageDir(data+"x") {
+		t.Error("the /dev/shm directory is not one per data directory")
+	}
+	// The nearest existing directory decides.
+	if !onTmpfs("/dev/shm/no/such/dir") {
+		t.Error("a missing directory under /dev/shm is not on a tmpfs")
 	}
 }

@@ -18,6 +18,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // EnvVar names the environment variable that, when set, is the only CRIU binary Find considers.
@@ -39,6 +41,17 @@ const probeTimeout = 10 * time.Second
 type Binary struct {
 	Path    string // absolute path of the executable (possibly a wrapper script)
 	Version string // as reported by `criu --version`, e.g. "4.1.1"
+	// Argv, if set, is what runs it: the command scripts/install-criu.sh's
+	// wrapper at Path would exec, started without the shell.
+	Argv []string
+}
+
+// Exec is the command line that runs this CRIU (before its arguments).
+func (b Binary) Exec() []string {
+	if len(b.Argv) > 0 {
+		return b.Argv
+	}
+	return []string{b.Path}
 }
 
 // Find returns the first usable CRIU: $ONEBOX_CRIU if set (and then only it), else DefaultPath,
@@ -63,6 +76,7 @@ func Find() (Binary, error) {
 		}
 		b, err := probe(p)
 		if err == nil {
+			b.Argv = unwrap(p, b.Version)
 			return b, nil
 		}
 		errs = append(errs, err)
@@ -109,7 +123,8 @@ func parseVersion(out string) (v string, major, minor int, ok bool) {
 
 // Command returns a command running this CRIU with args, killed when ctx ends.
 func (b Binary) Command(ctx context.Context, args ...string) *exec.Cmd {
-	return exec.CommandContext(ctx, b.Path, args...)
+	e := b.Exec()
+	return exec.CommandContext(ctx, e[0], append(e[1:len(e):len(e)], args...)...)
 }
 
 // Check runs `criu check` and returns an error with CRIU's output unless it passes.
@@ -208,6 +223,16 @@ func (c *Cmd) Kill() {
 	if c.Process != nil {
 		_ = killGroup(c.Process)
 	}
+}
+
+// Renice sets the scheduling priority (nice value, -20..19) of the
+// command and whatever it started (its process group). A negative one
+// needs CAP_SYS_NICE.
+func (c *Cmd) Renice(nice int) error {
+	if c.Process == nil {
+		return errors.New("criu: not started")
+	}
+	return unix.Setpriority(unix.PRIO_PGRP, c.Process.Pid, nice)
 }
 
 // WaitFor waits for the command's end, for at most timeout: past it the

@@ -35,8 +35,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"sync"
+	"time"
 	"unicode/utf8"
 
 	"github.com/onebox-project/onebox/fabric/pki"
@@ -374,8 +376,40 @@ type Conn struct {
 	rwc io.ReadWriteCloser
 	r   *bufio.Reader
 
-	wmu sync.Mutex // serializes writes
-	buf []byte     // guarded by wmu
+	wmu sync.Mutex    // serializes writes
+	buf []byte        // guarded by wmu
+	wto time.Duration // guarded by wmu: bound on each frame's write
+}
+
+// SetWriteTimeout bounds the write of each frame to d (0: no bound, the
+// default) on a connection that has write deadlines (net.Conn): a peer
+// that reads nothing for d while the connection's buffers are full makes
+// the write fail, rather than hold the writer for good. The deadline is
+// set again before every frame, so a slow reader that keeps reading is
+// never cut, however long the stream. After such a failure the
+// connection is broken (TLS connections stay so): close it.
+func (c *Conn) SetWriteTimeout(d time.Duration) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.wto = d
+}
+
+// ErrWriteTimeout is wrapped in the error of a frame write that did not
+// complete within the write timeout.
+var ErrWriteTimeout = errors.New("stream: the peer read nothing within the write timeout")
+
+// write writes b whole; c.wmu is held.
+func (c *Conn) write(b []byte) error {
+	if c.wto > 0 {
+		if d, ok := c.rwc.(interface{ SetWriteDeadline(time.Time) error }); ok {
+			_ = d.SetWriteDeadline(time.Now().Add(c.wto))
+		}
+	}
+	_, err := c.rwc.Write(b)
+	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		err = fmt.Errorf("%w (%v): %w", ErrWriteTimeout, c.wto, err)
+	}
+	return err
 }
 
 // NewConn wraps rwc. br, if not nil, is a reader over rwc that may already
@@ -425,8 +459,7 @@ func (c *Conn) ReadInto(buf []byte) (Frame, error) {
 func (c *Conn) WriteEncoded(b []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	_, err := c.rwc.Write(b)
-	return err
+	return c.write(b)
 }
 
 // PutHeader writes a frame header for a payload of n bytes of type t into
@@ -444,7 +477,7 @@ func (c *Conn) Write(t Type, p []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.buf = Append(c.buf[:0], t, p)
-	_, err := c.rwc.Write(c.buf)
+	err := c.write(c.buf)
 	if cap(c.buf) > 2*ChunkSize+HeaderSize {
 		c.buf = nil // do not pin a large Start frame's buffer
 	}
