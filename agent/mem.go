@@ -376,10 +376,13 @@ var (
 	descPoolRepaired = prometheus.NewDesc("onebox_pool_repaired_bytes_total", "Bytes re-replicated after node losses.", nil, nil)
 	descPoolOwned    = prometheus.NewDesc("onebox_pool_owned_pages", "Pages of this node's programs held in the pool (one copy counted).", nil, nil)
 	descPoolReserved = prometheus.NewDesc("onebox_pool_reserved_bytes", "Bytes of this node's donation reserved by owners.", nil, nil)
+	descPoolHedged   = prometheus.NewDesc("onebox_pool_hedged_loads_total", "Loads asked of a second holder because the first was slow; won: the second answered first.", []string{"result"}, nil)
+	descPoolFailover = prometheus.NewDesc("onebox_pool_load_failovers_total", "Loads whose first holder failed (an error or a timeout) before another was asked.", nil, nil)
+	descPoolReclaim  = prometheus.NewDesc("onebox_pool_reclaimed_chunks_total", "Stale chunk copies dropped from nodes that came back after being passed over.", nil, nil)
 )
 
 func (c *memCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPoolUnder, descPoolLost, descPoolRepaired, descPoolOwned, descPoolReserved} {
+	for _, d := range []*prometheus.Desc{descPoolUnder, descPoolLost, descPoolRepaired, descPoolOwned, descPoolReserved, descPoolHedged, descPoolFailover, descPoolReclaim} {
 		ch <- d
 	}
 }
@@ -395,4 +398,8 @@ func (c *memCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descPoolRepaired, prometheus.CounterValue, float64(ps.RepairedBytes))
 	ch <- prometheus.MustNewConstMetric(descPoolOwned, prometheus.GaugeValue, float64(ps.Pages))
 	ch <- prometheus.MustNewConstMetric(descPoolReserved, prometheus.GaugeValue, float64(st.srv.Stat().Reserved))
+	ch <- prometheus.MustNewConstMetric(descPoolHedged, prometheus.CounterValue, float64(ps.HedgeWins), "won")
+	ch <- prometheus.MustNewConstMetric(descPoolHedged, prometheus.CounterValue, float64(ps.HedgedLoads-min(ps.HedgedLoads, ps.HedgeWins)), "lost")
+	ch <- prometheus.MustNewConstMetric(descPoolFailover, prometheus.CounterValue, float64(ps.LoadFailovers))
+	ch <- prometheus.MustNewConstMetric(descPoolReclaim, prometheus.CounterValue, float64(ps.ReclaimedChunks))
 }

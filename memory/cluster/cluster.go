@@ -78,6 +78,7 @@ type chunk struct {
 	mu      sync.RWMutex
 	holders []holder      // guarded by mu
 	pages   atomic.Uint64 // bit i: page i stored
+	dead    atomic.Bool   // removed from the table by the reclaimer (set under mu)
 }
 
 type nodeClient struct {
@@ -94,6 +95,10 @@ type nodeClient struct {
 
 	failedAt atomic.Int64 // last dial or connection failure (Unix ns); not under mu, which a dial holds
 	slowAt   atomic.Int64 // last time a hedged load was answered by another holder first (Unix ns)
+	// live is a copy of conns for readers that must not wait for mu (a
+	// dial holds it): loads look for a connection that works now.
+	live  atomic.Pointer[[]*conn]
+	lnext atomic.Uint32
 }
 
 // Pool is the replicated cluster pool. Safe for concurrent use.
@@ -118,6 +123,10 @@ type Pool struct {
 	hedgeWins atomic.Uint64 // ... that it answered first
 	failovers atomic.Uint64 // loads whose first holder failed, read from another
 	reclaimed atomic.Uint64 // stale copies dropped (reclaim.go)
+
+	omu         sync.Mutex
+	orphans     map[string]map[chunkRef]struct{} // stale copies by node (reclaim.go); guarded by omu
+	orphansFull bool                             // guarded by omu
 
 	kick    chan struct{}
 	stop    chan struct{}
@@ -151,7 +160,8 @@ func New(opts Options) (*Pool, error) {
 	}
 	p := &Pool{opts: opts, instance: rand.Uint64() | 1, log: opts.Logger,
 		nodes: map[string]*nodeClient{}, regions: map[pool.Region]map[uint64]*chunk{}, res: map[string]map[string]uint64{},
-		kick: make(chan struct{}, 1), stop: make(chan struct{}), closed2: make(chan struct{})}
+		orphans: map[string]map[chunkRef]struct{}{},
+		kick:    make(chan struct{}, 1), stop: make(chan struct{}), closed2: make(chan struct{})}
 	go p.repairLoop()
 	return p, nil
 }
@@ -219,10 +229,13 @@ func (p *Pool) conn(ctx context.Context, node string) (*conn, error) {
 		if c, err = dialConn(dctx, node, raw, p.instance, p.opts.Timeout); err == nil {
 			if nc.instance != 0 && nc.instance != c.stat.Instance {
 				p.log.Info("memory pool: page server restarted; its copies are gone", "node", node)
+				p.forgetOrphans(node)
 				p.kickRepair()
 			}
 			nc.instance, nc.capacity = c.stat.Instance, c.stat.Capacity
 			nc.conns[i] = c
+			live := slices.Clone(nc.conns)
+			nc.live.Store(&live)
 			return c, nil
 		}
 	} else {
@@ -493,28 +506,55 @@ func (p *Pool) Store(ctx context.Context, r pool.Region, off uint64, data []byte
 }
 
 func (p *Pool) storePiece(ctx context.Context, r pool.Region, pc piece) error {
-	ch := p.chunk(r, pc.idx, true)
-	ch.mu.RLock()
-	if len(ch.holders) == 0 {
-		ch.mu.RUnlock()
-		ch.mu.Lock()
-		defer ch.mu.Unlock()
+	ref := chunkRef{r, pc.idx}
+	for {
+		ch := p.chunk(r, pc.idx, true)
+		ch.mu.RLock()
+		if ch.dead.Load() {
+			ch.mu.RUnlock()
+			continue // removed by the reclaimer meanwhile: look it up again
+		}
 		if len(ch.holders) == 0 {
-			return p.place(ctx, r, pc, ch)
+			ch.mu.RUnlock()
+			ch.mu.Lock()
+			if ch.dead.Load() {
+				ch.mu.Unlock()
+				continue
+			}
+			var err error
+			if len(ch.holders) == 0 {
+				err = p.place(ctx, r, pc, ch)
+			} else {
+				var stale []holder
+				stale, err = p.storeHolders(ctx, r, pc, ch)
+				p.dropHolders(ref, ch, stale)
+			}
+			ch.mu.Unlock()
+			return err
 		}
 		stale, err := p.storeHolders(ctx, r, pc, ch)
-		ch.holders = slices.DeleteFunc(ch.holders, func(h holder) bool { return slices.Contains(stale, h) })
+		ch.mu.RUnlock()
+		if len(stale) > 0 {
+			// Holders that missed this store must not serve the chunk again.
+			ch.mu.Lock()
+			p.dropHolders(ref, ch, stale)
+			ch.mu.Unlock()
+		}
 		return err
 	}
-	stale, err := p.storeHolders(ctx, r, pc, ch)
-	ch.mu.RUnlock()
-	if len(stale) > 0 {
-		// Holders that missed this store must not serve the chunk again.
-		ch.mu.Lock()
-		ch.holders = slices.DeleteFunc(ch.holders, func(h holder) bool { return slices.Contains(stale, h) })
-		ch.mu.Unlock()
+}
+
+// dropHolders removes hs from ch's holders; the older copies they may
+// still hold are reclaimed once they answer again.
+// Preconditions: ch.mu is held for writing.
+func (p *Pool) dropHolders(ref chunkRef, ch *chunk, hs []holder) {
+	if len(hs) == 0 {
+		return
 	}
-	return err
+	ch.holders = slices.DeleteFunc(ch.holders, func(h holder) bool { return slices.Contains(hs, h) })
+	for _, h := range hs {
+		p.orphan(h.node, ref)
+	}
 }
 
 // storeHolders writes pc to every holder of ch. It returns the holders
@@ -688,11 +728,9 @@ func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte)
 			continue // never stored: zeros
 		}
 		pd := pendingLoad{pc: pc, hs: hs}
-		c, err := p.loadConn(ctx, hs[0])
-		if err != nil {
-			p.noteFailure(hs[0].node, err)
-			pd.errs = append(pd.errs, err)
-		} else {
+		// Without a working connection to the first holder (a dial may
+		// wait for Timeout), the piece goes the hedged slow way.
+		if c := p.readyConn(hs[0]); c != nil {
 			pd.c = c
 			pd.cl = c.start(loadHeader(r, pc), r.Owner, nil, pc.data)
 		}
@@ -700,7 +738,7 @@ func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte)
 	}
 	for i := range pend {
 		pd := &pend[i]
-		rest := pd.hs[1:]
+		rest := pd.hs
 		if pd.c != nil {
 			ok, next := p.finishLoad(ctx, r, class, pd)
 			if ok {
@@ -708,7 +746,7 @@ func (p *Pool) Load(ctx context.Context, r pool.Region, off uint64, data []byte)
 			}
 			rest = next
 		}
-		if err := p.loadFrom(ctx, r, pd.pc, rest, pd.errs); err != nil {
+		if err := p.loadFrom(ctx, r, class, pd.pc, rest, pd.errs); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -786,40 +824,110 @@ func (p *Pool) loadRank(node string) int {
 	if now-nc.failedAt.Load() < int64(failedFor) || now-nc.slowAt.Load() < int64(failedFor) {
 		return 2
 	}
-	if !nc.mu.TryLock() {
-		return 1 // being dialed
-	}
-	defer nc.mu.Unlock()
-	for _, c := range nc.conns {
-		if c != nil && c.broken() == nil {
-			return 0
+	if live := nc.live.Load(); live != nil {
+		for _, c := range *live {
+			if c != nil && c.broken() == nil {
+				return 0
+			}
 		}
 	}
 	return 1
 }
 
-func (p *Pool) loadConn(ctx context.Context, h holder) (*conn, error) {
-	c, err := p.conn(ctx, h.node)
-	if err == nil && c.stat.Instance != h.instance {
-		err = fmt.Errorf("%w: %s", errRestarted, h.node)
+// readyConn returns a working connection to h's server instance, without
+// dialing or waiting for a dial, or nil.
+func (p *Pool) readyConn(h holder) *conn {
+	live := p.node(h.node).live.Load()
+	if live == nil {
+		return nil
 	}
-	return c, err
+	cs := *live
+	start := int(p.node(h.node).lnext.Add(1))
+	for k := range cs {
+		if c := cs[(start+k)%len(cs)]; c != nil && c.stat.Instance == h.instance && c.broken() == nil {
+			return c
+		}
+	}
+	return nil
 }
 
-// loadFrom reads pc from the first of hs that answers.
-func (p *Pool) loadFrom(ctx context.Context, r pool.Region, pc piece, hs []holder, errs []error) error {
-	for _, h := range hs {
-		if ctx.Err() != nil {
-			break
-		}
-		_, _, err := p.do(ctx, h.node, h.instance, loadHeader(r, pc), r.Owner, nil, pc.data)
+// loadFrom reads pc from the first of hs that answers. Each holder is
+// asked when the one before it failed or has not answered within the
+// hedge delay (a dial into a cut link waits for Timeout); the first
+// answer wins and the other requests are cancelled.
+func (p *Pool) loadFrom(ctx context.Context, r pool.Region, class int, pc piece, hs []holder, errs []error) error {
+	fail := func() error {
+		return fmt.Errorf("cluster: load of %d bytes at %d of %s/%d: no copy answered: %w", len(pc.data), pc.off, r.Owner, r.ID, errors.Join(errs...))
+	}
+	if len(hs) == 1 && ctx.Err() == nil {
+		_, _, err := p.do(ctx, hs[0].node, hs[0].instance, loadHeader(r, pc), r.Owner, nil, pc.data)
 		if err == nil {
 			return nil
 		}
-		p.noteFailure(h.node, err)
+		p.noteFailure(hs[0].node, err)
 		errs = append(errs, err)
 	}
-	return fmt.Errorf("cluster: load of %d bytes at %d of %s/%d: no copy answered: %w", len(pc.data), pc.off, r.Owner, r.ID, errors.Join(errs...))
+	if len(hs) <= 1 || ctx.Err() != nil {
+		return fail()
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		i   int
+		err error
+	}
+	results := make(chan result, len(hs))
+	bufs := make([][]byte, len(hs))
+	hedge := make([]bool, len(hs)) // asked because the one before was slow
+	done := make([]bool, len(hs))
+	next, inflight := 0, 0
+	launch := func() {
+		i := next
+		next++
+		inflight++
+		bufs[i] = make([]byte, len(pc.data))
+		go func() {
+			_, _, err := p.do(ctx, hs[i].node, hs[i].instance, loadHeader(r, pc), r.Owner, nil, bufs[i])
+			results <- result{i, err}
+		}()
+	}
+	delay := p.lat[class].get(p.opts.Timeout)
+	timer := time.NewTimer(delay)
+	defer timer.Stop()
+	launch()
+	for inflight > 0 {
+		select {
+		case res := <-results:
+			inflight--
+			if res.err == nil {
+				copy(pc.data, bufs[res.i])
+				if hedge[res.i] {
+					p.hedgeWins.Add(1)
+					for i := range res.i {
+						if !done[i] {
+							p.node(hs[i].node).slowAt.Store(time.Now().UnixNano())
+						}
+					}
+				}
+				return nil
+			}
+			done[res.i] = true
+			p.noteFailure(hs[res.i].node, res.err)
+			errs = append(errs, res.err)
+			if next < len(hs) && ctx.Err() == nil {
+				launch()
+				timer.Reset(delay)
+			}
+		case <-timer.C:
+			if next < len(hs) {
+				p.hedged.Add(1)
+				hedge[next] = true
+				launch()
+				timer.Reset(delay)
+			}
+		}
+	}
+	return fail()
 }
 
 // Drop implements pool.Pages.
@@ -833,6 +941,7 @@ func (p *Pool) Drop(ctx context.Context, r pool.Region, off, n uint64) error {
 	first, last := off/ChunkSize, (off+n-1)/ChunkSize
 	nodes := map[string]bool{}
 	var touched []*chunk
+	var refs []chunkRef
 	p.mu.Lock()
 	m := p.regions[r]
 	for idx, ch := range m {
@@ -846,6 +955,7 @@ func (p *Pool) Drop(ctx context.Context, r pool.Region, off, n uint64) error {
 			mask = (uint64(1)<<np - 1) << ((lo % ChunkSize) / pool.PageSize)
 		}
 		touched = append(touched, ch)
+		refs = append(refs, chunkRef{r, idx})
 		if ch.pages.And(^mask)&^mask == 0 {
 			delete(m, idx)
 		}
@@ -856,26 +966,51 @@ func (p *Pool) Drop(ctx context.Context, r pool.Region, off, n uint64) error {
 	p.mu.Unlock()
 	// Holders are read outside p.mu: a chunk under repair is locked for
 	// network round trips, and p.mu must never wait for those.
-	for _, ch := range touched {
+	held := p.heldBy(touched, refs, nodes)
+	missed, err := p.toNodes(ctx, nodes, pageproto.Header{Op: pageproto.OpDrop, Region: r.ID, Offset: off, Arg: n}, r.Owner)
+	p.orphanMissed(held, missed)
+	return err
+}
+
+// heldBy adds the holders of chunks to nodes and returns the chunks each
+// holds (read outside p.mu: a chunk under repair is locked for network
+// round trips, and p.mu must never wait for those).
+func (p *Pool) heldBy(chunks []*chunk, refs []chunkRef, nodes map[string]bool) map[string][]chunkRef {
+	held := map[string][]chunkRef{}
+	for i, ch := range chunks {
 		ch.mu.RLock()
 		for _, h := range ch.holders {
 			nodes[h.node] = true
+			held[h.node] = append(held[h.node], refs[i])
 		}
 		ch.mu.RUnlock()
 	}
-	return p.toNodes(ctx, nodes, pageproto.Header{Op: pageproto.OpDrop, Region: r.ID, Offset: off, Arg: n}, r.Owner)
+	return held
+}
+
+// orphanMissed records the chunks of nodes a drop did not reach: they
+// are dropped there when the node answers again.
+func (p *Pool) orphanMissed(held map[string][]chunkRef, missed []string) {
+	for _, n := range missed {
+		for _, ref := range held[n] {
+			p.orphan(n, ref)
+		}
+	}
 }
 
 // toNodes sends one request to each node, concurrently. Nodes that are
-// not alive are skipped (what they held is gone with them, or dropped
-// when they come back as a new instance).
-func (p *Pool) toNodes(ctx context.Context, nodes map[string]bool, h pageproto.Header, owner string) error {
+// not alive are skipped (what they held is gone with them, dropped when
+// they come back as a new instance, or reclaimed if they come back as
+// the same one); they and the nodes that failed are returned as missed.
+func (p *Pool) toNodes(ctx context.Context, nodes map[string]bool, h pageproto.Header, owner string) ([]string, error) {
 	alive := p.aliveSet()
 	var mu sync.Mutex
 	var errs []error
+	var missed []string
 	var wg sync.WaitGroup
 	for n := range nodes {
 		if !alive[n] {
+			missed = append(missed, n)
 			continue
 		}
 		wg.Add(1)
@@ -884,12 +1019,13 @@ func (p *Pool) toNodes(ctx context.Context, nodes map[string]bool, h pageproto.H
 			if _, _, err := p.do(ctx, n, 0, h, owner, nil, nil); err != nil {
 				mu.Lock()
 				errs = append(errs, err)
+				missed = append(missed, n)
 				mu.Unlock()
 			}
 		}()
 	}
 	wg.Wait()
-	return errors.Join(errs...)
+	return missed, errors.Join(errs...)
 }
 
 // DropOwner implements pool.Pages.
@@ -904,13 +1040,15 @@ func (p *Pool) DropOwner(ctx context.Context, owner string) error {
 		nodes[n] = true
 	}
 	var touched []*chunk
+	var refs []chunkRef
 	p.mu.Lock()
 	for r, m := range p.regions {
 		if r.Owner != owner {
 			continue
 		}
-		for _, ch := range m {
+		for idx, ch := range m {
 			touched = append(touched, ch)
+			refs = append(refs, chunkRef{r, idx})
 		}
 		delete(p.regions, r)
 	}
@@ -919,14 +1057,10 @@ func (p *Pool) DropOwner(ctx context.Context, owner string) error {
 	}
 	delete(p.res, owner)
 	p.mu.Unlock()
-	for _, ch := range touched {
-		ch.mu.RLock()
-		for _, h := range ch.holders {
-			nodes[h.node] = true
-		}
-		ch.mu.RUnlock()
-	}
-	return p.toNodes(ctx, nodes, pageproto.Header{Op: pageproto.OpDropOwner}, owner)
+	held := p.heldBy(touched, refs, nodes)
+	missed, err := p.toNodes(ctx, nodes, pageproto.Header{Op: pageproto.OpDropOwner}, owner)
+	p.orphanMissed(held, missed)
+	return err
 }
 
 // Greet makes sure there is a connection to every live node (a hello on

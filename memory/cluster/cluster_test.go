@@ -581,6 +581,33 @@ func TestAgainstModel(t *testing.T) {
 	for _, r := range regions {
 		check(-1, r, 0, span)
 	}
+	if cut != "" {
+		c.Heal(cut)
+	}
+	// No copy left behind: the live servers hold exactly the copies the
+	// pool maps (stale ones from cuts and drops that missed reclaimed,
+	// extra ones trimmed).
+	var held, placed uint64
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		held, placed = 0, 0
+		hn, pn := map[string]uint64{}, p.Stats().NodeBytes
+		for _, n := range alive {
+			hn[n] = c.Node(n).Server.Stat().Used
+			held += hn[n]
+		}
+		for _, b := range pn {
+			placed += b
+		}
+		if held == placed {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("servers hold %v, the pool maps %v", hn, pn)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("%d bytes of copies, %d stale chunks reclaimed", held, p.Stats().ReclaimedChunks)
 }
 
 type lockedWriter struct {
@@ -654,4 +681,65 @@ func TestCutHolderHedged(t *testing.T) {
 	if st.HedgeWins == 0 {
 		t.Errorf("no load was answered by a second holder, though %s holds %d bytes of first copies and is cut", victim, most)
 	}
+}
+
+// A holder declared failed that comes back as the same instance (a healed
+// partition, a stopped agent continued) still holds its old copies: the
+// pool re-replicated them meanwhile, and drops them there once the node
+// is alive again, chunks dropped while it was away included. What the
+// node holds again afterwards is kept.
+func TestReturningHolderReclaimed(t *testing.T) {
+	c, p := start(t, 4, 64<<20, cluster.Options{RepairInterval: 20 * time.Millisecond})
+	ctx := context.Background()
+	r := pool.Region{Owner: "o", ID: 1}
+	data := random(4<<20, 8)
+	if err := p.Store(ctx, r, 0, data); err != nil {
+		t.Fatal(err)
+	}
+	victim, most := "", uint64(0)
+	for n, b := range p.Stats().NodeBytes {
+		if b > most {
+			victim, most = n, b
+		}
+	}
+	c.SetAlive(victim, false) // declared failed; its server keeps running
+	waitFor(t, "re-replication without "+victim, func() bool {
+		total, _ := used(c, victim)
+		return p.Under() == 0 && p.Stats().NodeBytes[victim] == 0 && total == 2*uint64(len(data))
+	})
+	if held := c.Node(victim).Server.Stat().Used; held != most {
+		t.Fatalf("%s holds %d bytes while away, want its %d", victim, held, most)
+	}
+	// Drop the first 1 MiB while it is away: those chunks are gone from
+	// the pool's table, their copies on the victim are not.
+	if err := p.Drop(ctx, r, 0, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if p.Orphans() == 0 {
+		t.Fatal("no stale copy remembered")
+	}
+	c.SetAlive(victim, true)
+	waitFor(t, "stale copies on "+victim+" reclaimed", func() bool {
+		return c.Node(victim).Server.Stat().Used == 0 && p.Orphans() == 0
+	})
+	want := bytes.Clone(data)
+	clear(want[:1<<20])
+	got := make([]byte, len(data))
+	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("load after reclaim: %v, equal %v", err, bytes.Equal(got, want))
+	}
+	// New chunks go to the victim again, and stay there.
+	r2 := pool.Region{Owner: "o", ID: 2}
+	if err := p.Store(ctx, r2, 0, data); err != nil {
+		t.Fatal(err)
+	}
+	n := p.Passes()
+	waitFor(t, "two repair passes", func() bool { return p.Passes() >= n+2 })
+	if held, placed := c.Node(victim).Server.Stat().Used, p.Stats().NodeBytes[victim]; held != placed || held == 0 {
+		t.Fatalf("%s holds %d bytes, the pool placed %d there", victim, held, placed)
+	}
+	if err := p.Load(ctx, r2, 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("load of new pages: %v", err)
+	}
+	t.Logf("%s: %d stale chunks reclaimed", victim, p.Stats().ReclaimedChunks)
 }

@@ -5,7 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
+
 	"net"
 	"os"
 	"sync"
@@ -47,8 +47,9 @@ type conn struct {
 
 	readTok chan struct{} // holding a value = reading
 	br      *bufio.Reader // used by the read token holder only
-	// lastFrame: when the last frame's header arrived; read token only.
-	lastFrame time.Time
+	// The frame being read and when bytes last arrived; read token only.
+	rs       rstate
+	lastRead time.Time
 
 	// used: an answer other than the hello's came back. A used
 	// connection that breaks at the next request may just have gone
@@ -182,8 +183,9 @@ func (cn *conn) wait(ctx context.Context, cl *call) error {
 		return nil
 	}
 	if !cn.abandon(cl) {
-		// Delivered (or being delivered) meanwhile.
-		<-cl.done
+		// Its answer is being read: it goes to cl.dst, so wait for it
+		// (within the connection's timeout).
+		cn.waitUntil(cl, nil, time.Time{})
 		return nil
 	}
 	return ctx.Err()
@@ -241,8 +243,8 @@ func (cn *conn) lead(cl *call, stop <-chan struct{}, until time.Time) bool {
 }
 
 // abandon gives up on cl: true if it was still pending (its answer, if it
-// comes, is read and dropped, and never written to cl.dst), false if it
-// is done or being delivered (cl.done closes soon).
+// comes, is read and dropped, and never written to cl.dst), false if its
+// answer is done or being read (then wait for it: it goes to cl.dst).
 func (cn *conn) abandon(cl *call) bool {
 	cn.mu.Lock()
 	defer cn.mu.Unlock()
@@ -272,28 +274,48 @@ func (cn *conn) result(cl *call) (pageproto.Header, []byte, error) {
 // while no answer arrives.
 const pollSlice = 2 * time.Millisecond
 
+// rstate is the frame being read: a reader may give up in the middle of
+// one (its caller hedges) and the next reader goes on from there.
+type rstate struct {
+	hb        [pageproto.HeaderSize]byte
+	hn        int // header bytes read
+	inPayload bool
+	h         pageproto.Header
+	cl        *call  // the frame's call; nil if abandoned
+	buf       []byte // where the payload goes
+	bn        int    // payload bytes read
+}
+
 // readUntil reads responses, handing each to its call, until mine is done
-// or the connection breaks (true), or, between frames, until passes or
-// stop closes (false). The connection breaks when no frame arrives within
-// the timeout of mine being sent or of the last frame, whichever is later.
+// or the connection breaks (true), or until passes or stop closes (false;
+// a frame half read is finished by the next reader). The connection
+// breaks when nothing arrives within the timeout of mine being sent or of
+// the last bytes read, whichever is later.
 func (cn *conn) readUntil(mine *call, stop <-chan struct{}, until time.Time) bool {
-	var hb [pageproto.HeaderSize]byte
+	rs := &cn.rs
 	for {
-		select {
-		case <-mine.done:
-			return true
-		default:
-		}
-		if cn.br.Buffered() == 0 {
-			// Wait for the first byte of a frame: nothing is consumed if
-			// the wait is cut short, so the framing stays intact (a read
-			// timeout does not break a TLS connection either).
-			hard := mine.sent
-			if cn.lastFrame.After(hard) {
-				hard = cn.lastFrame
+		if !rs.inPayload && rs.hn == 0 {
+			select {
+			case <-mine.done:
+				return true
+			default:
 			}
-			hard = hard.Add(cn.timeout)
-			for {
+		}
+		var dst []byte
+		if rs.inPayload {
+			dst = rs.buf[rs.bn:]
+		} else {
+			dst = rs.hb[rs.hn:]
+		}
+		if len(dst) > 0 {
+			if cn.br.Buffered() == 0 {
+				// A read timeout breaks neither the framing (what was read
+				// is kept in rs) nor the TLS connection.
+				hard := mine.sent
+				if cn.lastRead.After(hard) {
+					hard = cn.lastRead
+				}
+				hard = hard.Add(cn.timeout)
 				d := hard
 				if !until.IsZero() && until.Before(d) {
 					d = until
@@ -302,71 +324,98 @@ func (cn *conn) readUntil(mine *call, stop <-chan struct{}, until time.Time) boo
 					d = poll
 				}
 				_ = cn.c.SetReadDeadline(d)
-				_, err := cn.br.Peek(1)
-				if err == nil {
-					break
+				n, err := cn.br.Read(dst)
+				if n > 0 {
+					cn.lastRead = time.Now()
 				}
-				now := time.Now()
-				if !errors.Is(err, os.ErrDeadlineExceeded) || !now.Before(hard) {
-					cn.close(err)
-					return true
+				if err != nil {
+					now := time.Now()
+					if !errors.Is(err, os.ErrDeadlineExceeded) || !now.Before(hard) {
+						cn.close(err)
+						cn.failFrame()
+						return true
+					}
+					if !until.IsZero() && !now.Before(until) {
+						return false
+					}
+					select {
+					case <-stop:
+						return false
+					default:
+					}
 				}
-				if !until.IsZero() && !now.Before(until) {
-					return false
-				}
-				select {
-				case <-stop:
-					return false
-				default:
-				}
+				cn.advance(n)
+			} else {
+				n, _ := cn.br.Read(dst) // buffered: no error
+				cn.advance(n)
 			}
+			continue
 		}
-		_ = cn.c.SetReadDeadline(time.Now().Add(cn.timeout))
-		if _, err := io.ReadFull(cn.br, hb[:]); err != nil {
-			cn.close(err)
-			return true
-		}
-		cn.lastFrame = time.Now()
-		h, err := pageproto.Parse(hb[:])
-		if err == nil && h.Op&pageproto.RespBit == 0 {
-			err = fmt.Errorf("%w: %v from the server", pageproto.ErrBadFrame, h.Op)
-		}
-		if err != nil {
-			cn.close(err)
-			return true
-		}
-		cn.mu.Lock()
-		cl := cn.pending[h.ID]
-		delete(cn.pending, h.ID)
-		cn.mu.Unlock()
-		fail := func(err error) {
-			cn.close(err)
-			if cl != nil {
-				cl.err = cn.broken()
-				close(cl.done)
-			}
-		}
-		var buf []byte
-		if cl != nil && cl.dst != nil && pageproto.Status(h.Arg) == pageproto.StatusOK {
-			if int(h.Length) != len(cl.dst) {
-				fail(fmt.Errorf("%w: load answered with %d bytes, %d asked", pageproto.ErrBadFrame, h.Length, len(cl.dst)))
+		if !rs.inPayload {
+			if err := cn.startFrame(); err != nil {
+				cn.close(err)
+				cn.failFrame()
 				return true
 			}
-			buf = cl.dst
-		} else {
-			buf = make([]byte, h.Length) // bounded by Parse
+			continue
 		}
-		if _, err := io.ReadFull(cn.br, buf); err != nil {
-			fail(err)
-			return true
-		}
+		// A whole frame.
+		cl := rs.cl
+		h, buf := rs.h, rs.buf
+		*rs = rstate{}
 		if cl == nil {
-			continue // abandoned by a cancelled caller
+			continue // abandoned by its caller
 		}
 		cl.h = h
 		if cl.dst == nil {
 			cl.msg = buf
 		}
+		close(cl.done)
+	}
+}
+
+// advance counts n bytes read into the frame.
+func (cn *conn) advance(n int) {
+	if cn.rs.inPayload {
+		cn.rs.bn += n
+	} else {
+		cn.rs.hn += n
+	}
+}
+
+// startFrame decodes the header read and finds the frame's call and the
+// buffer for its payload.
+func (cn *conn) startFrame() error {
+	rs := &cn.rs
+	h, err := pageproto.Parse(rs.hb[:])
+	if err == nil && h.Op&pageproto.RespBit == 0 {
+		err = fmt.Errorf("%w: %v from the server", pageproto.ErrBadFrame, h.Op)
+	}
+	if err != nil {
+		return err
+	}
+	cn.mu.Lock()
+	cl := cn.pending[h.ID]
+	delete(cn.pending, h.ID)
+	cn.mu.Unlock()
+	rs.h, rs.cl, rs.inPayload = h, cl, true
+	if cl != nil && cl.dst != nil && pageproto.Status(h.Arg) == pageproto.StatusOK {
+		if int(h.Length) != len(cl.dst) {
+			return fmt.Errorf("%w: load answered with %d bytes, %d asked", pageproto.ErrBadFrame, h.Length, len(cl.dst))
+		}
+		rs.buf = cl.dst
+	} else {
+		rs.buf = make([]byte, h.Length) // bounded by Parse
+	}
+	return nil
+}
+
+// failFrame fails the call of the frame being read, which close no
+// longer finds pending. Preconditions: the connection is closed.
+func (cn *conn) failFrame() {
+	if cl := cn.rs.cl; cl != nil {
+		cn.rs.cl = nil
+		cl.err = cn.broken()
 		close(cl.done)
 	}
 }

@@ -105,7 +105,7 @@ func (p *Pool) finishLoad(ctx context.Context, r pool.Region, class int, pd *pen
 	}
 	if ctx.Err() != nil {
 		if !pd.c.abandon(pd.cl) {
-			<-pd.cl.done
+			pd.c.waitUntil(pd.cl, nil, time.Time{})
 			if _, _, err := pd.c.result(pd.cl); err == nil {
 				return true, nil
 			}
@@ -166,8 +166,10 @@ func (p *Pool) finishLoad(ctx context.Context, r pool.Region, class int, pd *pen
 		copy(pd.pc.data, buf)
 		return true, nil
 	}
-	// The first answer was being read meanwhile into pd.pc.data.
-	<-pd.cl.done
+	// The first answer is being read into pd.pc.data: it has to land
+	// before pd.pc.data is returned (a server stopped in the middle of
+	// it costs the connection's timeout).
+	pd.c.waitUntil(pd.cl, nil, time.Time{})
 	if _, _, err := pd.c.result(pd.cl); err != nil {
 		copy(pd.pc.data, buf)
 	}

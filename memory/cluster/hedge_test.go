@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"net"
+	"slices"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -67,7 +68,7 @@ func answer(t *testing.T, s net.Conn, h pageproto.Header, payload []byte) {
 	h.Op |= pageproto.RespBit
 	h.Arg = uint64(pageproto.StatusOK)
 	if _, err := s.Write(pageproto.AppendFrame(nil, h, "", payload)); err != nil {
-		t.Fatal(err)
+		t.Error(err)
 	}
 }
 
@@ -112,8 +113,17 @@ func TestWaitUntilHedgePoint(t *testing.T) {
 		if d := time.Since(t0); d < 10*time.Millisecond || d > 10*time.Millisecond+pollSlice {
 			t.Fatalf("stopped after %v, want 10ms (+ at most %v)", d, pollSlice)
 		}
+		// Half an answer, then silence: the reader gives up in the middle
+		// of the frame and the next one goes on from there.
 		page := bytes.Repeat([]byte{7}, pageproto.PageSize)
-		go answer(t, s, h, page)
+		h.Op |= pageproto.RespBit
+		h.Arg = uint64(pageproto.StatusOK)
+		frame := pageproto.AppendFrame(nil, h, "", page)
+		go s.Write(frame[:pageproto.HeaderSize+100])
+		if cn.waitUntil(cl, nil, time.Now().Add(5*time.Millisecond)) {
+			t.Fatal("done with half an answer")
+		}
+		go s.Write(frame[pageproto.HeaderSize+100:])
 		if !cn.waitUntil(cl, nil, time.Time{}) {
 			t.Fatal("answer not taken")
 		}
@@ -147,4 +157,22 @@ func TestWaitUntilHedgePoint(t *testing.T) {
 			t.Fatal("an abandoned call's buffer was written")
 		}
 	})
+}
+
+func TestClearRuns(t *testing.T) {
+	for _, tc := range []struct {
+		mask uint64
+		want [][2]int
+	}{
+		{0, [][2]int{{0, 64}}},
+		{^uint64(0), nil},
+		{1, [][2]int{{1, 64}}},
+		{1 << 63, [][2]int{{0, 63}}},
+		{0b1001, [][2]int{{1, 3}, {4, 64}}},
+		{^uint64(0) &^ (0b110 << 10), [][2]int{{11, 13}}},
+	} {
+		if got := clearRuns(tc.mask); !slices.Equal(got, tc.want) {
+			t.Errorf("clearRuns(%#x) = %v, want %v", tc.mask, got, tc.want)
+		}
+	}
 }

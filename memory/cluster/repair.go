@@ -103,6 +103,13 @@ func (p *Pool) repairPass() {
 		if stale {
 			ch.mu.Lock()
 			before := len(ch.holders)
+			for _, h := range ch.holders {
+				if !alive[h.node] {
+					// Declared failed, left: if it comes back as the same
+					// instance, its copy is reclaimed.
+					p.orphan(h.node, j.key)
+				}
+			}
 			ch.holders = slices.DeleteFunc(ch.holders, gone)
 			if before > 0 && len(ch.holders) == 0 {
 				p.log.Error("memory pool: every copy of a chunk is gone", "owner", j.key.r.Owner, "region", j.key.r.ID, "offset", j.key.idx*ChunkSize)
@@ -132,6 +139,7 @@ func (p *Pool) repairPass() {
 	}
 	p.under.Store(under)
 	p.lost.Store(lost)
+	p.reclaim(alive)
 	p.passes.Add(1)
 	if len(jobs) == 0 {
 		return
@@ -175,7 +183,9 @@ func (p *Pool) trim(j repairJob) {
 	ctx, cancel := context.WithTimeout(context.Background(), p.opts.Timeout)
 	defer cancel()
 	for _, h := range extra {
-		p.do(ctx, h.node, h.instance, pageproto.Header{Op: pageproto.OpDrop, Region: j.key.r.ID, Offset: j.key.idx * ChunkSize, Arg: ChunkSize}, j.key.r.Owner, nil, nil)
+		if _, _, err := p.do(ctx, h.node, h.instance, pageproto.Header{Op: pageproto.OpDrop, Region: j.key.r.ID, Offset: j.key.idx * ChunkSize, Arg: ChunkSize}, j.key.r.Owner, nil, nil); err != nil {
+			p.orphan(h.node, j.key)
+		}
 	}
 }
 
@@ -309,7 +319,9 @@ func (p *Pool) repairChunk(j repairJob, cands []string, full *sync.Map) error {
 		}
 		if !ok {
 			// Forget partial copies on that node.
-			_, _, _ = p.do(ctx, n, 0, pageproto.Header{Op: pageproto.OpDrop, Region: j.key.r.ID, Offset: off, Arg: ChunkSize}, j.key.r.Owner, nil, nil)
+			if _, _, err := p.do(ctx, n, 0, pageproto.Header{Op: pageproto.OpDrop, Region: j.key.r.ID, Offset: off, Arg: ChunkSize}, j.key.r.Owner, nil, nil); err != nil {
+				p.orphan(n, j.key)
+			}
 			continue
 		}
 		ch.holders = append(ch.holders, holder{n, inst})

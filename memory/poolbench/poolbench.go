@@ -32,6 +32,7 @@ type Options struct {
 	Conns       int           // connections per node for throughput; 0 compares 1 and 2
 	TPRounds    int           // interleaved rounds of throughput measures (default 3)
 	TPTime      time.Duration // per throughput measure and round (default 1s)
+	CutEpisodes int           // holders cut for the hedged load figure (default 5)
 	Log         io.Writer
 }
 
@@ -66,6 +67,11 @@ type Result struct {
 	RepairSeconds float64 `json:"repair_seconds"`
 	RepairGBps    float64 `json:"repair_gb_per_s"`
 	RepairVsRaw   float64 `json:"repair_vs_raw_tls"` // ratio to the raw TLS fetch of 2 MiB
+	// Loads while a holder is cut off: how many, how many waited for the
+	// request timeout (1 s), and their p99 over the TLS round trip's p50.
+	CutLoads         int     `json:"cut_loads"`
+	CutLoadsTimedOut int     `json:"cut_loads_timed_out"`
+	CutP99VsTLS      float64 `json:"cut_p99_vs_tls_rtt"`
 }
 
 func (o *Options) logf(format string, args ...any) {
@@ -87,6 +93,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	if opts.TPTime == 0 {
 		opts.TPTime = time.Second
+	}
+	if opts.CutEpisodes == 0 {
+		opts.CutEpisodes = 5
 	}
 	res := &Result{}
 	c, err := clustertest.Start([]string{"n1", "n2", "n3"}, 8<<30)
@@ -128,6 +137,15 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			res.Latencies = append(res.Latencies, latency("pool store 4KiB, 2 copies (tls)", store))
 		}
 	}
+	opts.logf("pool loads with a holder cut off (%d episodes)", opts.CutEpisodes)
+	cut, slow, err := cutLatency(ctx, c, opts.CutEpisodes)
+	if err != nil {
+		return nil, err
+	}
+	res.CutLoads, res.CutLoadsTimedOut = len(cut), slow
+	cl := latency("pool load 4KiB, a holder cut (tls)", cut)
+	res.CutP99VsTLS = cl.P99us / tlsL.P50us
+	res.Latencies = append(res.Latencies, cl)
 	for i := range res.Latencies {
 		l := &res.Latencies[i]
 		l.VsTCP, l.VsTLS = l.P50us/tcpL.P50us, l.P50us/tlsL.P50us
@@ -526,6 +544,8 @@ func (r *Result) Print(w io.Writer) {
 		fmt.Fprintf(tw, "%s\t%.1f us\t%.1f us\t%.2fx\t%.2fx\n", l.Name, l.P50us, l.P99us, l.VsTCP, l.VsTLS)
 	}
 	tw.Flush()
+	fmt.Fprintf(w, "CUT     %d loads with a holder cut off: %d waited for the %v timeout, p99 %.0fx the TLS round trip\n",
+		r.CutLoads, r.CutLoadsTimedOut, cutTimeout, r.CutP99VsTLS)
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "THROUGHPUT\tBATCH\tIN FLIGHT\tCONNS/NODE\tGB/s\t/ RAW TLS")

@@ -14,11 +14,11 @@ func TestRunShort(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts page servers and measures for several seconds")
 	}
-	r, err := Run(context.Background(), Options{Rounds: 200, RepairBytes: 4 << 20, TPRounds: 1, TPTime: 50 * time.Millisecond, Conns: 1})
+	r, err := Run(context.Background(), Options{Rounds: 200, RepairBytes: 4 << 20, TPRounds: 1, TPTime: 50 * time.Millisecond, Conns: 1, CutEpisodes: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(r.Latencies) != 5 || len(r.Throughputs) != 2*(2+4) || r.RepairBytes == 0 {
+	if len(r.Latencies) != 6 || r.CutLoads != 64 || len(r.Throughputs) != 2*(2+4) || r.RepairBytes == 0 {
 		t.Fatalf("result %+v", r)
 	}
 	for _, l := range r.Latencies {
