@@ -837,12 +837,13 @@ func (p *Pool) loadRank(node string) int {
 // readyConn returns a working connection to h's server instance, without
 // dialing or waiting for a dial, or nil.
 func (p *Pool) readyConn(h holder) *conn {
-	live := p.node(h.node).live.Load()
+	nc := p.node(h.node)
+	live := nc.live.Load()
 	if live == nil {
 		return nil
 	}
 	cs := *live
-	start := int(p.node(h.node).lnext.Add(1))
+	start := int(nc.lnext.Add(1))
 	for k := range cs {
 		if c := cs[(start+k)%len(cs)]; c != nil && c.stat.Instance == h.instance && c.broken() == nil {
 			return c
@@ -879,7 +880,6 @@ func (p *Pool) loadFrom(ctx context.Context, r pool.Region, class int, pc piece,
 	results := make(chan result, len(hs))
 	bufs := make([][]byte, len(hs))
 	hedge := make([]bool, len(hs)) // asked because the one before was slow
-	done := make([]bool, len(hs))
 	next, inflight := 0, 0
 	launch := func() {
 		i := next
@@ -903,15 +903,9 @@ func (p *Pool) loadFrom(ctx context.Context, r pool.Region, class int, pc piece,
 				copy(pc.data, bufs[res.i])
 				if hedge[res.i] {
 					p.hedgeWins.Add(1)
-					for i := range res.i {
-						if !done[i] {
-							p.node(hs[i].node).slowAt.Store(time.Now().UnixNano())
-						}
-					}
 				}
 				return nil
 			}
-			done[res.i] = true
 			p.noteFailure(hs[res.i].node, res.err)
 			errs = append(errs, res.err)
 			if next < len(hs) && ctx.Err() == nil {

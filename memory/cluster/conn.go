@@ -50,6 +50,9 @@ type conn struct {
 	// The frame being read and when bytes last arrived; read token only.
 	rs       rstate
 	lastRead time.Time
+	// heard is lastRead for anyone (Unix ns): a server that sent nothing
+	// since a request is silent, not merely slow.
+	heard atomic.Int64
 
 	// used: an answer other than the hello's came back. A used
 	// connection that breaks at the next request may just have gone
@@ -327,6 +330,7 @@ func (cn *conn) readUntil(mine *call, stop <-chan struct{}, until time.Time) boo
 				n, err := cn.br.Read(dst)
 				if n > 0 {
 					cn.lastRead = time.Now()
+					cn.heard.Store(cn.lastRead.UnixNano())
 				}
 				if err != nil {
 					now := time.Now()

@@ -161,7 +161,11 @@ func (p *Pool) finishLoad(ctx context.Context, r pool.Region, class int, pd *pen
 	}
 	// The hedge answered first.
 	p.hedgeWins.Add(1)
-	p.node(pd.hs[0].node).slowAt.Store(time.Now().UnixNano())
+	if pd.c.heard.Load() < pd.cl.sent.UnixNano() {
+		// Silent since the request (cut off, stopped), not merely busy:
+		// the next loads read the other copies first.
+		p.node(pd.hs[0].node).slowAt.Store(time.Now().UnixNano())
+	}
 	if pd.c.abandon(pd.cl) {
 		copy(pd.pc.data, buf)
 		return true, nil
