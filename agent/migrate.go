@@ -503,29 +503,58 @@ func failpoint(name, node string) bool {
 
 // imageDir is where a migration keeps its images (name: GID.out or
 // GID.in). With inMemory, a tmpfs: DATA_DIR/proc/migrate if it is one
-// (an operator may mount one there, of the size they choose), else this
-// agent's directory in /dev/shm, else DATA_DIR/proc/migrate on disk. CRIU
+// (an operator may mount one there, of the size they choose), else
+// /dev/shm (shmImagePrefix), else DATA_DIR/proc/migrate on disk. CRIU
 // writes the images and reads them back inside the program's downtime;
 // on ext4 their creation and the target's writes cost several ms.
 func (p *procState) imageDir(name string, inMemory bool) string {
 	base := filepath.Join(p.a.cfg.DataDir, "proc", "migrate")
-	if inMemory && !onTmpfs(base) {
-		if shm := shmImageDir(p.a.cfg.DataDir); onTmpfs(filepath.Dir(shm)) {
-			base = shm
-		}
+	if inMemory && !onTmpfs(base) && onTmpfs(shmDir) {
+		return shmImagePrefix(p.a.cfg.DataDir) + name
 	}
 	return filepath.Join(base, name)
 }
 
-// shmImageDir is the agent's image directory in /dev/shm, named after its
-// data directory (an agent that starts again finds its predecessor's).
-func shmImageDir(dataDir string) string {
+const (
+	shmDir = "/dev/shm"
+	// shmStale: an image directory in /dev/shm this old belongs to no
+	// migration (they are bounded well below), but to an agent that died.
+	shmStale = 2 * (migrateReadyTimeout + migrateRestoreTimeout + migratePagesTimeout)
+)
+
+// shmImagePrefix starts the names of the agent's image directories in
+// /dev/shm: one directory per migration, named after the agent's data
+// directory (an agent that starts again removes its predecessor's), so
+// that none stays behind once its migration ended.
+func shmImagePrefix(dataDir string) string {
 	abs, err := filepath.Abs(dataDir)
 	if err != nil {
 		abs = dataDir
 	}
 	h := sha256.Sum256([]byte(abs))
-	return filepath.Join("/dev/shm", "onebox-migrate-"+hex.EncodeToString(h[:6]))
+	return filepath.Join(shmDir, "onebox-migrate-"+hex.EncodeToString(h[:6])+"-")
+}
+
+// removeStaleImages removes the image directories an earlier agent with
+// this data directory left (it died mid-migration), and those in /dev/shm
+// of any agent that are older than any migration can be.
+func removeStaleImages(dataDir string) error {
+	var errs []error
+	dirs := []string{filepath.Join(dataDir, "proc", "migrate")}
+	own, _ := filepath.Glob(shmImagePrefix(dataDir) + "*")
+	dirs = append(dirs, own...)
+	all, _ := filepath.Glob(filepath.Join(shmDir, "onebox-migrate-*"))
+	for _, d := range all {
+		if fi, err := os.Lstat(d); err == nil && fi.IsDir() && time.Since(fi.ModTime()) > shmStale {
+			dirs = append(dirs, d)
+		}
+	}
+	for _, d := range dirs {
+		if err := os.RemoveAll(d); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // onTmpfs reports whether path, or the nearest directory above it that

@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -103,10 +102,8 @@ func (a *Agent) startProc(_ context.Context) error {
 	a.proc.registerMigrateMetrics()
 	// Images of migrations cut short by this agent's last death: no
 	// migration outlives its agent (nor do its programs: closeProc).
-	for _, d := range []string{filepath.Join(a.cfg.DataDir, "proc", "migrate"), shmImageDir(a.cfg.DataDir)} {
-		if err := os.RemoveAll(d); err != nil {
-			a.log.Warn("cannot remove the images of earlier migrations", "dir", d, "err", err)
-		}
+	if err := removeStaleImages(a.cfg.DataDir); err != nil {
+		a.log.Warn("cannot remove the images of earlier migrations", "err", err)
 	}
 	a.mux.Handle(stream.ALPN, a.proc.serveFabric)
 	a.primeCRIU()
@@ -121,9 +118,6 @@ func (a *Agent) closeProc() error {
 	if p == nil {
 		return nil
 	}
-	// The in-memory image directory goes with the agent (if empty: a
-	// migration still ending removes its own images).
-	defer os.Remove(shmImageDir(a.cfg.DataDir))
 	p.mu.Lock()
 	p.closed = true // no new streams
 	// Relays to programs on other nodes: they hang up (those programs get

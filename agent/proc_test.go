@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -53,7 +54,7 @@ func TestImageDir(t *testing.T) {
 	}
 	data := t.TempDir()
 	onDisk := filepath.Join(data, "proc", "migrate", "g0.in")
-	shm := filepath.Join(shmImageDir(data), "g0.in")
+	shm := shmImagePrefix(data) + "g0.in"
 	p := &procState{a: &Agent{cfg: Config{DataDir: data}}}
 	dataTmpfs := onTmpfs(filepath.Join(data, "proc", "migrate"))
 	for _, tc := range []struct {
@@ -68,8 +69,30 @@ func TestImageDir(t *testing.T) {
 			t.Errorf("%s: %s, want %s", tc.name, got, tc.want)
 		}
 	}
-	if shmImageDir(data) != shmImageDir(data+"/") || shmImageDir(data) == shmImageDir(data+"x") {
-		t.Error("the /dev/shm directory is not one per data directory")
+	if shmImagePrefix(data) != shmImagePrefix(data+"/") || shmImagePrefix(data) == shmImagePrefix(data+"x") {
+		t.Error("the /dev/shm names are not one set per data directory")
+	}
+	// An agent starting removes its predecessor's images, and anyone's
+	// that are stale; not another live agent's.
+	other := t.TempDir()
+	mine, theirs, old := shm, shmImagePrefix(other)+"g1.out", shmImagePrefix(other)+"g2.out"
+	for _, d := range []string{mine, theirs, old} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		defer os.RemoveAll(d)
+	}
+	past := time.Now().Add(-shmStale - time.Minute)
+	if err := os.Chtimes(old, past, past); err != nil {
+		t.Fatal(err)
+	}
+	if err := removeStaleImages(data); err != nil {
+		t.Fatal(err)
+	}
+	for d, want := range map[string]bool{mine: false, theirs: true, old: false} {
+		if _, err := os.Stat(d); (err == nil) != want {
+			t.Errorf("%s: exists %v, want %v", d, err == nil, want)
+		}
 	}
 	// The nearest existing directory decides.
 	if !onTmpfs("/dev/shm/no/such/dir") {

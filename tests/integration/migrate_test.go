@@ -312,6 +312,8 @@ func TestMigrateFailures(t *testing.T) {
 	}
 
 	t.Run("FullDisk", func(t *testing.T) {
+		// A tmpfs on DATA_DIR/proc/migrate is the agent's in-memory image
+		// directory (rather than /dev/shm): the images land in these 16 KiB.
 		dir := filepath.Join(n2.DataDir, "proc", "migrate")
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			t.Fatal(err)
@@ -338,7 +340,7 @@ func TestMigrateFailures(t *testing.T) {
 		// The images it received (in memory: /dev/shm, as DATA_DIR is no
 		// tmpfs here) go when it starts again.
 		left := func() []string {
-			m, _ := filepath.Glob("/dev/shm/onebox-migrate-*/" + pi.GID + ".in")
+			m, _ := filepath.Glob("/dev/shm/onebox-migrate-*-" + pi.GID + ".in")
 			if _, err := os.Stat(filepath.Join(n3.DataDir, "proc", "migrate", pi.GID+".in")); err == nil {
 				m = append(m, "DATA_DIR/proc/migrate/"+pi.GID+".in")
 			}
