@@ -43,7 +43,7 @@ import (
 //
 // Data path. The exposing agent keeps one session per target node: a
 // fabric connection with ALPN onebox-svc/1 (mutual TLS: members only)
-// carrying yamux streams (proxy.Sessions). Each client connection opens a
+// carrying multiplexed streams (service/mux, opened by proxy.Sessions). Each client connection opens a
 // stream and sends a wire header naming the port (and the process, for a
 // GID target), and the target's agent connects to that port on itself
 // only, 127.0.0.1 first and then its own advertised address, never to
@@ -242,9 +242,11 @@ func (a *Agent) closeService() error {
 	return err
 }
 
-// sweep closes the sessions to and from nodes that are no longer live
-// members (left, failed, forgotten), every svcSweep until the agent
-// closes: their streams fail at once instead of waiting for keepalives.
+// sweep closes the sessions to and from nodes that left the cluster (or
+// are no longer known), every svcSweep until the agent closes: their
+// streams fail at once instead of waiting for keepalives. A node marked
+// failed keeps its sessions: gossip can say so of a node that is only
+// slow, and a session that is really dead ends by its keepalive.
 func (s *svcState) sweep() {
 	defer s.sweepWG.Done()
 	t := time.NewTicker(svcSweep)
@@ -256,14 +258,14 @@ func (s *svcState) sweep() {
 		case <-t.C:
 		}
 		for _, node := range s.sessions.Keys() {
-			if _, err := s.member(node); err != nil {
-				s.a.log.Info("service session closed", "node", node, "why", err)
+			if s.gone(node, true) {
+				s.a.log.Info("service session to a node that left closed", "node", node)
 				s.sessions.Drop(node)
 			}
 		}
 		for _, node := range s.backend.Peers() {
-			if _, err := s.member(node); err != nil && node != s.a.id.Node {
-				s.a.log.Info("service session from a node closed", "node", node, "why", err)
+			if s.gone(node, false) {
+				s.a.log.Info("service session from a node that left closed", "node", node)
 				s.backend.DropPeer(node)
 			}
 		}
@@ -432,6 +434,19 @@ func (s *svcState) member(node string) (membership.Member, error) {
 		return m, nil
 	}
 	return membership.Member{}, fmt.Errorf("unknown node %q ('onebox nodes' lists them)", node)
+}
+
+// gone reports whether node left the cluster, or (if unknownGone) is not
+// a member at all. A node that opened a session to this one may not be
+// known here yet (gossip is still spreading its join), so for those
+// sessions only an explicit leave counts.
+func (s *svcState) gone(node string, unknownGone bool) bool {
+	for _, m := range s.a.members.Members() {
+		if m.Name == node {
+			return m.Status == membership.StatusLeft || m.Status == membership.StatusLeaving
+		}
+	}
+	return unknownGone
 }
 
 // runsHere reports whether process gid runs on this node.

@@ -4,65 +4,35 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	yamux "github.com/libp2p/go-yamux/v5"
-
+	"github.com/onebox-project/onebox/service/mux"
 	"github.com/onebox-project/onebox/service/wire"
 )
 
-// Sessions and the session bounds. A session is one fabric connection
-// between two agents carrying every proxied connection between them as a
-// yamux stream: opening a connection through a service address costs the
-// stream header's round trip, not a TLS handshake.
+// Session bounds. A session is one fabric connection between two agents
+// carrying every proxied connection between them as a stream (package
+// mux): opening a connection through a service address costs the stream
+// header's round trip, not a TLS handshake.
 const (
-	// SessionKeepAlive: an idle session is pinged this often; a ping (or
-	// any frame) not written or answered within SessionWriteTimeout ends
-	// the session and every stream on it.
+	// SessionKeepAlive: a session that received nothing for this long is
+	// pinged, and closed after three times this long; a frame not written
+	// within SessionWriteTimeout ends it too.
 	SessionKeepAlive    = 5 * time.Second
 	SessionWriteTimeout = 5 * time.Second
-	// SessionMaxStreams bounds the streams one peer may have open at once
-	// on a session it opened (more are reset).
-	SessionMaxStreams = 1 << 16
-	// SessionMaxWindow bounds what one stream may have in flight (and so
-	// what a receiver buffers for a consumer that does not read); the
-	// window grows to it from 256 KiB while a stream's consumer keeps up.
-	SessionMaxWindow = 4 << 20
 	// probeTimeout bounds the ping that checks a session after a stream on
 	// it went unanswered.
 	probeTimeout = 2 * time.Second
 )
 
 // ErrSessionLost is the failure of a stream whose session ended under it.
-var ErrSessionLost = errors.New("proxy: the session to the target's node ended")
+var ErrSessionLost = mux.ErrSessionClosed
 
-// muxConfig is the yamux configuration of both ends.
-func muxConfig(log *slog.Logger) *yamux.Config {
-	c := yamux.DefaultConfig()
-	c.KeepAliveInterval = SessionKeepAlive
-	c.ConnectionWriteTimeout = SessionWriteTimeout
-	c.MaxIncomingStreams = SessionMaxStreams
-	c.AcceptBacklog = 1024
-	c.MaxStreamWindowSize = SessionMaxWindow
-	c.LogOutput = logWriter{log}
-	return c
-}
-
-// logWriter turns yamux's log lines into debug records.
-type logWriter struct{ log *slog.Logger }
-
-func (w logWriter) Write(p []byte) (int, error) {
-	if w.log != nil {
-		w.log.Debug("service session", "yamux", strings.TrimSpace(string(p)))
-	}
-	return len(p), nil
-}
+var muxConfig = mux.Config{KeepAlive: SessionKeepAlive, WriteTimeout: SessionWriteTimeout}
 
 // Sessions opens streams to the agents of target nodes over one
 // long-lived session per node (the client side of wire version 2). A
@@ -90,7 +60,7 @@ type Sessions struct {
 // session is one node's session, or the dial that is making it.
 type session struct {
 	ready   chan struct{} // closed when the dial ended
-	s       *yamux.Session
+	s       *mux.Session
 	err     error
 	probing atomic.Bool
 }
@@ -163,11 +133,14 @@ func (s *Sessions) connect(key string, m *session) {
 	}
 	go func() {
 		<-m.s.CloseChan()
+		if s.ctx.Err() == nil {
+			s.Log.Info("service session ended", "node", key, "err", m.s.Err())
+		}
 		s.forget(key, m)
 	}()
 }
 
-func (s *Sessions) dial(ctx context.Context, key string) (*yamux.Session, error) {
+func (s *Sessions) dial(ctx context.Context, key string) (*mux.Session, error) {
 	c, err := s.Dial(ctx, key)
 	if err != nil {
 		return nil, err
@@ -176,12 +149,7 @@ func (s *Sessions) dial(ctx context.Context, key string) (*yamux.Session, error)
 		c.Close()
 		return nil, fmt.Errorf("%s's agent: opening a service session: %w", key, err)
 	}
-	ys, err := yamux.Client(c, muxConfig(s.Log), nil)
-	if err != nil {
-		c.Close()
-		return nil, err
-	}
-	return ys, nil
+	return mux.Client(c, muxConfig), nil
 }
 
 // forget removes m as key's session (if it still is) and closes it.
@@ -206,7 +174,7 @@ func (s *Sessions) Open(ctx context.Context, key string, req wire.Request) (net.
 		if err != nil {
 			return nil, err
 		}
-		st, err := m.s.OpenStream(ctx)
+		st, err := m.s.OpenStream()
 		if err != nil {
 			if m.s.IsClosed() && attempt == 0 && ctx.Err() == nil {
 				s.forget(key, m)
@@ -214,9 +182,8 @@ func (s *Sessions) Open(ctx context.Context, key string, req wire.Request) (net.
 			}
 			return nil, fmt.Errorf("%s's agent: %w", key, err)
 		}
-		c := &Stream{st}
-		if err := Open(ctx, c, req); err != nil {
-			c.Abort()
+		if err := Open(ctx, st, req); err != nil {
+			st.Reset()
 			var re *wire.ReplyError
 			if !errors.As(err, &re) {
 				if m.s.IsClosed() {
@@ -228,7 +195,7 @@ func (s *Sessions) Open(ctx context.Context, key string, req wire.Request) (net.
 			}
 			return nil, err
 		}
-		return c, nil
+		return st, nil
 	}
 }
 
@@ -240,14 +207,9 @@ func (s *Sessions) probe(key string, m *session) {
 	}
 	go func() {
 		defer m.probing.Store(false)
-		done := make(chan error, 1)
-		go func() { _, err := m.s.Ping(); done <- err }()
-		var err error
-		select {
-		case err = <-done:
-		case <-time.After(probeTimeout):
-			err = errors.New("no answer")
-		}
+		ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
+		err := m.s.Ping(ctx)
+		cancel()
 		if err != nil {
 			s.Log.Info("service session unanswered; closing it", "node", key, "err", err)
 			s.forget(key, m)
@@ -301,44 +263,10 @@ func (s *Sessions) Close() error {
 	return nil
 }
 
-// Stream is one proxied connection on a session: a net.Conn whose
-// CloseWrite sends the stream's FIN (half-close passed through), and
-// whose Abort resets it (the peer's reads and writes fail at once).
-type Stream struct{ *yamux.Stream }
-
-// Abort resets the stream.
-func (c *Stream) Abort() error { return c.Stream.Reset() }
-
-// Read reads the stream; a session that ended under it is ErrSessionLost.
-func (c *Stream) Read(b []byte) (int, error) {
-	n, err := c.Stream.Read(b)
-	return n, c.mapErr(err)
-}
-
-// Write writes the stream; a session that ended under it is ErrSessionLost.
-func (c *Stream) Write(b []byte) (int, error) {
-	n, err := c.Stream.Write(b)
-	return n, c.mapErr(err)
-}
-
-func (c *Stream) mapErr(err error) error {
-	if err == nil || err == io.EOF {
-		return err
-	}
-	if errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, yamux.ErrKeepAliveTimeout) || c.Stream.Session().IsClosed() {
-		return fmt.Errorf("%w: %v", ErrSessionLost, err)
-	}
-	return err
-}
-
 // serveSession serves the streams of one session on c (after its
 // request was answered) until the session ends.
 func (b *Backend) serveSession(c net.Conn, peer string) {
-	ys, err := yamux.Server(c, muxConfig(b.Log), nil)
-	if err != nil {
-		c.Close()
-		return
-	}
+	ys := mux.Server(c, muxConfig)
 	if !b.trackSession(ys, peer) {
 		ys.Close()
 		return
@@ -347,12 +275,15 @@ func (b *Backend) serveSession(c net.Conn, peer string) {
 	for {
 		st, err := ys.AcceptStream()
 		if err != nil {
+			if errors.Is(err, mux.ErrProtocol) && b.Log != nil {
+				b.Log.Warn("service session from a peer broke the protocol", "peer", peer, "err", err)
+			}
 			return
 		}
 		b.wg.Add(1) // the caller holds one: Close's Wait cannot have passed zero
 		go func() {
 			defer b.wg.Done()
-			b.serveStream(&Stream{st})
+			b.serveStream(st)
 		}()
 	}
 }

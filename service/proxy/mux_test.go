@@ -197,8 +197,7 @@ func TestSessionBulk(t *testing.T) {
 	}
 }
 
-// A session request, then a yamux frame header (version 0, type, flags,
-// stream id, length: 12 bytes).
+// A session request, then frames.
 func sessionBytes(frames ...[]byte) []byte {
 	b, _ := wire.AppendRequest(nil, wire.Request{Kind: wire.KindSession})
 	for _, f := range frames {
@@ -207,28 +206,29 @@ func sessionBytes(frames ...[]byte) []byte {
 	return b
 }
 
-func frame(typ byte, flags uint16, id, length uint32, body []byte) []byte {
-	h := []byte{0, typ}
-	h = binary.BigEndian.AppendUint16(h, flags)
+// frame is a mux frame: type, flags, stream id, length, then body.
+func frame(typ, flags byte, id, length uint32, body []byte) []byte {
+	h := []byte{typ, flags}
 	h = binary.BigEndian.AppendUint32(h, id)
 	h = binary.BigEndian.AppendUint32(h, length)
 	return append(h, body...)
 }
 
 // FuzzBackendServeConn: whatever a member sends on a service connection
-// (session request, yamux frames, stream headers), the backend neither
+// (session request, mux frames, stream headers), the backend neither
 // panics nor keeps serving after the connection ends, and it never
 // connects anywhere but through Local.
 func FuzzBackendServeConn(f *testing.F) {
 	connect, _ := wire.AppendRequest(nil, wire.Request{Kind: wire.KindConnect, Port: 8000})
 	check, _ := wire.AppendRequest(nil, wire.Request{Kind: wire.KindCheck, Port: 8000, GID: "g0123456789ab"})
 	session, _ := wire.AppendRequest(nil, wire.Request{Kind: wire.KindSession})
-	const syn, fin, rst = 1, 4, 8
-	f.Add(sessionBytes(frame(1, syn, 1, 0, nil), frame(0, 0, 1, uint32(len(connect)), connect), frame(0, 0, 1, 5, []byte("hello")), frame(1, fin, 1, 0, nil)))
-	f.Add(sessionBytes(frame(0, syn, 1, uint32(len(check)), check)))
+	const syn, fin, rst = 1, 2, 4
+	f.Add(sessionBytes(frame(0, syn, 1, uint32(len(connect)), connect), frame(0, 0, 1, 5, []byte("hello")), frame(1, 0, 1, 1000, nil), frame(0, fin, 1, 0, nil)))
+	f.Add(sessionBytes(frame(0, syn, 1, uint32(len(check)), check), frame(0, syn, 3, uint32(len(connect)), connect), frame(1, rst, 3, 0, nil)))
 	f.Add(sessionBytes(frame(0, syn, 3, uint32(len(session)), session), frame(1, rst, 3, 0, nil)))
-	f.Add(sessionBytes(frame(2, syn, 0, 7, nil), frame(3, 0, 0, 0, nil)))
+	f.Add(sessionBytes(frame(2, 0, 0, 7, nil), frame(2, 8, 0, 7, nil), frame(3, 0, 0, 0, nil)))
 	f.Add(sessionBytes(frame(0, syn, 1, 1<<30, nil)))
+	f.Add(sessionBytes(frame(0, syn|fin, 1, 0, nil), frame(0, 0, 1, 1, []byte("x"))))
 	f.Add(sessionBytes([]byte{1, 9, 0, 0}))
 	f.Add(connect)
 	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))

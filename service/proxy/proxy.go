@@ -2,7 +2,7 @@
 // accepts clients on the exposing node's port and, for each, asks a
 // balance.Pool for a target and dials it (trying the next target when a
 // dial fails, every dial bounded); Sessions opens those dials as streams
-// of one long-lived session (yamux) per target node; Backend, on the
+// of one long-lived session (package mux) per target node; Backend, on the
 // target's node, serves a session's streams: reads each stream's wire
 // header, connects to the local port and splices the two. None knows
 // about TLS or membership: the agent supplies the fabric dialer and the
@@ -18,9 +18,8 @@ import (
 	"sync"
 	"time"
 
-	yamux "github.com/libp2p/go-yamux/v5"
-
 	"github.com/onebox-project/onebox/service/balance"
+	"github.com/onebox-project/onebox/service/mux"
 	"github.com/onebox-project/onebox/service/wire"
 )
 
@@ -61,6 +60,9 @@ func Splice(a, b net.Conn) (ab, ba int64) {
 		defer wg.Done()
 		var err error
 		*n, err = io.Copy(dst, src)
+		if d, ok := src.(deliverer); ok {
+			*n += d.Delivered()
+		}
 		if err != nil {
 			abortBoth()
 			return
@@ -70,6 +72,12 @@ func Splice(a, b net.Conn) (ab, ba int64) {
 		}
 		closeBoth()
 	}
+	if d, ok := a.(deliverer); ok {
+		d.DeliverTo(b)
+	}
+	if d, ok := b.(deliverer); ok {
+		d.DeliverTo(a)
+	}
 	wg.Add(2)
 	go half(b, a, &ab)
 	go half(a, b, &ba)
@@ -78,14 +86,22 @@ func Splice(a, b net.Conn) (ab, ba int64) {
 	return ab, ba
 }
 
+// deliverer is a connection (mux.Stream) that can write what it receives
+// straight to the connection it is spliced to, from the goroutine that
+// receives it, instead of handing it to the copying goroutine.
+type deliverer interface {
+	DeliverTo(net.Conn)
+	Delivered() int64
+}
+
 // abort closes c so that its peer sees a failure, not an end of data.
 func abort(c net.Conn) {
 	switch c := c.(type) {
 	case *net.TCPConn:
 		c.SetLinger(0)
 		c.Close()
-	case *Stream:
-		c.Abort()
+	case interface{ Reset() error }:
+		c.Reset()
 	default:
 		c.Close()
 	}
@@ -406,9 +422,9 @@ type Backend struct {
 	OnDone func(in, out int64)
 
 	mu       sync.Mutex
-	conns    map[net.Conn]struct{}     // streams and local connections; guarded by mu
-	sessions map[*yamux.Session]string // session → peer node; guarded by mu
-	closed   bool                      // guarded by mu
+	conns    map[net.Conn]struct{}   // streams and local connections; guarded by mu
+	sessions map[*mux.Session]string // session → peer node; guarded by mu
+	closed   bool                    // guarded by mu
 	wg       sync.WaitGroup
 }
 
@@ -526,20 +542,20 @@ func (b *Backend) serveStream(c net.Conn) {
 	}
 }
 
-func (b *Backend) trackSession(s *yamux.Session, peer string) bool {
+func (b *Backend) trackSession(s *mux.Session, peer string) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
 		return false
 	}
 	if b.sessions == nil {
-		b.sessions = map[*yamux.Session]string{}
+		b.sessions = map[*mux.Session]string{}
 	}
 	b.sessions[s] = peer
 	return true
 }
 
-func (b *Backend) untrackSession(s *yamux.Session) {
+func (b *Backend) untrackSession(s *mux.Session) {
 	s.Close()
 	b.mu.Lock()
 	delete(b.sessions, s)
@@ -561,7 +577,7 @@ func (b *Backend) Peers() []string {
 // streams end.
 func (b *Backend) DropPeer(peer string) {
 	b.mu.Lock()
-	var drop []*yamux.Session
+	var drop []*mux.Session
 	for s, p := range b.sessions {
 		if p == peer {
 			drop = append(drop, s)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"strconv"
 	"strings"
@@ -64,7 +65,7 @@ func backendConns(t *testing.T) (addr string, b *Backend, conns func() []net.Con
 	t.Helper()
 	var mu sync.Mutex
 	var accepted []net.Conn
-	b = &Backend{Local: func(ctx context.Context, req wire.Request) (net.Conn, wire.Reply) {
+	b = &Backend{Log: slog.Default(), Local: func(ctx context.Context, req wire.Request) (net.Conn, wire.Reply) {
 		var d net.Dialer
 		c, err := d.DialContext(ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(req.Port))))
 		if err != nil {

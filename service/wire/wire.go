@@ -4,10 +4,10 @@
 // only to check it could), and the target's agent answers with a status.
 //
 // Version 2: a fabric connection starts with one request of KindSession
-// (port 0, no gid); after a StatusOK reply it carries a yamux session
-// (github.com/libp2p/go-yamux, the exposing agent is the client) whose
-// streams each start with their own KindConnect or KindCheck request and
-// reply, as a whole connection did in version 1.
+// (port 0, no gid); after a StatusOK reply it carries a session of
+// multiplexed streams (package service/mux; the exposing agent is the
+// client), each starting with its own KindConnect or KindCheck request
+// and reply, as a whole connection did in version 1.
 //
 // Request, client to server:
 //

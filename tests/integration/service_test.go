@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -560,5 +561,103 @@ func TestServiceTargetNodeCut(t *testing.T) {
 		if ts.Healthy != (ts.Key == "n2:8000") {
 			t.Errorf("after the cut: %s healthy=%v (%s)", ts.Key, ts.Healthy, ts.LastError)
 		}
+	}
+}
+
+// echoLines serves on 127.0.0.1:port, answering each line with itself.
+func echoLines(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				sc := bufio.NewScanner(c)
+				for sc.Scan() {
+					io.WriteString(c, sc.Text()+"\n")
+				}
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// Connections through a service share one session per pair of nodes; a
+// session cut under an open connection (its TCP socket on n1 aborted
+// with ss -K, as a middlebox reset would) fails that connection at once
+// with an error, not a clean end and not a hang, and the next
+// connection is carried on a new session.
+func TestServiceSessionCut(t *testing.T) {
+	t.Parallel()
+	_, err := exec.LookPath("ss")
+	testenv.NeedNoError(t, err, "the session cut test aborts sockets with ss -K (iproute2)")
+	c := startCluster(t, testbed.Options{Nodes: 2})
+	n1, n2 := c.Nodes[0], c.Nodes[1]
+	port := echoLines(t)
+	web := freePort(t)
+	r := cli(t, nil, "--agent", n1.Agent(), "expose", "--node", "n1", "--port", strconv.Itoa(web), "--to", "n2:"+strconv.Itoa(port), "--name", "echo")
+	if r.code != 0 {
+		t.Fatalf("expose: exit %d: %s", r.code, r.stderr)
+	}
+	waitHealthy(t, n1, "echo", 1)
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(web))
+	ask := func(conn net.Conn, rd *bufio.Reader, line string) (string, error) {
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(conn, line+"\n"); err != nil {
+			return "", err
+		}
+		s, err := rd.ReadString('\n')
+		return strings.TrimSpace(s), err
+	}
+	dial := func() (net.Conn, *bufio.Reader) {
+		conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return conn, bufio.NewReader(conn)
+	}
+	for i := range 20 {
+		conn, rd := dial()
+		if got, err := ask(conn, rd, fmt.Sprint("hello ", i)); err != nil || got != fmt.Sprint("hello ", i) {
+			t.Fatalf("connection %d: %q, %v", i, got, err)
+		}
+		conn.Close()
+	}
+	held, rd := dial()
+	if got, err := ask(held, rd, "before"); err != nil || got != "before" {
+		t.Fatalf("before the cut: %q, %v", got, err)
+	}
+	// Every TCP connection to n2's fabric port from this host (n1's
+	// session among them) is aborted.
+	host, fport, _ := net.SplitHostPort(n2.Ready.FabricAddr)
+	out, err := exec.Command("ss", "-K", "-t", "dst", host, "dport", "=", ":"+fport).CombinedOutput()
+	killed := strings.Count(string(out), "ESTAB")
+	testenv.Need(t, err == nil && killed > 0, "ss -K killed no socket (kernel without CONFIG_INET_DIAG_DESTROY?): %v: %s", err, out)
+	t.Logf("ss -K aborted %d connections to n2's fabric port", killed)
+	start := time.Now()
+	got, err := ask(held, rd, "after")
+	if err == nil {
+		t.Fatalf("the connection whose session was cut answered %q", got)
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("the connection whose session was cut hung until its deadline (%v)", time.Since(start))
+	}
+	if errors.Is(err, io.EOF) {
+		t.Errorf("the cut connection ended like a clean close (EOF); want a reset")
+	}
+	t.Logf("cut connection failed after %v: %v", time.Since(start).Round(time.Millisecond), err)
+	conn, rd := dial()
+	if got, err := ask(conn, rd, "next"); err != nil || got != "next" {
+		t.Fatalf("first connection after the cut: %q, %v", got, err)
 	}
 }
