@@ -248,6 +248,7 @@ type BenchMigrateRow struct {
 	DowntimeRatio float64 `json:"downtime_ratio"`  // onebox downtime / plain criu downtime
 	TotalRatio    float64 `json:"total_ratio"`     // onebox total / plain criu total
 	FreezeMS      float64 `json:"freeze_ms"`       // onebox: lazy dump until images written
+	BetweenMS     float64 `json:"between_ms"`      // onebox: images cross, criu lazy-pages starts, the answer comes back
 	RestoreMS     float64 `json:"restore_ms"`      // onebox: restore on the target
 	PIDNamespace  bool    `json:"pid_namespace"`   // onebox restored into a fresh PID namespace
 }
@@ -263,8 +264,11 @@ program, built with cc, that fills it and sleeps) from n1 to n2 with
 'onebox migrate', and checkpoints and restores a process of the same kind with
 plain 'criu dump' + 'criu restore -d' (images on local disk, same machine, the
 stop-and-copy baseline) in the same run. It prints the downtime (freeze until
-the process runs again) and the total time of both and their ratios. Needs
-root, CRIU (scripts/install-criu.sh) and cc.`,
+the process runs again) and the total time of both and their ratios, and
+onebox's downtime in three parts: freeze (CRIU's lazy dump, until the
+non-memory images are written), between (the images cross, the target starts
+criu lazy-pages, its answer comes back) and restore (the target's criu
+restore). Needs root, CRIU (scripts/install-criu.sh) and cc.`,
 		Example: `  onebox bench migrate
   onebox bench migrate --sizes 64,256,1024 -o json`,
 		Args: noArgs,
@@ -281,10 +285,10 @@ root, CRIU (scripts/install-criu.sh) and cc.`,
 				return writeJSON(cmd.OutOrStdout(), rows)
 			}
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "SIZE\tONEBOX DOWNTIME\tONEBOX TOTAL\tCRIU DUMP+RESTORE\tDOWNTIME RATIO\tTOTAL RATIO\t(FREEZE / RESTORE)")
+			fmt.Fprintln(w, "SIZE\tONEBOX DOWNTIME\tONEBOX TOTAL\tCRIU DUMP+RESTORE\tDOWNTIME RATIO\tTOTAL RATIO\t(FREEZE / BETWEEN / RESTORE)")
 			for _, r := range rows {
-				fmt.Fprintf(w, "%d MiB\t%.0f ms\t%.0f ms\t%.0f ms (%.0f + %.0f)\t%.2f\t%.2f\t%.0f / %.0f ms\n", r.MiB, r.DowntimeMS, r.TotalMS,
-					r.CRIUTotalMS, r.CRIUDumpMS, r.CRIURestoreMS, r.DowntimeRatio, r.TotalRatio, r.FreezeMS, r.RestoreMS)
+				fmt.Fprintf(w, "%d MiB\t%.0f ms\t%.0f ms\t%.0f ms (%.0f + %.0f)\t%.2f\t%.2f\t%.0f / %.0f / %.0f ms\n", r.MiB, r.DowntimeMS, r.TotalMS,
+					r.CRIUTotalMS, r.CRIUDumpMS, r.CRIURestoreMS, r.DowntimeRatio, r.TotalRatio, r.FreezeMS, r.BetweenMS, r.RestoreMS)
 			}
 			return w.Flush()
 		},
@@ -406,6 +410,7 @@ func benchMigrate(ctx context.Context, logw io.Writer, sizes []int) ([]BenchMigr
 		}
 		_, _ = obx("kill", "-KILL", gid)
 		row.DowntimeMS, row.TotalMS, row.FreezeMS, row.RestoreMS, row.PIDNamespace = res.DowntimeMS, res.TotalMS, res.FreezeMS, res.RestoreMS, res.PIDNS
+		row.BetweenMS = max(0, row.DowntimeMS-row.FreezeMS-row.RestoreMS)
 		row.DowntimeRatio = row.DowntimeMS / row.CRIUTotalMS
 		row.TotalRatio = row.TotalMS / row.CRIUTotalMS
 		logf("%d MiB: onebox downtime %.0f ms total %.0f ms; criu dump %.0f + restore %.0f ms", mib, row.DowntimeMS, row.TotalMS, row.CRIUDumpMS, row.CRIURestoreMS)
