@@ -79,6 +79,9 @@ type chunk struct {
 	holders []holder      // guarded by mu
 	pages   atomic.Uint64 // bit i: page i stored
 	dead    atomic.Bool   // removed from the table by the reclaimer (set under mu)
+	// Nodes a stale copy is being dropped from: no target meanwhile
+	// (reclaim.go); guarded by mu.
+	reclaiming []string
 }
 
 type nodeClient struct {
@@ -119,6 +122,7 @@ type Pool struct {
 	passes   atomic.Uint64 // repair passes done
 
 	lat       [3]latencies  // recent loads by sizeClass: the hedge delays
+	hedges    budget        // hedges allowed
 	hedged    atomic.Uint64 // loads asked of a second holder
 	hedgeWins atomic.Uint64 // ... that it answered first
 	failovers atomic.Uint64 // loads whose first holder failed, read from another
@@ -162,6 +166,7 @@ func New(opts Options) (*Pool, error) {
 		nodes: map[string]*nodeClient{}, regions: map[pool.Region]map[uint64]*chunk{}, res: map[string]map[string]uint64{},
 		orphans: map[string]map[chunkRef]struct{}{},
 		kick:    make(chan struct{}, 1), stop: make(chan struct{}), closed2: make(chan struct{})}
+	p.hedges.tokens.Store(hedgeBurst * hedgeRatio)
 	go p.repairLoop()
 	return p, nil
 }
@@ -640,6 +645,9 @@ func (p *Pool) place(ctx context.Context, r pool.Region, pc piece, ch *chunk) er
 	// cannot take the copies.
 	var cands, later []string
 	for _, n := range rendezvous(r, pc.idx, p.candidates()) {
+		if slices.Contains(ch.reclaiming, n) {
+			continue
+		}
 		if p.failedRecently(n) {
 			later = append(later, n)
 		} else {
@@ -913,7 +921,7 @@ func (p *Pool) loadFrom(ctx context.Context, r pool.Region, class int, pc piece,
 				timer.Reset(delay)
 			}
 		case <-timer.C:
-			if next < len(hs) {
+			if next < len(hs) && p.hedges.spend() {
 				p.hedged.Add(1)
 				hedge[next] = true
 				launch()

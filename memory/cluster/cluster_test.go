@@ -635,11 +635,9 @@ func TestCutHolderHedged(t *testing.T) {
 	if err := p.Store(ctx, r, 0, data); err != nil {
 		t.Fatal(err)
 	}
-	// Warm the connections and the latency samples.
+	// No load before the cut: on a loaded machine a hedge then could mark
+	// the victim as read-last already (the stores made the connections).
 	got := make([]byte, len(data))
-	if err := p.Load(ctx, r, 0, got); err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("load: %v", err)
-	}
 	victim, most := "", uint64(0)
 	for n, b := range p.Stats().NodeBytes {
 		if b > most {

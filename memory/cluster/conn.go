@@ -297,12 +297,11 @@ type rstate struct {
 func (cn *conn) readUntil(mine *call, stop <-chan struct{}, until time.Time) bool {
 	rs := &cn.rs
 	for {
-		if !rs.inPayload && rs.hn == 0 {
-			select {
-			case <-mine.done:
-				return true
-			default:
-			}
+		// A frame half read when mine is done is left for the next reader.
+		select {
+		case <-mine.done:
+			return true
+		default:
 		}
 		var dst []byte
 		if rs.inPayload {

@@ -29,6 +29,31 @@ const (
 	latencyEvery   = 16
 )
 
+// Hedges are at most a tenth of loads, plus a burst (the loads in flight
+// when a holder goes silent): on an overloaded node or machine, hedges
+// would add load where it hurts most.
+const (
+	hedgeRatio = 10 // loads per hedge, in the long run
+	hedgeBurst = 32
+)
+
+// budget counts the hedges allowed, in tenths of a hedge.
+type budget struct{ tokens atomic.Int64 }
+
+func (b *budget) earn() {
+	if b.tokens.Load() < hedgeBurst*hedgeRatio {
+		b.tokens.Add(1)
+	}
+}
+
+func (b *budget) spend() bool {
+	if b.tokens.Add(-hedgeRatio) >= 0 {
+		return true
+	}
+	b.tokens.Add(hedgeRatio)
+	return false
+}
+
 // hedgeDelay is the delay for a p99 of loads (0: none seen yet).
 func hedgeDelay(p99, timeout time.Duration) time.Duration {
 	ceil := min(hedgeCeiling, timeout/8)
@@ -91,6 +116,7 @@ type pendingLoad struct {
 // answered; if not, the holders still to try (pd.errs says what failed).
 func (p *Pool) finishLoad(ctx context.Context, r pool.Region, class int, pd *pendingLoad) (bool, []holder) {
 	lat := &p.lat[class]
+	p.hedges.earn()
 	hedgeAt := time.Time{}
 	if len(pd.hs) > 1 {
 		hedgeAt = pd.cl.sent.Add(lat.get(p.opts.Timeout))
@@ -112,6 +138,17 @@ func (p *Pool) finishLoad(ctx context.Context, r pool.Region, class int, pd *pen
 		}
 		pd.errs = append(pd.errs, ctx.Err())
 		return false, nil
+	}
+	if !p.hedges.spend() {
+		// Out of hedges: wait as if there were one copy.
+		if err := pd.c.wait(ctx, pd.cl); err != nil {
+			pd.errs = append(pd.errs, err)
+			return false, nil
+		}
+		if _, _, err := pd.c.result(pd.cl); err != nil {
+			return false, p.firstFailed(pd, err)
+		}
+		return true, nil
 	}
 	// The first holder is slow: ask the second too, into a buffer of its
 	// own (the first answer may still land in pd.pc.data).

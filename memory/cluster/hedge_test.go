@@ -176,3 +176,31 @@ func TestClearRuns(t *testing.T) {
 		}
 	}
 }
+
+// Hedges are a tenth of loads at most, after a burst.
+func TestHedgeBudget(t *testing.T) {
+	var b budget
+	b.tokens.Store(hedgeBurst * hedgeRatio)
+	n := 0
+	for b.spend() {
+		n++
+	}
+	if n != hedgeBurst {
+		t.Fatalf("burst of %d hedges, want %d", n, hedgeBurst)
+	}
+	for range 1000 {
+		b.earn()
+		if b.spend() {
+			n++
+		}
+	}
+	if n != hedgeBurst+1000/hedgeRatio {
+		t.Fatalf("%d hedges in 1000 loads after the burst, want %d", n-hedgeBurst, 1000/hedgeRatio)
+	}
+	for range 100 * hedgeBurst * hedgeRatio {
+		b.earn()
+	}
+	if got := b.tokens.Load(); got > hedgeBurst*hedgeRatio {
+		t.Fatalf("budget grew to %d tenths, beyond the burst", got)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/onebox-project/onebox/memory/pageproto"
 )
@@ -117,35 +118,46 @@ func (p *Pool) reclaim(alive map[string]bool) {
 	wg.Wait()
 }
 
+// reclaimHolderTimeout bounds the drops on a node that holds the chunk
+// again: they run with the chunk locked (a store must not write a page
+// while a run around it is dropped), which holds up its loads.
+const reclaimHolderTimeout = 200 * time.Millisecond
+
 // reclaimChunk drops ref's pages on node unless node holds the chunk now.
-// The chunk is locked for writing meanwhile, so no store places it on
-// node during the drop; a chunk looked up only for this is removed again.
+// While the drop is under way node is no target for the chunk (placement
+// and repair pass it over), so no store lands there during it; a chunk
+// looked up only for this is removed again.
 func (p *Pool) reclaimChunk(ctx context.Context, node string, ref chunkRef) error {
 	ch := p.chunk(ref.r, ref.idx, true)
 	ch.mu.Lock()
-	defer ch.mu.Unlock()
-	// A holder keeps the chunk's pages; pages dropped since (a drop it
-	// missed) go. Any other node drops the whole chunk.
-	mask := uint64(0)
 	if slices.ContainsFunc(ch.holders, func(h holder) bool { return h.node == node }) {
-		mask = ch.pages.Load()
-	}
-	for _, run := range clearRuns(mask) {
-		if _, _, err := p.do(ctx, node, 0, pageproto.Header{Op: pageproto.OpDrop, Region: ref.r.ID,
-			Offset: ref.idx*ChunkSize + uint64(run[0])*pageproto.PageSize, Arg: uint64(run[1]-run[0]) * pageproto.PageSize}, ref.r.Owner, nil, nil); err != nil {
-			return err
+		// It holds the chunk: it keeps the pages, the ones dropped since
+		// (a drop it missed) go.
+		defer ch.mu.Unlock()
+		hctx, cancel := context.WithTimeout(ctx, reclaimHolderTimeout)
+		defer cancel()
+		for _, run := range clearRuns(ch.pages.Load()) {
+			if err := p.dropRun(hctx, node, ref, run[0], run[1]); err != nil {
+				return err
+			}
 		}
+		p.forgetOrphan(node, ref)
+		return nil
 	}
-	if mask == 0 {
-		p.reclaimed.Add(1)
+	ch.reclaiming = append(ch.reclaiming, node)
+	ch.mu.Unlock()
+	err := p.dropRun(ctx, node, ref, 0, ChunkPages)
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	if i := slices.Index(ch.reclaiming, node); i >= 0 {
+		ch.reclaiming = slices.Delete(ch.reclaiming, i, i+1)
 	}
-	p.omu.Lock()
-	delete(p.orphans[node], ref)
-	if len(p.orphans[node]) == 0 {
-		delete(p.orphans, node)
+	if err != nil {
+		return err
 	}
-	p.omu.Unlock()
-	if len(ch.holders) == 0 && ch.pages.Load() == 0 {
+	p.reclaimed.Add(1)
+	p.forgetOrphan(node, ref)
+	if len(ch.holders) == 0 && ch.pages.Load() == 0 && len(ch.reclaiming) == 0 {
 		// Stores that found this chunk look it up again (dead).
 		ch.dead.Store(true)
 		p.mu.Lock()
@@ -158,6 +170,22 @@ func (p *Pool) reclaimChunk(ctx context.Context, node string, ref chunkRef) erro
 		p.mu.Unlock()
 	}
 	return nil
+}
+
+// dropRun drops pages [lo, hi) of ref's chunk on node.
+func (p *Pool) dropRun(ctx context.Context, node string, ref chunkRef, lo, hi int) error {
+	_, _, err := p.do(ctx, node, 0, pageproto.Header{Op: pageproto.OpDrop, Region: ref.r.ID,
+		Offset: ref.idx*ChunkSize + uint64(lo)*pageproto.PageSize, Arg: uint64(hi-lo) * pageproto.PageSize}, ref.r.Owner, nil, nil)
+	return err
+}
+
+func (p *Pool) forgetOrphan(node string, ref chunkRef) {
+	p.omu.Lock()
+	defer p.omu.Unlock()
+	delete(p.orphans[node], ref)
+	if len(p.orphans[node]) == 0 {
+		delete(p.orphans, node)
+	}
 }
 
 // clearRuns returns the runs [lo, hi) of pages whose bit in mask is clear.

@@ -259,7 +259,7 @@ func (p *Pool) repairChunk(j repairJob, cands []string, full *sync.Map) error {
 	// answer, do not hold the chunk, and were not found full this pass.
 	var targets []string
 	for _, n := range rendezvous(j.key.r, j.key.idx, cands) {
-		if slices.ContainsFunc(ch.holders, func(h holder) bool { return h.node == n }) || p.failedRecently(n) {
+		if slices.ContainsFunc(ch.holders, func(h holder) bool { return h.node == n }) || slices.Contains(ch.reclaiming, n) || p.failedRecently(n) {
 			continue
 		}
 		if _, isFull := full.Load(n); !isFull {
