@@ -301,9 +301,6 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 	if err != nil {
 		return failed(err)
 	}
-	// Until its images are written, the program is stopped: CRIU goes
-	// first (a no-op without CAP_SYS_NICE).
-	_ = dump.Renice(migrate.BoostNice)
 	// The downtime starts when CRIU stops the program, not when CRIU
 	// starts: watch for the stop (1 ms resolution).
 	frozenAt := make(chan time.Time, 1)
@@ -339,7 +336,6 @@ func (p *procState) migrateOutLocked(ctx context.Context, gid, target, reason st
 		<-dump.Done()
 		return failed(fmt.Errorf("criu dump: %w (%s)", err, dump.Tail()))
 	}
-	_ = dump.Renice(0) // its page server runs as long as the pages take
 	endWatch()
 	freeze := <-frozenAt
 	res.FreezeMS = ms(time.Since(freeze))
@@ -745,9 +741,6 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 		fail("%v", err)
 		return
 	}
-	// Its start is in the downtime; once ready, it pulls the pages in the
-	// background, which the restore must not wait behind.
-	_ = lazy.Renice(migrate.BoostNice)
 	if err := lazy.Ready(30 * time.Second); err != nil {
 		ours.Close()
 		lazy.Kill()
@@ -755,7 +748,6 @@ func (p *procState) migrateIn(c net.Conn, sc *stream.Conn, spec migrate.Spec, fr
 		fail("criu lazy-pages: %v", err)
 		return
 	}
-	_ = lazy.Renice(0)
 	tun := &migrate.Tunnel{Local: ours, C: sc}
 	go func() { _ = tun.Pump() }()
 	rerr := make(chan error, 1)
@@ -929,7 +921,7 @@ func (p *procState) restore(b criu.Binary, dir string, spec migrate.Spec, lazy b
 		args = append(args, "--newpid")
 	}
 	if gate != nil {
-		args = append(args, "--wait", "--boost")
+		args = append(args, "--wait")
 	}
 	args = append(args, "--")
 	args = append(args, b.Exec()...)

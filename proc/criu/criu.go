@@ -18,8 +18,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // EnvVar names the environment variable that, when set, is the only CRIU binary Find considers.
@@ -223,16 +221,6 @@ func (c *Cmd) Kill() {
 	if c.Process != nil {
 		_ = killGroup(c.Process)
 	}
-}
-
-// Renice sets the scheduling priority (nice value, -20..19) of the
-// command and whatever it started (its process group). A negative one
-// needs CAP_SYS_NICE.
-func (c *Cmd) Renice(nice int) error {
-	if c.Process == nil {
-		return errors.New("criu: not started")
-	}
-	return unix.Setpriority(unix.PRIO_PGRP, c.Process.Pid, nice)
 }
 
 // WaitFor waits for the command's end, for at most timeout: past it the

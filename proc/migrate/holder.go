@@ -16,13 +16,6 @@ import (
 // HolderCommand is the hidden onebox subcommand that runs HolderMain.
 const HolderCommand = "__criu-restore-holder"
 
-// BoostNice is the nice value of the CRIU runs inside a migration's
-// downtime (the dump until its images are written, the lazy-pages daemon
-// and the restore until the program runs): on a busy node they would
-// otherwise share the CPUs with everything else while the program is
-// stopped.
-const BoostNice = -10
-
 // HolderStatus is one line the holder writes on its status pipe (fd 3):
 // first Restored or Error, then, when the program ends, Exit.
 type HolderStatus struct {
@@ -51,15 +44,13 @@ func HolderMain(args []string) int {
 		_ = enc.Encode(HolderStatus{Error: fmt.Sprintf(format, a...)})
 		return 1
 	}
-	newpid, wait, boost := false, false, false
+	newpid, wait := false, false
 	for len(args) > 0 && args[0] != "--" {
 		switch args[0] {
 		case "--newpid":
 			newpid = true
 		case "--wait":
 			wait = true
-		case "--boost":
-			boost = true
 		default:
 			return fail("holder: unknown flag %q", args[0])
 		}
@@ -69,7 +60,7 @@ func HolderMain(args []string) int {
 		args = args[1:]
 	}
 	if len(args) < 1 {
-		return fail("holder: usage: %s [--newpid] [--wait] [--boost] -- CRIU ARGS...", HolderCommand)
+		return fail("holder: usage: %s [--newpid] [--wait] -- CRIU ARGS...", HolderCommand)
 	}
 	// Signals are for the program's process group, not for the holder.
 	signal.Ignore(syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGPIPE)
@@ -104,11 +95,6 @@ func HolderMain(args []string) int {
 		}
 		inherit = append(inherit, os.NewFile(uintptr(fd), fmt.Sprintf("inherit-%d", fd)))
 	}
-	// --boost: CRIU restores at BoostNice (the program is stopped until it
-	// is done; CRIU gives the program back its own nice value).
-	if boost {
-		_ = unix.Setpriority(unix.PRIO_PROCESS, 0, BoostNice)
-	}
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.ExtraFiles = inherit
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, nil, os.Stderr
@@ -119,11 +105,7 @@ func HolderMain(args []string) int {
 	for _, f := range inherit {
 		f.Close()
 	}
-	err := cmd.Wait()
-	if boost {
-		_ = unix.Setpriority(unix.PRIO_PROCESS, 0, 0)
-	}
-	if err != nil {
+	if err := cmd.Wait(); err != nil {
 		return fail("criu restore: %v", err)
 	}
 	root := ChildOf(os.Getpid())
