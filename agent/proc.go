@@ -573,14 +573,18 @@ func (p *procState) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	p.relay(sc, spec, target)
 }
 
-// memberWriteTimeout bounds each frame written to another agent: one
-// that reads nothing for this long while the connection's buffers are
-// full is taken as gone (the write fails and the stream ends), rather
-// than holding the writing goroutine for good. A slow reader that keeps
-// reading is not cut (the bound is per frame).
+// memberWriteTimeout bounds each frame of a migration written to another
+// agent: one that reads nothing for this long while the connection's
+// buffers are full is taken as gone (the write fails and the migration
+// ends as for a lost node), rather than holding the writing goroutine for
+// good. A slow reader that keeps reading is not cut (the bound is per
+// frame). Streams that carry a program's stdio have no such bound: there
+// a reader that stops is backpressure (a caller paused in a pager, a
+// program that does not read its stdin) and must not kill the program;
+// a dead peer ends them by TCP keepalive or by the connection closing.
 const memberWriteTimeout = time.Minute
 
-// memberConn is a stream on a connection with another agent.
+// memberConn is a migration's stream on a connection with another agent.
 func memberConn(c net.Conn) *stream.Conn {
 	sc := stream.NewConn(c, nil)
 	sc.SetWriteTimeout(memberWriteTimeout)
@@ -596,7 +600,7 @@ func (p *procState) serveFabric(c net.Conn) {
 		return
 	}
 	defer p.untrack(c)
-	sc := memberConn(c)
+	sc := stream.NewConn(c, nil) // bounded below for a migration only
 	peer := ""
 	if tc, ok := c.(*tls.Conn); ok {
 		peer = pki.PeerName(tc.ConnectionState())
@@ -648,6 +652,7 @@ func (p *procState) serveFabric(c net.Conn) {
 			_ = sc.WriteError(err)
 			return
 		}
+		sc.SetWriteTimeout(memberWriteTimeout)
 		p.migrateIn(c, sc, ms, peer)
 	default:
 		_ = sc.WriteError(fmt.Errorf("expected a start, attach or migrate frame, got %s", f.Type))
@@ -974,7 +979,7 @@ func (p *procState) relay(sc *stream.Conn, spec stream.Spec, target membership.M
 	if !p.track(rc, true) {
 		return
 	}
-	remote := memberConn(rc)
+	remote := stream.NewConn(rc, nil) // stdio: no write bound (memberWriteTimeout)
 	if err := remote.WriteJSON(stream.Start, spec); err != nil {
 		p.untrack(rc)
 		_ = sc.WriteError(fmt.Errorf("node %s: %w", target.Name, err))
@@ -1031,7 +1036,7 @@ func (p *procState) attachTo(gid, node string) (net.Conn, *stream.Conn, error) {
 	if !p.track(rc, true) {
 		return nil, nil, errors.New("the agent is shutting down")
 	}
-	remote := memberConn(rc)
+	remote := stream.NewConn(rc, nil) // stdio: no write bound (memberWriteTimeout)
 	if err := remote.WriteJSON(stream.Attach, stream.AttachInfo{GID: gid}); err != nil {
 		p.untrack(rc)
 		return nil, nil, fmt.Errorf("the program %s moved to node %s: %w", gid, node, err)
