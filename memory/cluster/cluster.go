@@ -123,6 +123,7 @@ type Pool struct {
 
 	lat       [3]latencies  // recent loads by sizeClass: the hedge delays
 	hedges    budget        // hedges allowed
+	pieces    atomic.Uint64 // chunk reads sent to a first holder
 	hedged    atomic.Uint64 // loads asked of a second holder
 	hedgeWins atomic.Uint64 // ... that it answered first
 	failovers atomic.Uint64 // loads whose first holder failed, read from another
@@ -1220,7 +1221,8 @@ type Stats struct {
 	RepairedBytes        uint64            // copied by repair since start
 	ReservedBytes        uint64            // reserved by this node's owners, all copies
 	NodeBytes            map[string]uint64 // bytes of copies placed per node
-	HedgedLoads          uint64            // loads asked of a second holder after the first was slow
+	LoadPieces           uint64            // chunk reads sent to a first holder
+	HedgedLoads          uint64            // ... asked of a second holder too, the first being slow
 	HedgeWins            uint64            // ... that the second holder answered first
 	LoadFailovers        uint64            // loads whose first holder failed (an error or a timeout), read from another
 	ReclaimedChunks      uint64            // stale copies dropped from nodes that came back
@@ -1230,7 +1232,7 @@ type Stats struct {
 func (p *Pool) Stats() Stats {
 	s := Stats{Replicas: p.opts.Replicas, UnderReplicatedPages: p.under.Load(), LostPages: p.lost.Load(),
 		RepairedBytes: p.repaired.Load(), NodeBytes: map[string]uint64{},
-		HedgedLoads: p.hedged.Load(), HedgeWins: p.hedgeWins.Load(), LoadFailovers: p.failovers.Load(), ReclaimedChunks: p.reclaimed.Load()}
+		LoadPieces: p.pieces.Load(), HedgedLoads: p.hedged.Load(), HedgeWins: p.hedgeWins.Load(), LoadFailovers: p.failovers.Load(), ReclaimedChunks: p.reclaimed.Load()}
 	for _, ch := range p.allChunks() {
 		np := uint64(bits.OnesCount64(ch.pages.Load()))
 		s.Chunks++

@@ -116,6 +116,7 @@ type pendingLoad struct {
 // answered; if not, the holders still to try (pd.errs says what failed).
 func (p *Pool) finishLoad(ctx context.Context, r pool.Region, class int, pd *pendingLoad) (bool, []holder) {
 	lat := &p.lat[class]
+	p.pieces.Add(1)
 	p.hedges.earn()
 	hedgeAt := time.Time{}
 	if len(pd.hs) > 1 {

@@ -72,6 +72,10 @@ type Result struct {
 	CutLoads         int     `json:"cut_loads"`
 	CutLoadsTimedOut int     `json:"cut_loads_timed_out"`
 	CutP99VsTLS      float64 `json:"cut_p99_vs_tls_rtt"`
+	// Chunk reads of the throughput measures, and how many of them were
+	// hedged (asked of a second holder after the delay).
+	TPLoadPieces uint64 `json:"throughput_load_pieces"`
+	TPHedged     uint64 `json:"throughput_hedged"`
 }
 
 func (o *Options) logf(format string, args ...any) {
@@ -215,6 +219,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	for _, m := range ms {
 		m.GBps, m.VsRaw = median(m.gbps), median(m.ratios)
 		res.Throughputs = append(res.Throughputs, m.Throughput)
+	}
+	for _, bp := range pools {
+		st := bp.p.Stats()
+		res.TPLoadPieces += st.LoadPieces
+		res.TPHedged += st.HedgedLoads
 	}
 
 	opts.logf("repair after a node loss (%d MiB stored in 2 copies on 4 nodes)", opts.RepairBytes>>20)
@@ -554,6 +563,7 @@ func (r *Result) Print(w io.Writer) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
+	fmt.Fprintf(w, "HEDGED  %d of the %d chunk reads of the throughput measures (healthy holders)\n", r.TPHedged, r.TPLoadPieces)
 	fmt.Fprintf(w, "REPAIR  %d MiB re-replicated in %.2f s after a node loss: %.2f GB/s (%.2fx the raw TLS fetch of 2 MiB)\n",
 		r.RepairBytes>>20, r.RepairSeconds, r.RepairGBps, r.RepairVsRaw)
 }

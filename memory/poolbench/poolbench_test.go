@@ -18,7 +18,7 @@ func TestRunShort(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(r.Latencies) != 6 || r.CutLoads != 64 || len(r.Throughputs) != 2*(2+4) || r.RepairBytes == 0 {
+	if len(r.Latencies) != 6 || r.CutLoads != 64 || r.TPLoadPieces == 0 || len(r.Throughputs) != 2*(2+4) || r.RepairBytes == 0 {
 		t.Fatalf("result %+v", r)
 	}
 	for _, l := range r.Latencies {
