@@ -80,7 +80,7 @@ func Splice(a, b net.Conn) (ab, ba int64) {
 	}
 	wg.Add(2)
 	go half(b, a, &ab)
-	go half(a, b, &ba)
+	half(a, b, &ba)
 	wg.Wait()
 	closeBoth()
 	return ab, ba
