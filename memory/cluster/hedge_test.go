@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
+	"io"
 	"net"
 	"slices"
 	"testing"
@@ -203,4 +204,43 @@ func TestHedgeBudget(t *testing.T) {
 	if got := b.tokens.Load(); got > hedgeBurst*hedgeRatio {
 		t.Fatalf("budget grew to %d tenths, beyond the burst", got)
 	}
+}
+
+// FuzzConnRead feeds arbitrary bytes to the client's response reader as a
+// server's answers to a load and a stat in flight: it must not panic, must
+// finish both calls (answered or failed) once the stream ends, and never
+// hand a load more or less than the bytes it asked for.
+func FuzzConnRead(f *testing.F) {
+	resp := func(id uint64, op pageproto.Op, st pageproto.Status, payload []byte) []byte {
+		return pageproto.AppendFrame(nil, pageproto.Header{Op: op | pageproto.RespBit, ID: id, Arg: uint64(st)}, "", payload)
+	}
+	page := bytes.Repeat([]byte{9}, pageproto.PageSize)
+	stat := pageproto.Stat{Instance: 1, Capacity: 2}.Append(nil)
+	f.Add(append(resp(1, pageproto.OpLoad, pageproto.StatusOK, page), resp(2, pageproto.OpStat, pageproto.StatusOK, stat)...))
+	f.Add(append(resp(2, pageproto.OpStat, pageproto.StatusOK, stat), resp(1, pageproto.OpLoad, pageproto.StatusFull, []byte("full"))...))
+	f.Add(resp(1, pageproto.OpLoad, pageproto.StatusOK, page[:100]))                           // a short load answer
+	f.Add(resp(1, pageproto.OpLoad, pageproto.StatusOK, page)[:pageproto.HeaderSize+7])        // truncated
+	f.Add(resp(7, pageproto.OpStat, pageproto.StatusOK, stat))                                 // an unknown id
+	f.Add(pageproto.AppendFrame(nil, pageproto.Header{Op: pageproto.OpLoad, ID: 1}, "o", nil)) // a request
+	f.Add([]byte("not a frame at all, not at all"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cn, s := pipeConn(10 * time.Second)
+		go io.Copy(io.Discard, s) // the requests
+		dst := make([]byte, pageproto.PageSize)
+		load := cn.start(pageproto.Header{Op: pageproto.OpLoad, Arg: pageproto.PageSize}, "o", nil, dst)
+		st := cn.start(pageproto.Header{Op: pageproto.OpStat}, "", nil, nil)
+		go func() {
+			s.Write(data)
+			s.Close()
+		}()
+		for _, cl := range []*call{load, st} {
+			if !cn.waitUntil(cl, nil, time.Time{}) {
+				t.Fatal("a call undone at the end of the stream")
+			}
+		}
+		if _, _, err := cn.result(load); err == nil && len(dst) != pageproto.PageSize {
+			t.Fatalf("load answered with %d bytes", len(dst))
+		}
+		cn.close(errors.New("done"))
+	})
 }
