@@ -72,6 +72,15 @@ const (
 	sinkWait = 2 * time.Millisecond
 	// acceptBacklog bounds the streams opened and not yet accepted.
 	acceptBacklog = 1024
+	// maxControlQueue bounds the control frames (window updates, resets
+	// of refused streams) the receive loop has queued and the connection
+	// has not taken yet: a peer that keeps making them without reading
+	// ends the session instead of growing this side's memory.
+	maxControlQueue = 1 << 20
+	// minChunk is the least capacity of a queued chunk: small frames of
+	// a stream fill it before another is allocated, so what a stream
+	// holds stays near its window however small the peer's frames are.
+	minChunk = 512
 )
 
 // Config sets a session's liveness bounds; zero fields take defaults.
@@ -119,6 +128,10 @@ type Session struct {
 	nextID  uint32             // client: next id to open; server: highest id seen; guarded by mu
 	pings   map[uint32]chan struct{}
 	pingID  uint32
+
+	cmu   sync.Mutex // guards ctl and cbusy
+	ctl   []byte     // encoded control frames waiting for the connection
+	cbusy bool       // a goroutine is writing ctl
 
 	accept chan *Stream
 	done   chan struct{}
@@ -346,11 +359,49 @@ func (s *Session) writeLocked(typ, flags byte, id, length uint32, payload []byte
 	return nil
 }
 
-// writeAsync writes a control frame from the receive loop, which must
+// writeAsync queues a control frame from the receive loop, which must
 // never wait on the connection's writers (they may wait on the peer,
-// whose receive loop must keep reading for them to go on).
-func (s *Session) writeAsync(typ, flags byte, id, length uint32) {
-	go s.writeFrame(typ, flags, id, length, nil)
+// whose receive loop must keep reading for them to go on). One goroutine
+// at a time writes the queue; a queue past maxControlQueue is a protocol
+// error (the peer sends and does not read).
+func (s *Session) writeAsync(typ, flags byte, id, length uint32) error {
+	s.cmu.Lock()
+	defer s.cmu.Unlock()
+	if len(s.ctl)+headerSize > maxControlQueue {
+		return s.protocolErr("the peer left %d control frames unread", len(s.ctl)/headerSize)
+	}
+	s.ctl = append(s.ctl, typ, flags)
+	s.ctl = binary.BigEndian.AppendUint32(s.ctl, id)
+	s.ctl = binary.BigEndian.AppendUint32(s.ctl, length)
+	if !s.cbusy {
+		s.cbusy = true
+		go s.flushControl()
+	}
+	return nil
+}
+
+// flushControl writes the queued control frames until none is left.
+func (s *Session) flushControl() {
+	var buf []byte
+	for {
+		s.cmu.Lock()
+		if len(s.ctl) == 0 || s.IsClosed() {
+			s.ctl = nil
+			s.cbusy = false
+			s.cmu.Unlock()
+			return
+		}
+		buf, s.ctl = s.ctl, buf[:0]
+		s.cmu.Unlock()
+		s.wmu.Lock()
+		if !s.IsClosed() {
+			s.extendDeadline()
+			if _, err := s.conn.Write(buf); err != nil {
+				go s.closeErr(fmt.Errorf("%w: write: %v", ErrSessionClosed, err))
+			}
+		}
+		s.wmu.Unlock()
+	}
 }
 
 func (s *Session) keepAlive() {
@@ -486,6 +537,11 @@ func (s *Session) stream(id uint32, flags byte) (*Stream, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.IsClosed() {
+		// Frames still buffered after the session ended open nothing:
+		// a stream made now would never be failed.
+		return nil, s.err
+	}
 	if st := s.streams[id]; st != nil {
 		if flags&flagSYN != 0 && !s.client {
 			return nil, s.protocolErr("SYN on open stream %d", id)
@@ -509,15 +565,13 @@ func (s *Session) stream(id uint32, flags byte) (*Stream, error) {
 	}
 	s.nextID = id
 	if len(s.streams) >= MaxStreams {
-		s.writeAsync(typeWindow, flagRST, id, 0)
-		return nil, nil
+		return nil, s.writeAsync(typeWindow, flagRST, id, 0)
 	}
 	st := newStream(s, id)
 	select {
 	case s.accept <- st:
 	default:
-		s.writeAsync(typeWindow, flagRST, id, 0)
-		return nil, nil
+		return nil, s.writeAsync(typeWindow, flagRST, id, 0)
 	}
 	s.streams[id] = st
 	s.nstreams.Store(int32(len(s.streams)))
@@ -616,13 +670,15 @@ func (st *Stream) frame(typ, flags byte, length uint32, payload []byte) error {
 				st.consumed += n
 				if st.consumed >= Window/2 && !st.remoteFin && flags&flagFIN == 0 {
 					st.recvWin += st.consumed
-					st.s.writeAsync(typeWindow, 0, id, uint32(st.consumed))
+					if err := st.s.writeAsync(typeWindow, 0, id, uint32(st.consumed)); err != nil {
+						st.mu.Unlock()
+						return err
+					}
 					st.consumed = 0
 				}
 			}
 			if len(payload) > 0 {
-				st.recv = append(st.recv, newChunk(payload))
-				st.recvN += len(payload)
+				st.queue(payload)
 			}
 		}
 	case typeWindow:
@@ -665,10 +721,27 @@ func newChunk(p []byte) chunk {
 	if len(p) >= pooledChunk {
 		b = (*chunkPool.Get().(*[]byte))[:len(p)]
 	} else {
-		b = make([]byte, len(p))
+		b = make([]byte, len(p), max(len(p), minChunk))
 	}
 	copy(b, p)
 	return chunk{b: b}
+}
+
+// queue appends p to what Read will return, into the last chunk while
+// it has room (a chunk per tiny frame would hold many times the window).
+//
+// Preconditions: st.mu held.
+func (st *Stream) queue(p []byte) {
+	if n := len(st.recv); n > 0 {
+		last := &st.recv[n-1]
+		if cap(last.b)-len(last.b) >= len(p) {
+			last.b = append(last.b, p...)
+			st.recvN += len(p)
+			return
+		}
+	}
+	st.recv = append(st.recv, newChunk(p))
+	st.recvN += len(p)
 }
 
 func (c *chunk) free() {
