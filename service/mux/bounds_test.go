@@ -185,3 +185,47 @@ func TestNoGoroutineLeak(t *testing.T) {
 	}
 	waitGoroutines(t, base)
 }
+
+// slowClose is a connection whose Close waits until release is closed
+// (as a TLS connection's close alert waits on a peer that does not read).
+type slowClose struct {
+	net.Conn
+	release chan struct{}
+}
+
+func (c slowClose) Close() error {
+	<-c.release
+	return c.Conn.Close()
+}
+
+// A session's streams fail when it ends, not when its connection has
+// finished closing.
+func TestStreamsFailBeforeConnCloses(t *testing.T) {
+	a, b := tcpPair(t)
+	release := make(chan struct{})
+	defer close(release)
+	cl := Client(slowClose{a, release}, Config{})
+	sv := Server(b, Config{})
+	defer sv.Close()
+	st, err := cl.OpenStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	read := make(chan error, 1)
+	go func() {
+		_, err := st.Read(make([]byte, 1))
+		read <- err
+	}()
+	go cl.Close()
+	select {
+	case err := <-read:
+		if !errors.Is(err, ErrSessionClosed) {
+			t.Fatalf("read: %v, want ErrSessionClosed", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("stream still open while its session's connection closes")
+	}
+}

@@ -185,10 +185,16 @@ func (s *Session) closeErr(err error) {
 		s.streams = map[uint32]*Stream{}
 		s.nstreams.Store(0)
 		s.mu.Unlock()
-		s.conn.Close()
+		// The streams fail first: closing the connection may take a
+		// while (a TLS connection sends its close alert, up to 5 s to a
+		// peer that stopped reading), and their users must not wait.
 		for _, st := range streams {
 			st.fail(err)
 		}
+		if nc, ok := s.conn.(interface{ NetConn() net.Conn }); ok {
+			nc.NetConn().Close() // no close alert: the session has no clean end to tell
+		}
+		s.conn.Close()
 	})
 }
 
