@@ -166,8 +166,8 @@ func (s *Sessions) forget(key string, m *session) {
 
 // Open opens a stream to key's agent and sends req on it, all before ctx
 // ends. On nil error the stream carries the port's bytes (KindConnect) or
-// may be closed (KindCheck). A session found dead as the stream is opened
-// is replaced once.
+// may be closed (KindCheck). A session found dead as the stream is opened,
+// or that ends before the request is answered, is replaced once.
 func (s *Sessions) Open(ctx context.Context, key string, req wire.Request) (net.Conn, error) {
 	for attempt := 0; ; attempt++ {
 		m, err := s.get(ctx, key)
@@ -186,7 +186,17 @@ func (s *Sessions) Open(ctx context.Context, key string, req wire.Request) (net.
 			st.Reset()
 			var re *wire.ReplyError
 			if !errors.As(err, &re) {
-				if m.s.IsClosed() {
+				lost := m.s.IsClosed() || errors.Is(err, mux.ErrSessionClosed)
+				if lost && attempt == 0 && ctx.Err() == nil {
+					// The session ended under the request (its peer
+					// restarted, or it was cut, and this side had not
+					// read that yet): no byte of the connection was
+					// sent, so it goes on a new session, and the
+					// target is not marked down for a dead session.
+					s.forget(key, m)
+					continue
+				}
+				if lost {
 					err = ErrSessionLost
 				} else if ctx.Err() != nil {
 					s.probe(key, m)
