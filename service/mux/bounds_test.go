@@ -229,3 +229,27 @@ func TestStreamsFailBeforeConnCloses(t *testing.T) {
 		t.Fatal("stream still open while its session's connection closes")
 	}
 }
+
+// A stream opened and not written yet (its peer knows nothing of it)
+// fails with its session: a Read waiting on it returns.
+func TestUnsentStreamFailsWithSession(t *testing.T) {
+	cl, _ := sessions(t, Config{})
+	st, err := cl.OpenStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := make(chan error, 1)
+	go func() {
+		_, err := st.Read(make([]byte, 1))
+		read <- err
+	}()
+	cl.Close()
+	select {
+	case err := <-read:
+		if !errors.Is(err, ErrSessionClosed) {
+			t.Fatalf("read: %v, want ErrSessionClosed", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("read of an unsent stream still waiting after its session closed")
+	}
+}

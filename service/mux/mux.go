@@ -823,6 +823,10 @@ func (st *Stream) Read(b []byte) (int, error) {
 		case <-st.readReady:
 		case <-st.rd.wait():
 			return 0, timeoutError{}
+		case <-st.s.done:
+			// A stream not sent yet is in no session's map: its
+			// session's end reaches it here.
+			st.fail(st.s.err)
 		}
 	}
 }
