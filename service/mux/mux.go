@@ -89,7 +89,8 @@ type Config struct {
 	// one that received nothing for three times this long is closed.
 	KeepAlive time.Duration // default 5 s
 	// WriteTimeout bounds one frame's write to the connection; a write
-	// that does not finish in time ends the session.
+	// that does not finish in time (each is given from WriteTimeout to
+	// 1.5 times that) ends the session.
 	WriteTimeout time.Duration // default 5 s
 }
 
@@ -336,13 +337,15 @@ func (s *Session) writeHeaderInPlace(typ, flags byte, id uint32, b []byte) error
 	return nil
 }
 
-// extendDeadline moves the connection's write deadline WriteTimeout
-// ahead, when half of it is used (a timer update per write would cost).
+// extendDeadline gives the write about to start at least WriteTimeout:
+// the connection's write deadline is moved 1.5 WriteTimeout ahead when
+// less than WriteTimeout is left (a timer update per write would cost),
+// so a write has between WriteTimeout and 1.5 times that.
 //
 // Preconditions: s.wmu held.
 func (s *Session) extendDeadline() {
-	if now := time.Now(); s.wDeadline.Sub(now) < s.cfg.WriteTimeout/2 {
-		s.wDeadline = now.Add(s.cfg.WriteTimeout)
+	if now := time.Now(); s.wDeadline.Sub(now) < s.cfg.WriteTimeout {
+		s.wDeadline = now.Add(s.cfg.WriteTimeout * 3 / 2)
 		s.conn.SetWriteDeadline(s.wDeadline)
 	}
 }
