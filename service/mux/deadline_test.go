@@ -21,7 +21,7 @@ type deadlineConn struct {
 }
 
 func (c *deadlineConn) Read([]byte) (int, error) { <-c.closed; return 0, io.EOF }
-func (c *deadlineConn) Close() error            { c.once.Do(func() { close(c.closed) }); return nil }
+func (c *deadlineConn) Close() error             { c.once.Do(func() { close(c.closed) }); return nil }
 func (c *deadlineConn) SetWriteDeadline(t time.Time) error {
 	c.mu.Lock()
 	c.deadline = t
