@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -204,12 +205,13 @@ func TestFrontendBalancesAndSkipsDead(t *testing.T) {
 func TestFrontendAllDown(t *testing.T) {
 	baddr, _ := backend(t)
 	addr, _ := frontend(t, baddr, balance.LeastConn, deadPort(t), deadPort(t))
-	start := time.Now()
-	if got, err := ask(t, addr, "x"); err == nil {
+	got, err := ask(t, addr, "x")
+	if err == nil {
 		t.Fatalf("answer %q with every target down", got)
 	}
-	if d := time.Since(start); d > 4*time.Second {
-		t.Fatalf("client waited %v", d)
+	// Closed by the frontend, not left until the client's own deadline.
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatalf("client left hanging: %v", err)
 	}
 }
 
@@ -313,23 +315,26 @@ func TestFrontendHedgesSilentTarget(t *testing.T) {
 	live := f.Dial
 	f.Pool.SetTargets([]string{"silent", strconv.Itoa(pa)})
 	f.HedgeAfter = 200 * time.Millisecond
+	var silentEnded atomic.Bool
 	f.Dial = func(ctx context.Context, key string) (net.Conn, error) {
 		if key == "silent" {
 			<-ctx.Done()
+			silentEnded.Store(true)
 			return nil, ctx.Err()
 		}
 		return live(ctx, key)
 	}
 	addr := serve(t, f)
-	start := time.Now()
 	got, err := ask(t, addr, "x")
 	if err != nil || got != "a: x" {
 		t.Fatalf("answer %q, %v", got, err)
 	}
-	if d := time.Since(start); d > f.DialTimeout {
-		t.Errorf("served after %v: the silent target was waited for", d)
+	// Served while the silent target's dial still waited: the hedge, not
+	// the dial's end, let the client through (no clock in the verdict).
+	if silentEnded.Load() {
+		t.Errorf("served only after the silent target's dial ended: it was waited for")
 	}
-	deadline := time.Now().Add(2 * f.DialTimeout)
+	deadline := time.Now().Add(20 * time.Second) // a hang bound
 	for {
 		st := f.Pool.States()[0]
 		if !st.Healthy && st.Active == 0 {
