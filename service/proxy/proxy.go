@@ -67,7 +67,13 @@ func Splice(a, b net.Conn) (ab, ba int64) {
 			abortBoth()
 			return
 		}
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			if cw.CloseWrite() != nil {
+				// The end of data could not be passed on (the stream was
+				// reset, its session ended, the socket broke): a failure,
+				// which must not reach the other side as a clean close.
+				abortBoth()
+			}
 			return
 		}
 		closeBoth()
