@@ -31,30 +31,29 @@ import (
 	"github.com/onebox-project/onebox/testbed"
 )
 
-// migrateCommands are the migration verbs (issue 4): migrate, and the
-// hidden restore holder the agent starts (proc/migrate.HolderMain).
+// migrateCommands are the migration verbs (issue 4): migrate, checkpoint,
+// restore, and the hidden commands the agent runs itself as: the restore
+// holder (proc/migrate.HolderMain) and CRIU's kernel cache writer
+// (proc/criu.KdatMain).
 func migrateCommands() []*cobra.Command {
-	holder := &cobra.Command{
-		Use:                migrate.HolderCommand,
+	return []*cobra.Command{newMigrateCmd(), newCheckpointCmd(), newRestoreCmd(),
+		hiddenMain(migrate.HolderCommand, migrate.HolderMain), hiddenMain(criu.KdatCommand, criu.KdatMain)}
+}
+
+// hiddenMain is a hidden subcommand the agent runs itself as (not for
+// users): its arguments go to main unparsed, and its status is the exit
+// status.
+func hiddenMain(use string, main func([]string) int) *cobra.Command {
+	return &cobra.Command{
+		Use:                use,
 		Hidden:             true,
 		DisableFlagParsing: true,
 		Args:               cobra.ArbitraryArgs,
 		RunE: func(_ *cobra.Command, args []string) error {
-			os.Exit(migrate.HolderMain(args))
+			os.Exit(main(args))
 			return nil
 		},
 	}
-	kdat := &cobra.Command{
-		Use:                criu.KdatCommand,
-		Hidden:             true,
-		DisableFlagParsing: true,
-		Args:               cobra.ArbitraryArgs,
-		RunE: func(_ *cobra.Command, args []string) error {
-			os.Exit(criu.KdatMain(args))
-			return nil
-		},
-	}
-	return []*cobra.Command{newMigrateCmd(), newCheckpointCmd(), newRestoreCmd(), holder, kdat}
 }
 
 func newCheckpointCmd() *cobra.Command {
