@@ -96,12 +96,8 @@ func TestWireSizes(t *testing.T) {
 // needUffd skips unless userfaultfd and a C compiler are usable (CI: root).
 func needUffd(t *testing.T) {
 	t.Helper()
-	testenv.Need(t, os.Geteuid() == 0, "userfaultfd needs root here (vm.unprivileged_userfaultfd=0)")
-	fd, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
-	testenv.Need(t, e == 0, "userfaultfd unusable: %v", e)
-	unix.Close(int(fd))
-	_, err := exec.LookPath("cc")
-	testenv.NeedNoError(t, err, "no C compiler (cc) to build the shim")
+	testenv.NeedUserfaultfd(t)
+	testenv.NeedCC(t)
 }
 
 // handshakenUffd makes a userfaultfd with the given extra flags (0 or

@@ -12,8 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/onebox-project/onebox/internal/testenv"
 	"github.com/onebox-project/onebox/testbed"
 )
@@ -21,12 +19,8 @@ import (
 // needMemExpand skips unless userfaultfd and a C compiler are usable.
 func needMemExpand(t *testing.T) {
 	t.Helper()
-	testenv.Need(t, os.Geteuid() == 0, "userfaultfd needs root here (vm.unprivileged_userfaultfd=0)")
-	fd, _, e := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
-	testenv.Need(t, e == 0, "userfaultfd unusable: %v", e)
-	unix.Close(int(fd))
-	_, err := exec.LookPath("cc")
-	testenv.NeedNoError(t, err, "no C compiler (cc)")
+	testenv.NeedUserfaultfd(t)
+	testenv.NeedCC(t)
 }
 
 // ccProg builds memory/shim/testdata/name.c.

@@ -2,8 +2,6 @@ package bench
 
 import (
 	"context"
-	"os"
-	"os/exec"
 	"strings"
 	"testing"
 
@@ -16,9 +14,8 @@ import (
 // workload under the pager must compute what it computes plainly (Run
 // checks the sums). No timing is asserted.
 func TestRun(t *testing.T) {
-	testenv.Need(t, os.Geteuid() == 0, "userfaultfd needs root here")
-	_, err := exec.LookPath("cc")
-	testenv.NeedNoError(t, err, "no C compiler (cc)")
+	testenv.NeedUserfaultfd(t)
+	testenv.NeedCC(t)
 	if testing.Short() {
 		t.Skip("runs real workloads")
 	}
@@ -68,11 +65,11 @@ func TestParse(t *testing.T) {
 // fit, not the whole block each pass (eviction in fill order would evict
 // every page just before the next pass needs it). Counters only.
 func TestScanKeepsLocalPart(t *testing.T) {
-	testenv.Need(t, os.Geteuid() == 0, "userfaultfd needs root here")
-	_, err := exec.LookPath("cc")
-	testenv.NeedNoError(t, err, "no C compiler (cc)")
+	testenv.NeedUserfaultfd(t)
+	testenv.NeedCC(t)
 	dir := t.TempDir()
 	e := &env{dir: dir, pool: pool.NewLocal(0)}
+	var err error
 	if e.shim, err = shim.Build(dir); err != nil {
 		t.Fatal(err)
 	}
