@@ -446,20 +446,8 @@ func TestCheckpointRestore(t *testing.T) {
 		t.Fatalf("run: %d %s", r.code, r.stderr)
 	}
 	gid := strings.TrimSpace(r.stdout)
-	logOf := func(n *testbed.Node, gid string) []int {
-		b, _ := os.ReadFile(filepath.Join(n.DataDir, "proc", "logs", gid+".log"))
-		var out []int
-		for _, l := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(l, "c "); ok {
-				if n, err := strconv.Atoi(v); err == nil {
-					out = append(out, n)
-				}
-			}
-		}
-		return out
-	}
 	testbed.WaitFor(ctxT(t, 30*time.Second), 20*time.Second, "counts in the log", func(context.Context) (bool, error) {
-		return len(logOf(n1, gid)) >= 20, nil
+		return len(loggedCounts(n1, gid)) >= 20, nil
 	})
 	// An empty directory anyone may read: the images (the program's
 	// memory) must not be readable by other users all the same.
@@ -490,7 +478,7 @@ func TestCheckpointRestore(t *testing.T) {
 	if resp.StatusCode != http.StatusNotFound {
 		t.Errorf("restore asked by a member over the fabric: HTTP %d, want 404", resp.StatusCode)
 	}
-	saved := logOf(n1, gid)
+	saved := loggedCounts(n1, gid)
 	last := saved[len(saved)-1]
 	r = cli(t, nil, "restore", "--agent", n1.Agent(), "--node", n2.Name, dir)
 	if r.code != 0 {
@@ -506,7 +494,7 @@ func TestCheckpointRestore(t *testing.T) {
 	}
 	var got []int
 	testbed.WaitFor(ctxT(t, 30*time.Second), 20*time.Second, "counts after the restore", func(context.Context) (bool, error) {
-		got = logOf(n2, ngid)
+		got = loggedCounts(n2, ngid)
 		return len(got) >= 10, nil
 	})
 	if len(got) == 0 || got[0] != last+1 {
@@ -607,30 +595,18 @@ func TestMigrateDetached(t *testing.T) {
 		t.Fatalf("run: %d %s", r.code, r.stderr)
 	}
 	gid := strings.TrimSpace(r.stdout)
-	counts := func(n *testbed.Node) []int {
-		b, _ := os.ReadFile(filepath.Join(n.DataDir, "proc", "logs", gid+".log"))
-		var out []int
-		for _, l := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(l, "c "); ok {
-				if k, err := strconv.Atoi(v); err == nil {
-					out = append(out, k)
-				}
-			}
-		}
-		return out
-	}
 	testbed.WaitFor(ctxT(t, 30*time.Second), 20*time.Second, "counts in the log", func(context.Context) (bool, error) {
-		return len(counts(n1)) >= 10, nil
+		return len(loggedCounts(n1, gid)) >= 10, nil
 	})
 	if _, mr := migrateCLI(t, n1, gid, n2.Name); mr.code != 0 {
 		t.Fatalf("migrate: %d %s", mr.code, mr.stderr)
 	}
 	var after []int
 	testbed.WaitFor(ctxT(t, 30*time.Second), 20*time.Second, "counts on "+n2.Name, func(context.Context) (bool, error) {
-		after = counts(n2)
+		after = loggedCounts(n2, gid)
 		return len(after) >= 10, nil
 	})
-	all := append(counts(n1), after...)
+	all := append(loggedCounts(n1, gid), after...)
 	for i, k := range all {
 		if k != i+1 {
 			t.Fatalf("count %d is %d: the logs of %s and %s do not continue each other", i+1, k, n1.Name, n2.Name)
@@ -641,4 +617,19 @@ func TestMigrateDetached(t *testing.T) {
 		t.Errorf("after the migration: %+v", pi)
 	}
 	cli(t, nil, "kill", "-KILL", "--agent", n1.Agent(), gid)
+}
+
+// loggedCounts reads the "c N" lines a detached counter wrote to its log
+// on node n (the log of process gid).
+func loggedCounts(n *testbed.Node, gid string) []int {
+	b, _ := os.ReadFile(filepath.Join(n.DataDir, "proc", "logs", gid+".log"))
+	var out []int
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "c "); ok {
+			if k, err := strconv.Atoi(v); err == nil {
+				out = append(out, k)
+			}
+		}
+	}
+	return out
 }
