@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/onebox-project/onebox/service/balance"
 	"github.com/onebox-project/onebox/service/wire"
 )
 
@@ -20,11 +19,7 @@ import (
 // the sessions end, every goroutine they and their streams started
 // (both ends, the splices, the local connections) has ended too.
 func TestSessionsNoGoroutineLeak(t *testing.T) {
-	pa, stop := echoServer(t, "a")
-	defer stop()
-	baddr, _, conns := backendConns(t)
-	f := newFrontend(t, baddr, balance.RoundRobin, pa)
-	addr := serve(t, f)
+	_, addr, conns := echoThroughSession(t)
 	base := runtime.NumGoroutine()
 	for round := range 4 {
 		var wg sync.WaitGroup

@@ -19,11 +19,7 @@ import (
 // Many client connections, one after another and at once, share one
 // fabric connection.
 func TestSessionsShareOneConnection(t *testing.T) {
-	pa, stop := echoServer(t, "a")
-	defer stop()
-	baddr, _, conns := backendConns(t)
-	f := newFrontend(t, baddr, balance.RoundRobin, pa)
-	addr := serve(t, f)
+	_, addr, conns := echoThroughSession(t)
 	for i := range 20 {
 		if got, err := ask(t, addr, "x"); err != nil || got != "a: x" {
 			t.Fatalf("connection %d: %q, %v", i, got, err)
@@ -54,11 +50,7 @@ func TestSessionsShareOneConnection(t *testing.T) {
 // (an error, not a clean end of data, and no hang), and the next client
 // connection is carried on a new session.
 func TestSessionCutMidStream(t *testing.T) {
-	pa, stop := echoServer(t, "a")
-	defer stop()
-	baddr, _, conns := backendConns(t)
-	f := newFrontend(t, baddr, balance.RoundRobin, pa)
-	addr := serve(t, f)
+	f, addr, conns := echoThroughSession(t)
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)

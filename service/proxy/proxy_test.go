@@ -115,6 +115,18 @@ func frontend(t *testing.T, baddr string, policy balance.Policy, ports ...int) (
 	return serve(t, f), f
 }
 
+// echoThroughSession serves one echo target ("a") through a frontend
+// whose backend reports its fabric connections (conns), until the test
+// ends; addr is the frontend's client port.
+func echoThroughSession(t *testing.T) (f *Frontend, addr string, conns func() []net.Conn) {
+	t.Helper()
+	pa, stop := echoServer(t, "a")
+	t.Cleanup(stop)
+	baddr, _, conns := backendConns(t)
+	f = newFrontend(t, baddr, balance.RoundRobin, pa)
+	return f, serve(t, f), conns
+}
+
 func newFrontend(t *testing.T, baddr string, policy balance.Policy, ports ...int) *Frontend {
 	var keys []string
 	for _, p := range ports {
